@@ -1,0 +1,76 @@
+"""The Action protocol and the registry of action types (entry-point group ``rollbackd.actions``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import BaseModel
+
+from rollbackd.plugins import Registry
+
+if TYPE_CHECKING:
+    from rollbackd.sources import Source
+
+
+class Event(StrEnum):
+    """Why an action fires."""
+
+    ALERT = "alert"  # alert_after reached: warn before rolling back
+    BLIND = "blind"  # too many inconclusive checks in a row
+    ROLLBACK = "rollback"  # a step of the rollback plan
+    REARM = "rearm"  # an operator re-armed the monitor (alerts resolve)
+    TEST = "test"  # fired on purpose by `rollbackd test-action`
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """What an action needs to know about the situation it acts on."""
+
+    id: str
+    monitor: str
+    event: Event
+    reason: str
+    started_at: float
+    mode: str  # "dry-run" or "armed"
+    environment: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+    """Triggering checks and other JSON-able context (alert bodies include it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ActionContext:
+    """One attempt of one action: the incident, the plan step and an idempotency key."""
+
+    incident: Incident
+    step: int
+    attempt: int
+    idempotency_key: str  # f"{incident.id}:{step}": the same across retries and restarts
+    sources: Mapping[str, Source] = field(default_factory=dict)
+
+
+class Action(Protocol):
+    """Something a plan step does. ``run`` returns a short detail or raises ActionError."""
+
+    name: str
+
+    async def run(self, ctx: ActionContext) -> str:
+        """Do the thing once; raise ``ActionError`` with the reason when it did not happen."""
+
+    async def aclose(self) -> None:
+        """Release connections and sessions this action owns."""
+
+
+@dataclass(frozen=True, slots=True)
+class ActionType:
+    """What a ``rollbackd.actions`` entry point names: an options model and a builder."""
+
+    options: type[BaseModel]
+    """Pydantic model of the type's keys in ``[actions.NAME]`` (without type/timeout/retries)."""
+    build: Callable[[str, Any], Action]
+    """``build(name, validated_options)`` -> Action; no I/O until ``run``."""
+
+
+ACTION_TYPES: Registry[ActionType] = Registry("rollbackd.actions")

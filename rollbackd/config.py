@@ -1,0 +1,430 @@
+"""The TOML configuration contract as pydantic models; ``load(path)`` returns a checked Config.
+
+Every problem becomes one line naming the file, the dotted key and the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from rollbackd.errors import ConfigError, PluginError, SecretError
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: object) -> float:
+    """Seconds in a duration string such as ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h30m"``."""
+    if isinstance(text, bool) or not isinstance(text, str):
+        raise ValueError(f'a duration is a string such as "30s" or "5m", not {text!r}')
+    spec = text.strip()
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(spec):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if pos == 0 or pos != len(spec):
+        raise ValueError(
+            f'invalid duration {text!r}: use a number and a unit (ms, s, m, h, d), e.g. "30s"'
+        )
+    return total
+
+
+def _positive_duration(text: object) -> float:
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError(f"duration {text!r} must be greater than zero")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(_positive_duration)]
+"""Seconds, written in TOML as a string like ``"30s"``; must be > 0."""
+
+
+class Frozen(BaseModel):
+    """Base of the config models: immutable, unknown keys are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SecretRef(Frozen):
+    """Where a secret lives: an environment variable, a file, or a systemd credential.
+
+    The TOML holds only the reference (``{ env = "PROM_TOKEN" }``), never the secret.
+    """
+
+    env: str | None = None
+    file: Path | None = None
+    credential: str | None = Field(
+        default=None, description="name of a file in $CREDENTIALS_DIRECTORY (LoadCredential=)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_inline(cls, data: object) -> object:
+        if isinstance(data, str):
+            raise ValueError(
+                "secrets are never written in the config: use { env = \"VAR\" }, "
+                '{ file = "/path" } or { credential = "name" }'
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        given = [k for k in ("env", "file", "credential") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of env, file, credential")
+        return self
+
+    def reveal(self) -> str:
+        """The secret's value (trailing newline stripped); SecretError if it cannot be read."""
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise SecretError(f"environment variable {self.env} is not set")
+            return value
+        path = self._path()
+        try:
+            return path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise SecretError(f"cannot read secret file {path}: {exc.strerror}") from exc
+
+    def _path(self) -> Path:
+        if self.file is not None:
+            return self.file
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if directory is None:
+            raise SecretError(
+                f"credential {self.credential!r} needs $CREDENTIALS_DIRECTORY "
+                "(set by systemd's LoadCredential=)"
+            )
+        return Path(directory) / str(self.credential)
+
+
+class DaemonConfig(BaseSettings):
+    """``[daemon]``; every key can be overridden by ``ROLLBACKD_<KEY>`` in the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ROLLBACKD_", extra="forbid", frozen=True, case_sensitive=False
+    )
+
+    mode: Literal["dry-run", "armed"] = "dry-run"
+    environment: str = "production"
+    confirm_production: bool = False
+    state_dir: Path = Path("/var/lib/rollbackd")
+    listen: str = "127.0.0.1:9877"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    history: int = Field(default=50, ge=1, le=10_000)
+    """Recent checks kept per monitor (status, incident records)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The environment overrides the TOML file (which arrives as init arguments)."""
+        return (env_settings, init_settings)
+
+    @property
+    def armed(self) -> bool:
+        """True when actions really run."""
+        return self.mode == "armed"
+
+    def listen_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the HTTP surface, or None when ``listen = ""``."""
+        if not self.listen:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @model_validator(mode="after")
+    def _check_listen(self) -> DaemonConfig:
+        if self.listen:
+            host, sep, port = self.listen.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f'listen must be "HOST:PORT" or "", not {self.listen!r}')
+        return self
+
+
+class RuleConfig(Frozen):
+    """One threshold on one metric of one source."""
+
+    name: str = Field(min_length=1)
+    source: str
+    query: str | None = None
+    topic: str | None = None
+    json_field: str | None = None
+    above: float | None = None
+    below: float | None = None
+    unit: str = ""
+    no_data: Literal["inconclusive", "breach", "ok"] = "inconclusive"
+
+    @model_validator(mode="after")
+    def _one_direction(self) -> RuleConfig:
+        if (self.above is None) == (self.below is None):
+            raise ValueError("give exactly one of above / below")
+        threshold = self.threshold
+        if math.isnan(threshold) or math.isinf(threshold):
+            raise ValueError("the threshold must be a finite number")
+        return self
+
+    @property
+    def direction(self) -> Literal["above", "below"]:
+        """Which side of the threshold is a breach."""
+        return "above" if self.above is not None else "below"
+
+    @property
+    def threshold(self) -> float:
+        """The number a value is compared with."""
+        return self.above if self.above is not None else float(self.below)  # type: ignore[arg-type]
+
+
+class MonitorConfig(Frozen):
+    """A category of rules checked together, and what happens when it fails."""
+
+    interval: Duration = 30.0
+    rollback_after: int = Field(default=5, ge=1)
+    alert_after: int | None = Field(default=None, ge=1)
+    blind_after: int = Field(default=10, ge=1)
+    """Consecutive inconclusive checks before the monitor is blind."""
+    on_blind: Literal["alert", "rollback"] = "alert"
+    failure_limit: int | None = Field(default=None, ge=1)
+    """Optional: roll back after this many failing checks within ``failure_window``."""
+    failure_window: Duration = 3600.0
+    on_alert: list[str] = Field(default_factory=list)
+    on_rollback: list[str] = Field(default_factory=list)
+    rules: list[RuleConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_rules(self) -> MonitorConfig:
+        seen: set[str] = set()
+        for rule in self.rules:
+            if rule.name in seen:
+                raise ValueError(f"rule name {rule.name!r} is used twice")
+            seen.add(rule.name)
+        return self
+
+
+class PluginTable(BaseModel):
+    """Common part of ``[sources.NAME]`` and ``[actions.NAME]``; the rest belongs to the type."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    type: str
+
+    def options(self) -> dict[str, Any]:
+        """The type-specific keys, as written."""
+        return dict(self.model_extra or {})
+
+
+class SourceConfig(PluginTable):
+    """``[sources.NAME]``."""
+
+
+class ActionConfig(PluginTable):
+    """``[actions.NAME]``: every action has a timeout and bounded retries."""
+
+    timeout: Duration = 30.0
+    retries: int = Field(default=2, ge=0, le=20)
+
+
+class Config(Frozen):
+    """The whole checked configuration, with typed options for every source and action."""
+
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    sources: dict[str, SourceConfig] = Field(default_factory=dict)
+    monitors: dict[str, MonitorConfig] = Field(default_factory=dict)
+    actions: dict[str, ActionConfig] = Field(default_factory=dict)
+    path: Path | None = None
+    sha256: str = ""
+    source_options: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    action_options: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+
+def load(path: Path | str) -> Config:
+    """Read, validate and cross-check a config file; ConfigError lists every problem."""
+    path = Path(path)
+    try:
+        raw_bytes = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from exc
+    try:
+        raw = tomllib.loads(raw_bytes.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from exc
+    return from_dict(raw, path=path, sha256=hashlib.sha256(raw_bytes).hexdigest())
+
+
+def from_dict(raw: dict[str, Any], path: Path | None = None, sha256: str = "") -> Config:
+    """Validate an already-parsed TOML document (tests and the demo build configs this way)."""
+    where = str(path) if path else "<config>"
+    raw = dict(raw)
+    daemon_raw = raw.pop("daemon", {})
+    problems: list[str] = []
+    try:
+        daemon = DaemonConfig(**daemon_raw) if isinstance(daemon_raw, dict) else None
+        if daemon is None:
+            problems.append(f"{where}: daemon: must be a table")
+    except ValidationError as exc:
+        daemon = None
+        problems.extend(_lines(where, exc, prefix=("daemon",)))
+    try:
+        config = Config.model_validate({**raw, "path": path, "sha256": sha256})
+    except ValidationError as exc:
+        problems.extend(_lines(where, exc))
+        raise ConfigError(problems) from exc
+    if daemon is None:
+        raise ConfigError(problems)
+    config = config.model_copy(update={"daemon": daemon})
+    problems.extend(f"{where}: {line}" for line in _cross_check(config))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _lines(where: str, exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = (*prefix, *err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{where}: {dotted(loc) or '(top level)'}: {message}")
+    return lines
+
+
+def dotted(loc: tuple[str | int, ...]) -> str:
+    """``("monitors", "payments", "rules", 2, "above")`` -> ``monitors.payments.rules[2].above``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _cross_check(config: Config) -> Iterator[str]:
+    """References, plugin options, rule keys per source type, secrets, the production guard."""
+    from rollbackd.actions import ACTION_TYPES
+    from rollbackd.sources import SOURCE_TYPES
+
+    source_types: dict[str, frozenset[str]] = {}
+    for name, table in config.sources.items():
+        try:
+            kind = SOURCE_TYPES.get(table.type)
+        except PluginError as exc:
+            yield f"sources.{name}.type: {exc}"
+            continue
+        source_types[name] = kind.rule_keys
+        yield from _plugin_options(config.source_options, ("sources", name), kind.options, table)
+    for name, table in config.actions.items():
+        try:
+            action_type = ACTION_TYPES.get(table.type)
+        except PluginError as exc:
+            yield f"actions.{name}.type: {exc}"
+            continue
+        yield from _plugin_options(
+            config.action_options, ("actions", name), action_type.options, table
+        )
+    for name, monitor in config.monitors.items():
+        yield from _check_monitor(config, name, monitor, source_types)
+    yield from _check_secrets(config)
+    daemon = config.daemon
+    if daemon.armed and daemon.environment == "production" and not daemon.confirm_production:
+        yield (
+            "daemon.mode: armed in production needs daemon.confirm_production = true "
+            "(or ROLLBACKD_CONFIRM_PRODUCTION=true): acting on production must be explicit"
+        )
+
+
+def _plugin_options(
+    into: dict[str, Any],
+    loc: tuple[str, str],
+    model: type[BaseModel],
+    table: PluginTable,
+) -> Iterator[str]:
+    try:
+        into[loc[1]] = model.model_validate(table.options())
+    except ValidationError as exc:
+        for line in _lines("", exc, prefix=loc):
+            yield line.removeprefix(": ")
+
+
+def _check_monitor(
+    config: Config, name: str, monitor: MonitorConfig, source_types: dict[str, frozenset[str]]
+) -> Iterator[str]:
+    here = f"monitors.{name}"
+    if monitor.alert_after is not None and monitor.alert_after > monitor.rollback_after:
+        yield f"{here}.alert_after: must not be greater than rollback_after"
+    for key in ("on_alert", "on_rollback"):
+        for i, action in enumerate(getattr(monitor, key)):
+            if action not in config.actions:
+                yield f"{here}.{key}[{i}]: no action named {action!r} in [actions]"
+    for i, rule in enumerate(monitor.rules):
+        at = f"{here}.rules[{i}]"
+        if rule.source not in config.sources:
+            yield f"{at}.source: no source named {rule.source!r} in [sources]"
+            continue
+        required = source_types.get(rule.source)
+        if required is None:
+            continue  # the source's own problem is already reported
+        kind = config.sources[rule.source].type
+        for key in ("query", "topic"):
+            present = getattr(rule, key) is not None
+            if key in required and not present:
+                yield f"{at}.{key}: required for {kind} sources"
+            elif key not in required and present:
+                yield f"{at}.{key}: not used by {kind} sources"
+        if rule.json_field is not None and "topic" not in required:
+            yield f"{at}.json_field: only used with topic-based sources"
+
+
+def _check_secrets(config: Config) -> Iterator[str]:
+    groups = (("sources", config.source_options), ("actions", config.action_options))
+    for section, options in groups:
+        for name, model in options.items():
+            for loc, ref in _secret_refs(model, (section, name)):
+                try:
+                    ref.reveal()
+                except SecretError as exc:
+                    yield f"{dotted(loc)}: {exc}"
+
+
+def _secret_refs(value: object, loc: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | int, ...], SecretRef]]:
+    if isinstance(value, SecretRef):
+        yield loc, value
+    elif isinstance(value, BaseModel):
+        for key in type(value).model_fields:
+            yield from _secret_refs(getattr(value, key), (*loc, key))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _secret_refs(item, (*loc, str(key)))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _secret_refs(item, (*loc, i))

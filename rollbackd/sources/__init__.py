@@ -1,0 +1,56 @@
+"""The Source protocol and the registry of source types (entry-point group ``rollbackd.sources``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import BaseModel
+
+from rollbackd.plugins import Registry
+
+if TYPE_CHECKING:
+    from rollbackd.config import RuleConfig
+    from rollbackd.readings import Reading
+
+ArrivalListener = Callable[[str], None]
+"""Called with a monitor's name when a push source received a new value for one of its rules."""
+
+
+class Source(Protocol):
+    """A place numbers come from. ``read`` never raises: failures are readings with a reason."""
+
+    name: str
+    push: bool
+    """True when values arrive by themselves (MQTT); such monitors evaluate on arrival."""
+
+    def watch(self, monitor: str, rule: RuleConfig) -> None:
+        """Declare, before ``start``, that ``monitor``'s ``rule`` reads this source."""
+
+    def add_listener(self, listener: ArrivalListener) -> None:
+        """Be told (with the monitor name) when a watched rule has a new value; no-op for polls."""
+
+    async def start(self) -> None:
+        """Connect / subscribe; must return promptly even if the server is down."""
+
+    async def aclose(self) -> None:
+        """Stop every task and connection this source owns."""
+
+    async def read(self, rule: RuleConfig, now: float) -> Sequence[Reading]:
+        """One reading per series the rule's query or topic yields at ``now``."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceType:
+    """What a ``rollbackd.sources`` entry point names: an options model and a builder."""
+
+    options: type[BaseModel]
+    """Pydantic model of the type's keys in ``[sources.NAME]`` (without ``type``)."""
+    rule_keys: frozenset[str]
+    """Rule keys this type requires, e.g. ``{"query"}`` or ``{"topic"}``."""
+    build: Callable[[str, Any], Source]
+    """``build(name, validated_options)`` -> Source; no I/O until ``start``."""
+
+
+SOURCE_TYPES: Registry[SourceType] = Registry("rollbackd.sources")
