@@ -1,0 +1,154 @@
+"""The ``rollbackd`` command: parses arguments and calls into the package, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rollbackd import __version__
+from rollbackd.config import Config, load
+from rollbackd.errors import ConfigError, RollbackdError
+
+DEFAULT_CONFIG = Path("/etc/rollbackd/rollbackd.toml")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = args.command
+    try:
+        return command(args)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return EXIT_FAILED
+    except RollbackdError as exc:
+        print(f"rollbackd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rollbackd", description="Watch a staged rollout and roll it back when it goes bad."
+    )
+    parser.add_argument("--version", action="version", version=f"rollbackd {__version__}")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], helptext: str) -> Any:
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.set_defaults(command=func)
+        return p
+
+    p = command("run", _run, "run the daemon")
+    _config_option(p)
+    p = command("check-config", _check_config, "validate a config file; one line per problem")
+    p.add_argument("file", type=Path, help="the TOML file to check")
+    p = command("status", _status, "show monitors, counters, last values and latches")
+    _config_option(p)
+    p.add_argument("--json", action="store_true", help="print the raw /status JSON")
+    p = command("rearm", _rearm, "re-arm a rolled-back monitor (clears its latch)")
+    _config_option(p)
+    p.add_argument("monitor", help="the monitor to re-arm")
+    p = command("test-action", _test_action, "fire one action on purpose")
+    _config_option(p)
+    p.add_argument("action", help="the action's name in [actions]")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = command("demo", _demo, "run the embedded demo: synthetic traffic, a visible rollback")
+    p.add_argument("--dir", type=Path, default=None, help="where to put the demo's files")
+    p.add_argument(
+        "--speed", type=float, default=1.0, help="run the demo faster (2 = twice as fast)"
+    )
+    return parser
+
+
+def _config_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
+    )
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load(args.file)
+    rules = sum(len(m.rules) for m in config.monitors.values())
+    print(
+        f"{args.file}: ok ({len(config.monitors)} monitors, {rules} rules, "
+        f"{len(config.sources)} sources, {len(config.actions)} actions; mode {config.daemon.mode})"
+    )
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rollbackd.daemon import run
+
+    return run(args.config)
+
+
+def _listen(config: Config) -> str:
+    if not config.daemon.listen:
+        raise RollbackdError(f"{config.path}: daemon.listen is empty, so the daemon has no HTTP surface")
+    return config.daemon.listen
+
+
+def _status(args: argparse.Namespace) -> int:
+    from rollbackd.api import get_status
+    from rollbackd.report import status_table
+
+    config = load(args.config)
+    status = asyncio.run(get_status(_listen(config), timeout=5.0))
+    print(json.dumps(status, indent=2) if args.json else status_table(status))
+    return EXIT_OK
+
+
+def _rearm(args: argparse.Namespace) -> int:
+    from rollbackd.api import post_rearm, read_control_token
+
+    config = load(args.config)
+    token = read_control_token(config.daemon.state_dir)
+    result = asyncio.run(post_rearm(_listen(config), token, args.monitor))
+    print(f"{args.monitor}: {result.get('state', 're-armed')}")
+    return EXIT_OK
+
+
+def _test_action(args: argparse.Namespace) -> int:
+    from rollbackd.plan import fire_action
+
+    config = load(args.config)
+    if args.action not in config.actions:
+        known = ", ".join(sorted(config.actions)) or "none"
+        print(f"{args.config}: actions.{args.action}: no such action (known: {known})", file=sys.stderr)
+        return EXIT_FAILED
+    if not args.yes and not _confirm(f"Fire action {args.action!r} for real? [y/N] "):
+        print("not fired", file=sys.stderr)
+        return EXIT_FAILED
+    detail = asyncio.run(fire_action(config, args.action))
+    print(f"{args.action}: {detail}")
+    return EXIT_OK
+
+
+def _confirm(prompt: str) -> bool:
+    if not sys.stdin.isatty():
+        print("refusing without a terminal to confirm on; pass --yes", file=sys.stderr)
+        return False
+    return input(prompt).strip().lower() in {"y", "yes"}
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rollbackd.demo import run_demo
+
+    if args.speed <= 0:
+        print("rollbackd demo: --speed must be greater than 0", file=sys.stderr)
+        return EXIT_USAGE
+    return run_demo(args.dir, speed=args.speed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
