@@ -1,0 +1,385 @@
+"""Wiring of the running service: sources, monitors, scheduler, plans, HTTP, signals, systemd.
+
+Everything it calls is importable and testable without starting it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import signal
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from prometheus_client import CollectorRegistry
+
+from rollbackd import __version__, logs, notify
+from rollbackd.actions import ACTION_TYPES, Action
+from rollbackd.api import ApiServer, MonitorNotLatchedError, UnknownMonitorError, ensure_control_token
+from rollbackd.config import Config, load
+from rollbackd.engine import Check, Phase, Transition
+from rollbackd.errors import ConfigError, RollbackdError
+from rollbackd.metrics import Metrics
+from rollbackd.monitor import MonitorRunner
+from rollbackd.plan import PlanRunner
+from rollbackd.sources import SOURCE_TYPES, Source
+from rollbackd.state import IncidentDraft, Store
+
+log = structlog.get_logger("rollbackd.daemon")
+
+STOP_GRACE_SECONDS = 20.0
+"""How long a stop waits for an in-flight plan step before leaving it to resume at restart."""
+
+
+def run(config_path: Path) -> int:
+    """``rollbackd run``: load the config, serve until SIGTERM/SIGINT; the exit code."""
+    config = load(config_path)
+    logs.configure(config.daemon.log_format, config.daemon.log_level)
+    return asyncio.run(Daemon(config, config_path).serve())
+
+
+class Daemon:
+    """The running service. ``serve()`` owns every task and connection it starts."""
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path | None = None,
+        *,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.clock = clock
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.monitors: dict[str, MonitorRunner] = {}
+        self.sources: dict[str, Source] = {}
+        self.actions: dict[str, Action] = {}
+        self.ready = asyncio.Event()
+        self._store: Store | None = None
+        self._scheduler: AsyncIOScheduler | None = None
+        self._stop = asyncio.Event()
+        self._plans: dict[str, asyncio.Task[None]] = {}
+        self._last_tick: dict[str, float] = {}
+        self._reloading = asyncio.Lock()
+        self._arrivals: set[asyncio.Task[None]] = set()
+        self._closers: set[asyncio.Task[None]] = set()
+
+    @property
+    def store(self) -> Store:
+        """The open state store (only while serving)."""
+        if self._store is None:
+            raise RollbackdError("the daemon is not running")
+        return self._store
+
+    async def serve(self) -> int:
+        """Run until asked to stop; return the exit code."""
+        daemon = self.config.daemon
+        self._store = Store.open(daemon.state_dir)
+        log.info(
+            "daemon_starting",
+            version=__version__,
+            mode=daemon.mode,
+            environment=daemon.environment,
+            config=str(self.config_path),
+            monitors=len(self.config.monitors),
+        )
+        self.metrics.info(__version__, daemon.mode, daemon.environment)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                await self._start_parts(self.config)
+                stack.push_async_callback(self._stop_parts)
+                await self._start_surface(stack)
+                self._install_signals()
+                self._resume_plans()
+                self.ready.set()
+                notify.ready(f"watching {len(self.monitors)} monitors, mode {daemon.mode}")
+                log.info("daemon_ready", mode=daemon.mode, listen=daemon.listen or None)
+                async with asyncio.TaskGroup() as group:
+                    watchdog = group.create_task(self._watchdog())
+                    await self._stop.wait()
+                    watchdog.cancel()
+                notify.stopping()
+                log.info("daemon_stopping")
+                await self._drain_plans()
+        finally:
+            self._store.close()
+            self._store = None
+        log.info("daemon_stopped")
+        return 0
+
+    def stop(self) -> None:
+        """Ask ``serve()`` to finish (SIGTERM / SIGINT)."""
+        self._stop.set()
+
+    # --- parts that a reload replaces -------------------------------------------------
+
+    async def _start_parts(self, config: Config) -> None:
+        self.sources = _build_sources(config)
+        self.actions = _build_actions(config)
+        for name, monitor in config.monitors.items():
+            runner = MonitorRunner(
+                name=name,
+                config=monitor,
+                sources=self.sources,
+                store=self.store,
+                history=config.daemon.history,
+                mode=config.daemon.mode,
+                on_incident=self._start_plan,
+                clock=self.clock,
+                observer=self._observe(name),
+            )
+            self.monitors[name] = runner
+            self.metrics.monitor_state(name, runner.state)
+            for rule in monitor.rules:
+                if rule.source in self.sources:
+                    self.sources[rule.source].watch(name, rule)
+        for source in self.sources.values():
+            source.add_listener(self._on_arrival)
+            await source.start()
+        self._scheduler = AsyncIOScheduler(timezone=dt.UTC)
+        now = dt.datetime.now(dt.UTC)
+        for name, runner in self.monitors.items():
+            self._last_tick[name] = time.monotonic()
+            self._scheduler.add_job(
+                self._tick,
+                "interval",
+                seconds=runner.config.interval,
+                args=[name],
+                id=name,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=max(1, int(runner.config.interval)),
+                next_run_time=now,
+            )
+        self._scheduler.start()
+
+    async def _stop_parts(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        for task in list(self._arrivals):
+            task.cancel()
+        if self._arrivals:
+            await asyncio.wait(self._arrivals)
+        for runner in self.monitors.values():
+            await runner.idle()  # a check in flight finishes and commits
+        for source in self.sources.values():
+            await source.aclose()
+        self.monitors, self.sources = {}, {}
+        actions, self.actions = self.actions, {}
+        if self._stop.is_set():
+            await self._close_actions_after_plans(actions)
+        else:  # a reload: running plans keep the old actions until they finish
+            closer = asyncio.get_running_loop().create_task(self._close_actions_after_plans(actions))
+            self._closers.add(closer)
+            closer.add_done_callback(self._closers.discard)
+
+    async def _close_actions_after_plans(self, actions: Mapping[str, Action]) -> None:
+        running = [task for task in self._plans.values() if not task.done()]
+        if running:
+            await asyncio.wait(running)
+        for action in actions.values():
+            await action.aclose()
+
+    # --- checks -------------------------------------------------------------------------
+
+    async def _tick(self, name: str) -> None:
+        self._last_tick[name] = time.monotonic()
+        runner = self.monitors.get(name)
+        if runner is not None:
+            await self._guarded(runner.tick(), name)
+
+    def _on_arrival(self, monitor: str) -> None:
+        runner = self.monitors.get(monitor)
+        if runner is not None and not self._stop.is_set():
+            task = asyncio.get_running_loop().create_task(self._guarded(runner.arrival(), monitor))
+            self._arrivals.add(task)
+            task.add_done_callback(self._arrivals.discard)
+
+    async def _guarded(self, check: Any, monitor: str) -> None:
+        try:
+            await check
+        except RollbackdError as exc:
+            log.error("check_failed_to_run", monitor=monitor, error=str(exc))
+
+    def _observe(self, name: str) -> Callable[[Check, Transition, float], None]:
+        def observe(check: Check, transition: Transition, seconds: float) -> None:
+            self.metrics.observe_check(check, transition, seconds)
+
+        return observe
+
+    # --- plans --------------------------------------------------------------------------
+
+    def _runner(self) -> PlanRunner:
+        return PlanRunner(
+            store=self.store,
+            actions=self.actions,
+            action_configs=self.config.actions,
+            mode=self.config.daemon.mode,
+            sources=self.sources,
+            state_dir=self.config.daemon.state_dir,
+            config_sha256=self.config.sha256,
+            on_attempt=self.metrics.action_attempt,
+        )
+
+    def _start_plan(self, incident_id: str) -> None:
+        if incident_id in self._plans and not self._plans[incident_id].done():
+            return
+        runner = self._runner()
+        task = asyncio.get_running_loop().create_task(runner.run(incident_id))
+        self._plans[incident_id] = task
+
+    def _resume_plans(self) -> None:
+        for incident in self.store.unfinished_incidents():
+            log.warning("plan_resuming", incident=incident.id, monitor=incident.monitor)
+            self._start_plan(incident.id)
+
+    async def _drain_plans(self) -> None:
+        running = [task for task in self._plans.values() if not task.done()]
+        if not running:
+            return
+        log.info("plans_finishing", count=len(running), grace_seconds=STOP_GRACE_SECONDS)
+        _, pending = await asyncio.wait(running, timeout=STOP_GRACE_SECONDS)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+            log.warning("plans_interrupted", count=len(pending), resume="at next start")
+
+    # --- operator surface ---------------------------------------------------------------
+
+    def health(self) -> tuple[bool, str]:
+        """Unhealthy when some monitor's scheduled check is long overdue (stuck scheduler)."""
+        now = time.monotonic()
+        for name, runner in self.monitors.items():
+            late = now - self._last_tick.get(name, now)
+            if late > 3 * runner.config.interval + 30:
+                return False, f"monitor {name} has not been checked for {late:.0f}s"
+        return True, "ok"
+
+    def status(self) -> dict[str, Any]:
+        """The ``/status`` document."""
+        daemon = self.config.daemon
+        return {
+            "version": __version__,
+            "mode": daemon.mode,
+            "environment": daemon.environment,
+            "config_sha256": self.config.sha256,
+            "monitors": {name: runner.status() for name, runner in self.monitors.items()},
+            "incidents": [
+                {
+                    "id": inc.id,
+                    "monitor": inc.monitor,
+                    "event": inc.event,
+                    "mode": inc.mode,
+                    "opened_at": inc.opened_at,
+                    "finished_at": inc.finished_at,
+                    "steps": [
+                        {"step": s.step, "action": s.action, "status": s.status, "detail": s.detail}
+                        for s in inc.steps
+                    ],
+                }
+                for inc in self.store.incidents(limit=10)
+            ],
+        }
+
+    async def rearm(self, monitor: str) -> dict[str, Any]:
+        """Clear a monitor's latch and tell the alert actions (alerts resolve)."""
+        runner = self.monitors.get(monitor)
+        if runner is None:
+            raise UnknownMonitorError(monitor)
+        if runner.state.phase is not Phase.ROLLED_BACK:
+            raise MonitorNotLatchedError(monitor, str(runner.state.phase))
+        async with runner._lock:
+            previous = runner.state.incident_id
+            state = runner.rearm()
+            self.metrics.monitor_state(monitor, state)
+            if runner.config.on_alert:
+                draft = IncidentDraft(
+                    monitor=monitor,
+                    event="rearm",
+                    reason=f"re-armed by operator (was incident {previous})",
+                    mode=self.config.daemon.mode,
+                    opened_at=self.clock(),
+                    actions=tuple(runner.config.on_alert),
+                    details={"resolves": previous},
+                )
+                self._start_plan(self.store.open_incident(draft))
+        return {"monitor": monitor, "state": str(state.phase), "resolved_incident": previous}
+
+    async def _start_surface(self, stack: contextlib.AsyncExitStack) -> None:
+        address = self.config.daemon.listen_address()
+        if address is None:
+            return
+        token = ensure_control_token(self.config.daemon.state_dir)
+        server = ApiServer(self, self.registry, token, address, version=__version__)
+        await server.start()
+        stack.push_async_callback(server.stop)
+
+    # --- signals, reload, watchdog ------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+
+    async def reload(self) -> bool:
+        """SIGHUP: re-read the config; a bad one is rejected and the old one keeps running."""
+        if self.config_path is None:
+            log.warning("reload_ignored", reason="no config file (embedded config)")
+            return False
+        async with self._reloading:
+            notify.reloading()
+            try:
+                new = load(self.config_path)
+            except ConfigError as exc:
+                log.error("reload_rejected", problems=exc.problems)
+                notify.status("reload rejected; running the previous config")
+                notify.ready()
+                return False
+            if new.daemon.state_dir != self.config.daemon.state_dir:
+                log.warning("reload_state_dir_ignored", kept=str(self.config.daemon.state_dir))
+                new = new.model_copy(
+                    update={"daemon": new.daemon.model_copy(update={"state_dir": self.config.daemon.state_dir})}
+                )
+            await self._stop_parts()
+            self.config = new
+            await self._start_parts(new)
+            log.info("config_reloaded", sha256=new.sha256, monitors=len(new.monitors))
+            notify.ready(f"watching {len(self.monitors)} monitors, mode {new.daemon.mode}")
+            return True
+
+    async def _watchdog(self) -> None:
+        interval = notify.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            healthy, reason = self.health()
+            if healthy:
+                notify.watchdog()
+            else:
+                log.error("watchdog_withheld", reason=reason)
+            await asyncio.sleep(interval)
+
+
+def _build_sources(config: Config) -> dict[str, Source]:
+    return {
+        name: SOURCE_TYPES.get(table.type).build(name, config.source_options[name])
+        for name, table in config.sources.items()
+    }
+
+
+def _build_actions(config: Config) -> dict[str, Action]:
+    return {
+        name: ACTION_TYPES.get(table.type).build(name, config.action_options[name])
+        for name, table in config.actions.items()
+    }

@@ -1,0 +1,230 @@
+"""One monitor at run time: read its rules, let the engine decide, commit, hand incidents on.
+
+The decision itself is ``engine.advance``; this module only does the I/O around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import structlog
+
+from rollbackd import engine
+from rollbackd.actions import Event
+from rollbackd.config import MonitorConfig, RuleConfig
+from rollbackd.engine import Check, Decision, MonitorState, Outcome, Phase, Policy, Transition
+from rollbackd.readings import Reading, ReadingStatus
+from rollbackd.readings import error as error_reading
+from rollbackd.sources import Source
+from rollbackd.state import IncidentDraft, Store
+
+log = structlog.get_logger("rollbackd.monitor")
+
+CheckObserver = Callable[[Check, Transition, float], None]
+"""Told of every committed check with its transition and evaluation time (metrics)."""
+
+
+@dataclass(slots=True)
+class MonitorRunner:
+    """Runs the checks of one monitor; never two at once."""
+
+    name: str
+    config: MonitorConfig
+    sources: Mapping[str, Source]
+    store: Store
+    history: int
+    mode: str
+    on_incident: Callable[[str], None]
+    clock: Callable[[], float] = time.time
+    observer: CheckObserver | None = None
+    state: MonitorState = field(init=False)
+    last_check: Check | None = field(init=False, default=None)
+    _lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
+    _pending_arrival: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.state = self.store.monitor_state(self.name) or MonitorState()
+        recent = self.store.recent_checks(self.name, 1)
+        self.last_check = recent[-1] if recent else None
+
+    @property
+    def policy(self) -> Policy:
+        """The engine's view of this monitor's limits."""
+        return Policy.of(self.config)
+
+    @property
+    def push(self) -> bool:
+        """True when every rule reads a push source: checks happen on arrival."""
+        return all(
+            getattr(self.sources.get(rule.source), "push", False) for rule in self.config.rules
+        )
+
+    async def tick(self) -> Check | None:
+        """The interval's check; for push monitors only a staleness check (fresh values were
+        already counted on arrival)."""
+        async with self._lock:
+            started = time.perf_counter()
+            now = self.clock()
+            readings = await self._read_all(now)
+            if self.push and all(
+                r.status is ReadingStatus.OK for rs in readings.values() for r in rs
+            ):
+                return None
+            return self._commit(readings, now, started)
+
+    async def arrival(self) -> Check | None:
+        """A push source has a new value: one check now (coalescing bursts that arrive mid-check)."""
+        if self._lock.locked():
+            self._pending_arrival = True
+            return None
+        check = None
+        async with self._lock:
+            while True:
+                self._pending_arrival = False
+                started = time.perf_counter()
+                now = self.clock()
+                check = self._commit(await self._read_all(now), now, started)
+                if not self._pending_arrival:
+                    break
+        return check
+
+    async def idle(self) -> None:
+        """Return once no check of this monitor is in flight."""
+        async with self._lock:
+            return
+
+    def rearm(self) -> MonitorState:
+        """Clear the latch and the counters (the operator's explicit choice)."""
+        self.state = engine.rearm(self.state)
+        self.store.save_state(self.name, self.state)
+        log.info("monitor_rearmed", monitor=self.name)
+        return self.state
+
+    def status(self) -> dict[str, Any]:
+        """This monitor's part of ``/status``."""
+        state = self.state
+        values: dict[str, list[dict[str, Any]]] = {r.name: [] for r in self.config.rules}
+        if self.last_check is not None:
+            for result in self.last_check.results:
+                values.setdefault(result.rule, []).append(
+                    {
+                        "labels": dict(result.labels),
+                        "value": result.value,
+                        "verdict": str(result.verdict),
+                        "threshold": result.threshold,
+                        "direction": result.direction,
+                        "unit": result.unit,
+                        "reason": result.reason,
+                    }
+                )
+        return {
+            "state": str(state.phase),
+            "consecutive_failures": state.consecutive_failures,
+            "consecutive_errors": state.consecutive_errors,
+            "rollback_after": self.config.rollback_after,
+            "alert_after": self.config.alert_after,
+            "blind_after": self.config.blind_after,
+            "interval_seconds": self.config.interval,
+            "evaluate_on_arrival": self.push,
+            "checks": state.checks,
+            "last_check_at": state.last_check_at,
+            "last_outcome": str(state.last_outcome) if state.last_outcome else None,
+            "incident": state.incident_id,
+            "rules": values,
+        }
+
+    async def _read_all(self, now: float) -> dict[str, Sequence[Reading]]:
+        rules = self.config.rules
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(self._read(rule, now)) for rule in rules]
+        return {rule.name: task.result() for rule, task in zip(rules, tasks, strict=True)}
+
+    async def _read(self, rule: RuleConfig, now: float) -> Sequence[Reading]:
+        source = self.sources.get(rule.source)
+        if source is None:
+            return [error_reading(f"source {rule.source!r} is not running", now)]
+        return await source.read(rule, now)
+
+    def _commit(
+        self, readings: Mapping[str, Sequence[Reading]], now: float, started: float
+    ) -> Check:
+        results = [
+            result
+            for rule in self.config.rules
+            for result in engine.evaluate_rule(rule, readings[rule.name])
+        ]
+        check = engine.decide(self.name, results, now)
+        transition = engine.advance(self.state, check, self.policy)
+        draft = self._draft(check, transition, now)
+        incident = self.store.commit_check(check, transition.state, self.history, draft)
+        self.state = (
+            transition.state if incident is None else replace(transition.state, incident_id=incident)
+        )
+        self.last_check = check
+        self._log(check, transition, incident)
+        if self.observer is not None:
+            self.observer(check, transition, time.perf_counter() - started)
+        if incident is not None:
+            self.on_incident(incident)
+        return check
+
+    def _draft(self, check: Check, transition: Transition, now: float) -> IncidentDraft | None:
+        decisions = transition.decisions
+        if Decision.ROLLBACK in decisions:
+            event, actions = Event.ROLLBACK, self.config.on_rollback
+        elif Decision.ALERT in decisions:
+            event, actions = Event.ALERT, self.config.on_alert
+        elif Decision.BLIND in decisions:
+            event, actions = Event.BLIND, self.config.on_alert
+        else:
+            return None
+        streak = max(self.config.rollback_after, self.config.blind_after) - 1
+        previous = self.store.recent_checks(self.name, streak) if streak else []
+        return IncidentDraft(
+            monitor=self.name,
+            event=str(event),
+            reason=transition.reason,
+            mode=self.mode,
+            opened_at=now,
+            actions=tuple(actions),
+            details={
+                "trigger": check.to_json(),
+                "checks": [c.to_json() for c in [*previous, check]],
+                "state": {
+                    "consecutive_failures": transition.state.consecutive_failures,
+                    "consecutive_errors": transition.state.consecutive_errors,
+                    "rollback_after": self.config.rollback_after,
+                },
+            },
+        )
+
+    def _log(self, check: Check, transition: Transition, incident: str | None) -> None:
+        state = transition.state
+        log.debug(
+            "check",
+            monitor=self.name,
+            outcome=str(check.outcome),
+            failures=state.consecutive_failures,
+            errors=state.consecutive_errors,
+            results=[r.to_json() for r in check.results],
+        )
+        if check.outcome is not Outcome.OK and state.phase is not Phase.ROLLED_BACK:
+            log.info(
+                "check_failed" if check.outcome is Outcome.BREACH else "check_inconclusive",
+                monitor=self.name,
+                failures=f"{state.consecutive_failures}/{self.config.rollback_after}",
+                errors=state.consecutive_errors,
+                reasons=[r.reason for r in check.results if r.verdict != "ok"][:5],
+            )
+        for decision in transition.decisions:
+            log.warning(
+                "rollback_triggered" if decision is Decision.ROLLBACK else f"{decision}_raised",
+                monitor=self.name,
+                incident=incident,
+                mode=self.mode,
+                reason=transition.reason,
+            )

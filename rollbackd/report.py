@@ -1,0 +1,53 @@
+"""Human-readable renderings of the daemon's ``/status`` document for the terminal."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+
+def status_table(status: dict[str, Any]) -> str:
+    """A table of monitors (state, counters, last check) and their rules' latest values."""
+    lines = [
+        f"rollbackd {status.get('version', '?')}  mode={status.get('mode')}  "
+        f"environment={status.get('environment')}",
+        "",
+        f"{'MONITOR':<18} {'STATE':<12} {'FAILURES':<9} {'ERRORS':<7} {'LAST CHECK':<20} INCIDENT",
+    ]
+    monitors: dict[str, Any] = status.get("monitors", {})
+    for name, monitor in sorted(monitors.items()):
+        failures = f"{monitor['consecutive_failures']}/{monitor['rollback_after']}"
+        lines.append(
+            f"{name:<18} {monitor['state']:<12} {failures:<9} "
+            f"{monitor.get('consecutive_errors', 0):<7} {_when(monitor.get('last_check_at')):<20} "
+            f"{monitor.get('incident') or '-'}"
+        )
+        for rule, series in monitor.get("rules", {}).items():
+            if not series:
+                lines.append(f"    {rule:<26} (not checked yet)")
+            for item in series:
+                labels = ",".join(f"{k}={v}" for k, v in item.get("labels", {}).items())
+                lines.append(f"    {rule + ('{' + labels + '}' if labels else ''):<26} {_value(item)}")
+    incidents = status.get("incidents", [])
+    if incidents:
+        lines += ["", "RECENT INCIDENTS"]
+        for inc in incidents:
+            done = "finished" if inc.get("finished_at") else "RUNNING"
+            steps = " ".join(f"{s['action']}:{s['status']}" for s in inc.get("steps", []))
+            lines.append(f"  {inc['id']}  {inc['event']}  {inc['mode']}  {done}  {steps}")
+    return "\n".join(lines)
+
+
+def _value(item: dict[str, Any]) -> str:
+    value = item.get("value")
+    shown = "-" if value is None else f"{value:.4g}{item.get('unit', '')}"
+    side = ">" if item.get("direction") == "above" else "<"
+    limit = f"{item.get('threshold')}{item.get('unit', '')}"
+    verdict = str(item.get("verdict", "")).upper()
+    return f"{shown:<12} breach if {side} {limit:<10} {verdict}  {item.get('reason', '')}".rstrip()
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "never"
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
