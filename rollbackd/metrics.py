@@ -1,0 +1,196 @@
+"""rollbackd's own Prometheus metrics, on a registry handed in (tests build a fresh one each).
+
+``Metrics`` is updated from the engine's values: Check, Transition, MonitorState.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.process_collector import ProcessCollector
+
+from rollbackd.config import MonitorConfig
+from rollbackd.engine import (
+    Check,
+    Decision,
+    MonitorState,
+    Outcome,
+    Phase,
+    Transition,
+    Verdict,
+    labels_text,
+)
+
+MAX_SERIES_PER_RULE = 100
+"""Series of one rule exported as ``rollbackd_rule_value``; more are left out (cardinality)."""
+
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """The daemon's counters and gauges, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry, *, process: bool = True) -> None:
+        self.registry = registry
+        self._mode = "dry-run"
+        self._monitors: set[str] = set()
+        self._series: dict[str, set[tuple[str, str]]] = {}
+        self._rule_sources: dict[str, dict[str, str]] = {}
+        self.checks = Counter(
+            "rollbackd_checks_total",
+            "Monitor checks, by outcome (ok, breach, inconclusive).",
+            ["monitor", "outcome"],
+            registry=registry,
+        )
+        self.consecutive_failures = Gauge(
+            "rollbackd_consecutive_failures",
+            "Consecutive failing checks of a monitor (rolls back at rollback_after).",
+            ["monitor"],
+            registry=registry,
+        )
+        self.consecutive_errors = Gauge(
+            "rollbackd_consecutive_errors",
+            "Consecutive inconclusive checks of a monitor (blind at blind_after).",
+            ["monitor"],
+            registry=registry,
+        )
+        self.state = Gauge(
+            "rollbackd_monitor_state",
+            "1 for the monitor's current state (ok, failing, blind, rolled_back), else 0.",
+            ["monitor", "state"],
+            registry=registry,
+        )
+        self.rule_value = Gauge(
+            "rollbackd_rule_value",
+            "Latest value of each series of each rule (series = its label set).",
+            ["monitor", "rule", "series"],
+            registry=registry,
+        )
+        self.rollbacks = Counter(
+            "rollbackd_rollbacks_total",
+            "Rollbacks triggered, by mode (dry-run records them without acting).",
+            ["monitor", "mode"],
+            registry=registry,
+        )
+        self.alerts = Counter(
+            "rollbackd_alerts_total",
+            "Alerts raised before a rollback, by event (alert, blind).",
+            ["monitor", "event"],
+            registry=registry,
+        )
+        self.action_attempts = Counter(
+            "rollbackd_action_attempts_total",
+            "Attempts of plan steps, by action and result.",
+            ["action", "result"],
+            registry=registry,
+        )
+        self.source_errors = Counter(
+            "rollbackd_source_errors_total",
+            "Rule reads that failed at their source (counted as inconclusive, never as ok).",
+            ["source"],
+            registry=registry,
+        )
+        self.check_duration = Histogram(
+            "rollbackd_check_duration_seconds",
+            "Time to read and evaluate one monitor check.",
+            ["monitor"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self._info = Info(
+            "rollbackd", "Version, mode and environment of the running daemon.", registry=registry
+        )
+        if process:
+            ProcessCollector(registry=registry)
+
+    def info(self, version: str, mode: str, environment: str) -> None:
+        """Set ``rollbackd_info`` (again after a reload); the mode labels later rollbacks."""
+        self._mode = mode
+        self._info.info({"version": version, "mode": mode, "environment": environment})
+
+    def track(self, monitor: str, config: MonitorConfig, state: MonitorState) -> None:
+        """Start exporting a monitor: zeroed counters, its state, which source each rule reads."""
+        self._rule_sources[monitor] = {rule.name: rule.source for rule in config.rules}
+        for outcome in Outcome:
+            self.checks.labels(monitor, outcome.value)
+        self.check_duration.labels(monitor)
+        self.monitor_state(monitor, state)
+
+    def retain(self, monitors: Iterable[str]) -> None:
+        """Drop every per-monitor series of monitors not in ``monitors`` (after a reload)."""
+        for monitor in self._monitors - set(monitors):
+            self._monitors.discard(monitor)
+            self._rule_sources.pop(monitor, None)
+            for rule, series in self._series.pop(monitor, set()):
+                self.rule_value.remove(monitor, rule, series)
+            for phase in Phase:
+                _remove(self.state, monitor, phase.value)
+            _remove(self.consecutive_failures, monitor)
+            _remove(self.consecutive_errors, monitor)
+            for outcome in Outcome:
+                _remove(self.checks, monitor, outcome.value)
+            _remove(self.check_duration, monitor)
+
+    def monitor_state(self, monitor: str, state: MonitorState) -> None:
+        """Export a monitor's counters and state (after a check, a rearm or at start)."""
+        self._monitors.add(monitor)
+        self.consecutive_failures.labels(monitor).set(state.consecutive_failures)
+        self.consecutive_errors.labels(monitor).set(state.consecutive_errors)
+        for phase in Phase:
+            self.state.labels(monitor, phase.value).set(1 if phase is state.phase else 0)
+
+    def observe_check(
+        self, check: Check, transition: Transition, seconds: float, *, mode: str | None = None
+    ) -> None:
+        """Record one committed check: outcome, counters, rule values, decisions, duration."""
+        monitor = check.monitor
+        self.checks.labels(monitor, check.outcome.value).inc()
+        self.check_duration.labels(monitor).observe(max(seconds, 0.0))
+        self.monitor_state(monitor, transition.state)
+        self._rule_values(check)
+        self._source_errors(check)
+        for decision in transition.decisions:
+            if decision is Decision.ROLLBACK:
+                self.rollbacks.labels(monitor, mode or self._mode).inc()
+            else:
+                self.alerts.labels(monitor, decision.value).inc()
+
+    def action_attempt(self, action: str, result: str) -> None:
+        """Count one attempt of a plan step (result: ok, failed, would_run, ...)."""
+        self.action_attempts.labels(action, result).inc()
+
+    def source_error(self, source: str, count: int = 1) -> None:
+        """Count failed reads of a source that ``observe_check`` cannot see."""
+        self.source_errors.labels(source).inc(count)
+
+    def _rule_values(self, check: Check) -> None:
+        monitor = check.monitor
+        current: set[tuple[str, str]] = set()
+        per_rule: dict[str, int] = {}
+        for result in check.results:
+            if result.value is None:
+                continue
+            if per_rule.get(result.rule, 0) >= MAX_SERIES_PER_RULE:
+                continue
+            per_rule[result.rule] = per_rule.get(result.rule, 0) + 1
+            key = (result.rule, labels_text(result.labels))
+            current.add(key)
+            self.rule_value.labels(monitor, *key).set(result.value)
+        # A series that vanished (or has no value now) must not linger at its old value.
+        for rule, series in self._series.get(monitor, set()) - current:
+            self.rule_value.remove(monitor, rule, series)
+        self._series[monitor] = current
+
+    def _source_errors(self, check: Check) -> None:
+        sources: Mapping[str, str] = self._rule_sources.get(check.monitor, {})
+        for result in check.results:
+            if result.verdict is Verdict.ERROR:
+                self.source_errors.labels(sources.get(result.rule, "unknown")).inc()
+
+
+def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:  # never created: nothing to remove
+        return
