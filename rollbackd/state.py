@@ -1,0 +1,488 @@
+"""The SQLite store in the state directory: counters, latches, history, incidents, plan progress.
+
+Every write is one short transaction (WAL, synchronous=FULL), so a crash leaves the last
+committed state; a database the code cannot read is an error, never a silent reset.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from operator import attrgetter
+from pathlib import Path
+from typing import Any, Literal
+
+from rollbackd.engine import Check, MonitorState, Outcome, Phase, RuleResult, Verdict
+from rollbackd.errors import StateError
+
+StepStatus = Literal["pending", "running", "ok", "failed", "skipped", "would_run"]
+FINAL_STATUSES: frozenset[str] = frozenset({"ok", "failed", "skipped", "would_run"})
+
+DB_NAME = "state.db"
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: the first schema. Check results are compact JSON rows (see _encode_results).
+    (
+        """CREATE TABLE monitors (
+            name TEXT PRIMARY KEY,
+            phase TEXT NOT NULL,
+            consecutive_failures INTEGER NOT NULL,
+            consecutive_errors INTEGER NOT NULL,
+            alerted INTEGER NOT NULL,
+            blind_alerted INTEGER NOT NULL,
+            failure_times TEXT NOT NULL,
+            incident_id TEXT,
+            checks INTEGER NOT NULL,
+            last_check_at REAL,
+            last_outcome TEXT
+        )""",
+        """CREATE TABLE checks (
+            id INTEGER PRIMARY KEY,
+            monitor TEXT NOT NULL,
+            at REAL NOT NULL,
+            outcome TEXT NOT NULL,
+            results TEXT NOT NULL
+        )""",
+        "CREATE INDEX checks_by_monitor ON checks (monitor, id)",
+        """CREATE TABLE incidents (
+            id TEXT PRIMARY KEY,
+            monitor TEXT NOT NULL,
+            event TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            opened_at REAL NOT NULL,
+            finished_at REAL,
+            details TEXT NOT NULL
+        )""",
+        "CREATE INDEX incidents_by_monitor ON incidents (monitor, opened_at)",
+        "CREATE INDEX incidents_unfinished ON incidents (opened_at) WHERE finished_at IS NULL",
+        """CREATE TABLE steps (
+            incident_id TEXT NOT NULL REFERENCES incidents (id),
+            step INTEGER NOT NULL,
+            action TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN
+                ('pending', 'running', 'ok', 'failed', 'skipped', 'would_run')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            started_at REAL,
+            finished_at REAL,
+            detail TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (incident_id, step)
+        ) WITHOUT ROWID""",
+    ),
+)
+"""``MIGRATIONS[i]`` takes the schema from version ``i`` to ``i + 1``; append, never edit."""
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """Progress of one step of an incident's plan."""
+
+    incident_id: str
+    step: int
+    action: str
+    status: StepStatus
+    attempts: int
+    started_at: float | None
+    finished_at: float | None
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentRecord:
+    """An incident as stored, with its steps in plan order."""
+
+    id: str
+    monitor: str
+    event: str
+    reason: str
+    mode: str
+    opened_at: float
+    finished_at: float | None
+    details: dict[str, Any]
+    steps: tuple[StepRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentDraft:
+    """An incident to open: its actions become steps 0..n-1, all pending."""
+
+    monitor: str
+    event: str
+    reason: str
+    mode: str
+    opened_at: float
+    actions: tuple[str, ...]
+    details: dict[str, Any]
+
+
+_ROW = attrgetter("rule", "labels", "value", "threshold", "direction", "unit", "verdict")
+_ROW_TAIL = attrgetter("reason", "at")
+_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+_SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def _encode_results(results: tuple[RuleResult, ...]) -> str:
+    """Encode results as JSON rows; several times cheaper than ``to_json`` dicts."""
+    return _ENCODE([(*_ROW(r), *_ROW_TAIL(r)) for r in results])
+
+
+def _decode_results(text: str) -> tuple[RuleResult, ...]:
+    return tuple(
+        RuleResult(rule, tuple(map(tuple, labels)), value, threshold, direction, unit,
+                   Verdict(verdict), reason, at)
+        for rule, labels, value, threshold, direction, unit, verdict, reason, at in json.loads(text)
+    )  # fmt: skip
+
+
+def _state_row(monitor: str, state: MonitorState) -> tuple[Any, ...]:
+    return (
+        monitor,
+        state.phase.value,
+        state.consecutive_failures,
+        state.consecutive_errors,
+        int(state.alerted),
+        int(state.blind_alerted),
+        _ENCODE(state.failure_times),
+        state.incident_id,
+        state.checks,
+        state.last_check_at,
+        None if state.last_outcome is None else state.last_outcome.value,
+    )
+
+
+_SAVE_STATE = "INSERT OR REPLACE INTO monitors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+class Store:
+    """The state database of one daemon; every method is one short transaction."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        """Use ``Store.open``; this only wraps an already migrated connection."""
+        self._conn = conn
+        self.path = path
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, state_dir: Path) -> Store:
+        """Open (creating if needed) ``state_dir/state.db`` and bring its schema up to date."""
+        path = Path(state_dir) / DB_NAME
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(
+                f"cannot create state directory {path.parent}: {exc.strerror}"
+            ) from exc
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(
+                path, timeout=10.0, isolation_level=None, check_same_thread=False
+            )
+            _configure(conn, path)
+            _migrate(conn, path)
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            raise StateError(
+                f"state database {path} cannot be read ({exc}); it is not overwritten: move it "
+                "aside to start with empty state, or restore it from a backup"
+            ) from exc
+        except StateError:
+            if conn is not None:
+                conn.close()
+            raise
+        return cls(conn, path)
+
+    def close(self) -> None:
+        """Close the database (later calls raise StateError)."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self, what: str, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """Run the block as one transaction; sqlite errors become StateError."""
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StateError(f"state database {self.path}: {what} failed: {exc}") from exc
+
+    # --- monitors and checks --------------------------------------------------------------
+
+    def monitor_state(self, monitor: str) -> MonitorState | None:
+        """Return the saved state of ``monitor``, or None if it never committed a check."""
+        with self._tx("reading monitor state") as conn:
+            row = conn.execute("SELECT * FROM monitors WHERE name = ?", (monitor,)).fetchone()
+        if row is None:
+            return None
+        return MonitorState(
+            phase=Phase(row[1]),
+            consecutive_failures=row[2],
+            consecutive_errors=row[3],
+            alerted=bool(row[4]),
+            blind_alerted=bool(row[5]),
+            failure_times=tuple(json.loads(row[6])),
+            incident_id=row[7],
+            checks=row[8],
+            last_check_at=row[9],
+            last_outcome=None if row[10] is None else Outcome(row[10]),
+        )
+
+    def monitor_names(self) -> list[str]:
+        """Return every monitor with saved state, sorted."""
+        with self._tx("listing monitors") as conn:
+            return [r[0] for r in conn.execute("SELECT name FROM monitors ORDER BY name")]
+
+    def commit_check(
+        self,
+        check: Check,
+        state: MonitorState,
+        history: int,
+        incident: IncidentDraft | None = None,
+    ) -> str | None:
+        """Append ``check`` (keeping the newest ``history``), save ``state`` and open ``incident``.
+
+        All in one transaction; with an incident, the state is saved with its id as
+        ``incident_id``, so a latch never exists without its incident or the other way round.
+        """
+        results = _encode_results(check.results)
+        monitor = check.monitor
+        with self._tx("committing a check", write=True) as conn:
+            conn.execute(
+                "INSERT INTO checks (monitor, at, outcome, results) VALUES (?, ?, ?, ?)",
+                (monitor, check.at, check.outcome.value, results),
+            )
+            conn.execute(
+                "DELETE FROM checks WHERE monitor = ? AND id <= (SELECT id FROM checks "
+                "WHERE monitor = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (monitor, monitor, max(history, 1)),
+            )
+            incident_id = None
+            if incident is not None:
+                incident_id = _insert_incident(conn, incident)
+                state = replace(state, incident_id=incident_id)
+            conn.execute(_SAVE_STATE, _state_row(monitor, state))
+        return incident_id
+
+    def recent_checks(self, monitor: str, limit: int) -> list[Check]:
+        """Return the newest ``limit`` checks of ``monitor``, oldest first."""
+        with self._tx("reading checks") as conn:
+            rows = conn.execute(
+                "SELECT at, outcome, results FROM checks WHERE monitor = ? "
+                "ORDER BY id DESC LIMIT ?",
+                (monitor, max(limit, 0)),
+            ).fetchall()
+        return [
+            Check(monitor, at, Outcome(outcome), _decode_results(results))
+            for at, outcome, results in reversed(rows)
+        ]
+
+    def save_state(self, monitor: str, state: MonitorState) -> None:
+        """Replace the saved state of ``monitor`` (e.g. after a re-arm)."""
+        with self._tx("saving monitor state", write=True) as conn:
+            conn.execute(_SAVE_STATE, _state_row(monitor, state))
+
+    # --- incidents and plan progress ------------------------------------------------------
+
+    def open_incident(self, draft: IncidentDraft) -> str:
+        """Create an incident with pending steps outside a check (alerts, test-action)."""
+        with self._tx("opening an incident", write=True) as conn:
+            return _insert_incident(conn, draft)
+
+    def step_started(self, incident_id: str, step: int, now: float) -> int:
+        """Mark a step running and count the attempt; return the attempt number (1-based)."""
+        with self._tx("starting a step", write=True) as conn:
+            row = conn.execute(
+                "UPDATE steps SET status = 'running', attempts = attempts + 1, started_at = ?, "
+                "finished_at = NULL WHERE incident_id = ? AND step = ? RETURNING attempts",
+                (now, incident_id, step),
+            ).fetchone()
+        if row is None:
+            raise StateError(f"incident {incident_id!r} has no step {step}")
+        return int(row[0])
+
+    def step_finished(
+        self, incident_id: str, step: int, status: str, detail: str, now: float
+    ) -> None:
+        """Record a step's final status (ok, failed, skipped, would_run) and its detail."""
+        if status not in FINAL_STATUSES:
+            raise StateError(
+                f"step status {status!r} is not final: use one of {sorted(FINAL_STATUSES)}"
+            )
+        with self._tx("finishing a step", write=True) as conn:
+            updated = conn.execute(
+                "UPDATE steps SET status = ?, detail = ?, finished_at = ? "
+                "WHERE incident_id = ? AND step = ?",
+                (status, detail, now, incident_id, step),
+            ).rowcount
+        if updated != 1:
+            raise StateError(f"incident {incident_id!r} has no step {step}")
+
+    def finish_incident(self, incident_id: str, now: float) -> None:
+        """Mark an incident finished (its plan ran to the end); a repeat keeps the first time."""
+        with self._tx("finishing an incident", write=True) as conn:
+            found = conn.execute("SELECT 1 FROM incidents WHERE id = ?", (incident_id,)).fetchone()
+            conn.execute(
+                "UPDATE incidents SET finished_at = ? WHERE id = ? AND finished_at IS NULL",
+                (now, incident_id),
+            )
+        if found is None:
+            raise StateError(f"no incident {incident_id!r} in {self.path}")
+
+    def incident(self, incident_id: str) -> IncidentRecord:
+        """Return one incident with its steps; StateError if there is none with this id."""
+        found = self._incidents(f"{_INCIDENT} WHERE id = ?", (incident_id,))
+        if not found:
+            raise StateError(f"no incident {incident_id!r} in {self.path}")
+        return found[0]
+
+    def incidents(self, monitor: str | None = None, limit: int = 20) -> list[IncidentRecord]:
+        """Return the newest incidents, of one monitor or of all, newest first."""
+        if monitor is None:
+            return self._incidents(f"{_INCIDENT} {_NEWEST}", (limit,))
+        return self._incidents(f"{_INCIDENT} WHERE monitor = ? {_NEWEST}", (monitor, limit))
+
+    def unfinished_incidents(self) -> list[IncidentRecord]:
+        """Return the incidents whose plan has not finished, oldest first (resume these)."""
+        return self._incidents(f"{_INCIDENT} WHERE finished_at IS NULL ORDER BY opened_at", ())
+
+    def _incidents(self, query: str, args: tuple[Any, ...]) -> list[IncidentRecord]:
+        with self._tx("reading incidents") as conn:
+            rows = conn.execute(query, args).fetchall()
+            steps: dict[str, list[StepRecord]] = {row[0]: [] for row in rows}
+            for incident_id, found in steps.items():
+                found.extend(StepRecord(*s) for s in conn.execute(_STEPS, (incident_id,)))
+        return [
+            IncidentRecord(
+                id=row[0],
+                monitor=row[1],
+                event=row[2],
+                reason=row[3],
+                mode=row[4],
+                opened_at=row[5],
+                finished_at=row[6],
+                details=json.loads(row[7]),
+                steps=tuple(steps[row[0]]),
+            )
+            for row in rows
+        ]
+
+
+_INCIDENT = (
+    "SELECT id, monitor, event, reason, mode, opened_at, finished_at, details FROM incidents"
+)
+_NEWEST = "ORDER BY opened_at DESC, rowid DESC LIMIT ?"
+_STEPS = (
+    "SELECT incident_id, step, action, status, attempts, started_at, finished_at, detail "
+    "FROM steps WHERE incident_id = ? ORDER BY step"
+)
+
+
+def _insert_incident(conn: sqlite3.Connection, draft: IncidentDraft) -> str:
+    """Insert an incident and its pending steps; return its new id."""
+    incident_id = _new_id(conn, draft.monitor, draft.opened_at)
+    conn.execute(
+        "INSERT INTO incidents VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+        (
+            incident_id,
+            draft.monitor,
+            draft.event,
+            draft.reason,
+            draft.mode,
+            draft.opened_at,
+            json.dumps(draft.details, separators=(",", ":"), default=str),
+        ),
+    )
+    conn.executemany(
+        "INSERT INTO steps (incident_id, step, action, status) VALUES (?, ?, ?, 'pending')",
+        [(incident_id, i, action) for i, action in enumerate(draft.actions)],
+    )
+    return incident_id
+
+
+def _new_id(conn: sqlite3.Connection, monitor: str, opened_at: float) -> str:
+    """``20261125T122301Z-payments-3f9a``: readable, sortable by time, unique in this store."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(opened_at))
+    slug = _SLUG.sub("-", monitor).strip("-")[:40] or "monitor"
+    size = 2
+    while True:
+        candidate = f"{stamp}-{slug}-{secrets.token_hex(size)}"
+        if conn.execute("SELECT 1 FROM incidents WHERE id = ?", (candidate,)).fetchone() is None:
+            return candidate
+        size += 1
+
+
+def _configure(conn: sqlite3.Connection, path: Path) -> None:
+    """WAL with synchronous=FULL: a committed check survives a power cut, readers never block."""
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise StateError(f"state database {path}: cannot use WAL journaling (got {mode})")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Apply the missing migrations in order, each in its own transaction."""
+    while True:
+        conn.execute("BEGIN IMMEDIATE")  # another process may be migrating: decide under lock
+        try:
+            done = _migrate_one(conn, path)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        if done:
+            return
+
+
+def _migrate_one(conn: sqlite3.Connection, path: Path) -> bool:
+    """Apply the next migration; True when the schema is already current."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "schema_version" not in tables:
+        if tables:
+            raise StateError(
+                f"{path} is an SQLite database but not a rollbackd state store (no schema_version "
+                "table): point daemon.state_dir at another directory"
+            )
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (0)")
+    rows = conn.execute("SELECT version FROM schema_version").fetchall()
+    if len(rows) != 1 or not isinstance(rows[0][0], int):
+        raise StateError(
+            f"state database {path} has a damaged schema_version table: restore it from a "
+            "backup, or move it aside to start with empty state"
+        )
+    version: int = rows[0][0]
+    if version > SCHEMA_VERSION:
+        raise StateError(
+            f"state database {path} has schema version {version}, newer than this rollbackd "
+            f"understands ({SCHEMA_VERSION}): run the newer rollbackd, or move the file aside "
+            "to start with empty state"
+        )
+    if version == SCHEMA_VERSION:
+        return True
+    for statement in MIGRATIONS[version]:
+        conn.execute(statement)
+    conn.execute("UPDATE schema_version SET version = ?", (version + 1,))
+    return False
