@@ -1,0 +1,189 @@
+"""Local actions: ``alert.log`` (a structlog event) and ``exec`` (a command, no shell).
+
+``exec`` runs an argv list in its own process group with the configured environment; its
+output is captured (bounded) into the detail, and a cancelled attempt kills the whole group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+from pydantic import Field, field_validator
+
+from rollbackd.actions import ActionContext, ActionType
+from rollbackd.actions.templates import Template, fields, render
+from rollbackd.config import Frozen, SecretRef
+from rollbackd.errors import ActionError, SecretError
+
+log = structlog.get_logger("rollbackd.actions")
+
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+_CHUNK = 4096
+
+# --- alert.log -----------------------------------------------------------------------------
+
+
+class AlertLogOptions(Frozen):
+    """``alert.log``: write one ``incident_alert`` event to rollbackd's own log."""
+
+    level: Literal["info", "warning", "error", "critical"] = "warning"
+    message: Template = "{event} on {monitor}: {reason}"
+
+
+@dataclass(slots=True)
+class AlertLogAction:
+    """Logs the incident; journald / the log shipper carries it on."""
+
+    name: str
+    options: AlertLogOptions
+
+    async def run(self, ctx: ActionContext) -> str:
+        """Log the incident at the configured level."""
+        incident = ctx.incident
+        message = render(self.options.message, fields(ctx))
+        emit = getattr(log, self.options.level)
+        emit(
+            "incident_alert",
+            action=self.name,
+            message=message,
+            monitor=incident.monitor,
+            incident=incident.id,
+            alert_event=str(incident.event),
+            mode=incident.mode,
+            environment=incident.environment,
+            reason=incident.reason,
+        )
+        return f"logged at {self.options.level}: {message}"
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+
+# --- exec ----------------------------------------------------------------------------------
+
+
+class ExecOptions(Frozen):
+    """``exec``: run ``argv`` (no shell); ``{field}`` templates allowed in the arguments."""
+
+    argv: list[Template] = Field(min_length=1)
+    env: dict[str, str | SecretRef] = Field(default_factory=dict)
+    """Extra environment; values may be secret references, revealed only for the child."""
+    inherit_env: bool = False
+    """Pass rollbackd's whole environment on (by default only PATH, LANG and ``env``)."""
+    cwd: Path | None = None
+    output_limit: int = Field(default=1000, ge=0, le=100_000)
+    """Characters of output (the tail, stdout and stderr together) kept in the detail."""
+
+    @field_validator("argv")
+    @classmethod
+    def _program(cls, argv: list[str]) -> list[str]:
+        if not argv[0]:
+            raise ValueError("argv[0] (the program) must not be empty")
+        return argv
+
+
+def child_env(options: ExecOptions, ctx: ActionContext) -> dict[str, str]:
+    """Build the child's environment: base, configured values, then the incident's fields."""
+    if options.inherit_env:
+        env = dict(os.environ)
+    else:
+        env = {"PATH": os.environ.get("PATH", DEFAULT_PATH)}
+        for key in ("LANG", "LC_ALL", "TZ"):
+            if key in os.environ:
+                env[key] = os.environ[key]
+    for key, value in options.env.items():
+        try:
+            env[key] = value.reveal() if isinstance(value, SecretRef) else value
+        except SecretError as exc:
+            raise ActionError(f"env {key}: {exc}") from exc
+    for key, value in fields(ctx).items():
+        env[f"ROLLBACKD_{key.upper()}"] = value
+    env["ROLLBACKD_STEP"] = str(ctx.step)
+    env["ROLLBACKD_ATTEMPT"] = str(ctx.attempt)
+    return env
+
+
+def _tail(output: bytes, limit: int) -> str:
+    text = output.decode("utf-8", "replace").strip()
+    if len(text) <= limit:
+        return text
+    return "..." + text[len(text) - limit :] if limit else ""
+
+
+@dataclass(slots=True)
+class ExecAction:
+    """Runs one command per attempt; exit status 0 is success."""
+
+    name: str
+    options: ExecOptions
+
+    async def run(self, ctx: ActionContext) -> str:
+        """Run the command to completion; cancellation (the step's timeout) kills its group."""
+        o = self.options
+        values = fields(ctx)
+        argv = [render(arg, values) for arg in o.argv]
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=child_env(o, ctx),
+                cwd=o.cwd,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise ActionError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
+        try:
+            output = await _read_tail(process, max(o.output_limit * 4, _CHUNK))
+            code = await process.wait()
+        except BaseException:
+            await _kill(process)
+            raise
+        shown = _tail(output, o.output_limit)
+        if code != 0:
+            status = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+            raise ActionError(f"{argv[0]}: {status}" + (f": {shown}" if shown else ""))
+        return f"{argv[0]}: exit status 0" + (f": {shown}" if shown else "")
+
+    async def aclose(self) -> None:
+        """Nothing to release: each attempt owns its process."""
+
+
+async def _read_tail(process: asyncio.subprocess.Process, keep: int) -> bytes:
+    """Read the child's output to the end, keeping only the last ``keep`` bytes."""
+    assert process.stdout is not None
+    buffer = bytearray()
+    while chunk := await process.stdout.read(_CHUNK):
+        buffer += chunk
+        if len(buffer) > keep:
+            del buffer[: len(buffer) - keep]
+    return bytes(buffer)
+
+
+async def _kill(process: asyncio.subprocess.Process) -> None:
+    """Kill the child's process group and reap it, shielded so a second cancel cannot skip it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # the group: children it started die with it
+        log.warning("exec_killed", pid=process.pid)
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(process.wait())
+
+
+def _build_log(name: str, options: Any) -> AlertLogAction:
+    return AlertLogAction(name, options)
+
+
+def _build_exec(name: str, options: Any) -> ExecAction:
+    return ExecAction(name, options)
+
+
+ALERT_LOG = ActionType(options=AlertLogOptions, build=_build_log)
+EXEC = ActionType(options=ExecOptions, build=_build_exec)

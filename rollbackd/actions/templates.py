@@ -1,0 +1,100 @@
+"""What actions say about an incident: ``{field}`` templates and the JSON body of alert messages.
+
+Only the known ``{field}`` names are replaced; every other character (JSON braces included) is
+sent as written, so a JSON body needs no doubled braces. Unknown names are config errors.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
+
+from rollbackd.actions import ActionContext
+
+FIELDS = ("monitor", "incident", "reason", "event", "idempotency_key", "mode", "environment")
+"""The names a template may use, e.g. ``"/flags/{monitor}?key={idempotency_key}"``."""
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def check_template(text: str) -> str:
+    """Check that every ``{name}`` in ``text`` is a known field (a pydantic validator)."""
+    unknown = sorted({m.group(1) for m in _PLACEHOLDER.finditer(text)} - set(FIELDS))
+    if unknown:
+        names = ", ".join(f"{{{name}}}" for name in unknown)
+        raise ValueError(f"unknown placeholder {names} (known: {', '.join(FIELDS)})")
+    return text
+
+
+Template = Annotated[str, AfterValidator(check_template)]
+"""A string that may contain ``{field}`` placeholders, checked when the config loads."""
+
+
+def fields(ctx: ActionContext) -> dict[str, str]:
+    """Return the values of the template fields for this attempt."""
+    incident = ctx.incident
+    return {
+        "monitor": incident.monitor,
+        "incident": incident.id,
+        "reason": incident.reason,
+        "event": str(incident.event),
+        "idempotency_key": ctx.idempotency_key,
+        "mode": incident.mode,
+        "environment": incident.environment,
+    }
+
+
+def render(text: str, values: Mapping[str, str], escape: Callable[[str], str] = str) -> str:
+    """``text`` with each known ``{field}`` replaced by ``escape(value)``; the rest kept as is."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return escape(values[name]) if name in values else match.group(0)
+
+    return _PLACEHOLDER.sub(substitute, text)
+
+
+def render_tree(value: Any, values: Mapping[str, str]) -> Any:
+    """Render every string inside a TOML table / list (used for JSON bodies given as tables)."""
+    if isinstance(value, str):
+        return render(value, values)
+    if isinstance(value, Mapping):
+        return {key: render_tree(item, values) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [render_tree(item, values) for item in value]
+    return value
+
+
+def check_tree(value: Any) -> Any:
+    """Check every string of a table as a template (a pydantic validator)."""
+    if isinstance(value, str):
+        check_template(value)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            check_tree(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            check_tree(item)
+    return value
+
+
+def incident_payload(ctx: ActionContext) -> dict[str, Any]:
+    """Build the JSON document alert.webhook and alert.mqtt send about this attempt."""
+    incident = ctx.incident
+    return {
+        "source": "rollbackd",
+        "event": str(incident.event),
+        "monitor": incident.monitor,
+        "incident": incident.id,
+        "reason": incident.reason,
+        "mode": incident.mode,
+        "environment": incident.environment,
+        "started_at": incident.started_at,
+        "step": ctx.step,
+        "attempt": ctx.attempt,
+        "idempotency_key": ctx.idempotency_key,
+        "details": dict(incident.details),
+    }

@@ -1,0 +1,311 @@
+"""HTTP actions (aiohttp): ``flag.http``, ``route.http``, ``alert.webhook``, ``alert.alertmanager``.
+
+Every request carries the attempt's ``Idempotency-Key``; a non-2xx answer, a connection error or
+a timeout is an ActionError with the status and a short excerpt of the body.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import quote
+
+import aiohttp
+from pydantic import AnyHttpUrl, Field, field_validator
+from yarl import URL
+
+from rollbackd.actions import ActionContext, ActionType, Event
+from rollbackd.actions.templates import (
+    Template,
+    check_tree,
+    fields,
+    incident_payload,
+    render,
+    render_tree,
+)
+from rollbackd.config import Duration, Frozen, SecretRef
+from rollbackd.errors import ActionError, SecretError
+
+EXCERPT_CHARS = 200
+_LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_OWN_LABELS = frozenset({"alertname", "monitor", "severity", "environment", "incident"})
+ROLLBACK_ALERT_SECONDS = 7 * 86400.0
+"""A rollback alert fires until the monitor is re-armed (which resolves it), at most a week."""
+TEST_ALERT_SECONDS = 300.0
+
+Headers = dict[str, str | SecretRef]
+"""Header values are plain strings or secret references (``{ env = "TOKEN" }``)."""
+
+
+def _http_url(url: str) -> str:
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{url!r} is not an http:// or https:// URL")
+    return url
+
+
+def safe_url(url: str) -> str:
+    """``url`` without credentials, query or fragment: fit for logs and details."""
+    try:
+        return str(URL(url).with_user(None).with_query(None).with_fragment(None))
+    except ValueError:
+        return "<invalid url>"
+
+
+@dataclass(slots=True)
+class HttpClient:
+    """One lazily opened aiohttp session; ``send`` turns every failure into ActionError."""
+
+    _session: aiohttp.ClientSession | None = field(default=None, init=False)
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        *,
+        json_body: Any = None,
+        data: str | None = None,
+    ) -> str:
+        """Send one request; return ``"METHOD url: HTTP status"``."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        where = f"{method} {safe_url(url)}"
+        try:
+            async with self._session.request(
+                method, url, headers=dict(headers), json=json_body, data=data
+            ) as response:
+                status = response.status
+                raw = await response.content.read(EXCERPT_CHARS * 4)
+        except aiohttp.ClientError as exc:
+            raise ActionError(f"{where}: {type(exc).__name__}: {exc}") from exc
+        except TimeoutError as exc:
+            raise ActionError(f"{where}: timed out") from exc
+        if not 200 <= status < 300:
+            excerpt = " ".join(raw.decode("utf-8", "replace").split())[:EXCERPT_CHARS]
+            raise ActionError(f"{where}: HTTP {status}: {excerpt or '(empty body)'}")
+        return f"{where}: HTTP {status}"
+
+    async def aclose(self) -> None:
+        """Close the session if one was opened."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _headers(configured: Headers, ctx: ActionContext) -> dict[str, str]:
+    """Reveal the configured headers' secrets and add the attempt's Idempotency-Key."""
+    out: dict[str, str] = {}
+    for name, value in configured.items():
+        try:
+            out[name] = value.reveal() if isinstance(value, SecretRef) else value
+        except SecretError as exc:
+            raise ActionError(f"header {name}: {exc}") from exc
+    if not any(name.lower() == "idempotency-key" for name in out):
+        out["Idempotency-Key"] = ctx.idempotency_key
+    return out
+
+
+# --- flag.http / route.http ------------------------------------------------------------
+
+
+class HttpRequestOptions(Frozen):
+    """``flag.http`` / ``route.http``: one templated request to a flag or routing service's API."""
+
+    url: Template
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    headers: Headers = Field(default_factory=dict)
+    body: Template | dict[str, Any] | None = None
+    """A string is sent as written (after templating); a table is sent as JSON."""
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        return _http_url(url)
+
+    @field_validator("body")
+    @classmethod
+    def _templates(cls, body: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        check_tree(body)
+        return body
+
+
+@dataclass(slots=True)
+class HttpRequestAction:
+    """Sends the configured request; success is any 2xx answer."""
+
+    name: str
+    options: HttpRequestOptions
+    client: HttpClient = field(default_factory=HttpClient)
+
+    async def run(self, ctx: ActionContext) -> str:
+        """Render url/body with the incident's fields and send the request."""
+        o = self.options
+        values = fields(ctx)
+        url = render(o.url, values, lambda v: quote(v, safe=""))
+        headers = _headers(o.headers, ctx)
+        if isinstance(o.body, str):
+            if not any(name.lower() == "content-type" for name in headers):
+                headers["Content-Type"] = "text/plain; charset=utf-8"
+            return await self.client.send(o.method, url, headers, data=render(o.body, values))
+        body = None if o.body is None else render_tree(o.body, values)
+        return await self.client.send(o.method, url, headers, json_body=body)
+
+    async def aclose(self) -> None:
+        """Close the HTTP session."""
+        await self.client.aclose()
+
+
+# --- alert.webhook -----------------------------------------------------------------------
+
+
+class WebhookOptions(Frozen):
+    """``alert.webhook``: POST a JSON document describing the incident."""
+
+    url: AnyHttpUrl
+    headers: Headers = Field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class WebhookAction:
+    """POSTs the incident as JSON (see ``templates.incident_payload``)."""
+
+    name: str
+    options: WebhookOptions
+    client: HttpClient = field(default_factory=HttpClient)
+
+    async def run(self, ctx: ActionContext) -> str:
+        """POST the incident document."""
+        headers = _headers(self.options.headers, ctx)
+        url = str(self.options.url)
+        return await self.client.send("POST", url, headers, json_body=incident_payload(ctx))
+
+    async def aclose(self) -> None:
+        """Close the HTTP session."""
+        await self.client.aclose()
+
+
+# --- alert.alertmanager ------------------------------------------------------------------
+
+ALERT_NAMES = {
+    Event.ROLLBACK: "RollbackdRollback",
+    Event.REARM: "RollbackdRollback",
+    Event.ALERT: "RollbackdAlert",
+    Event.BLIND: "RollbackdBlind",
+    Event.TEST: "RollbackdTest",
+}
+
+
+class AlertmanagerOptions(Frozen):
+    """``alert.alertmanager``: post an alert to Alertmanager's API v2 (resolved on re-arm)."""
+
+    url: AnyHttpUrl
+    severity: str = "critical"
+    labels: dict[str, str] = Field(default_factory=dict)
+    generator_url: AnyHttpUrl | None = None
+    headers: Headers = Field(default_factory=dict)
+    resolve_after: Duration = 3600.0
+    """Warnings (alert, blind events) end by themselves after this; rollbacks end on re-arm."""
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, labels: dict[str, str]) -> dict[str, str]:
+        for name in labels:
+            if not _LABEL_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a valid label name")
+            if name in _OWN_LABELS:
+                raise ValueError(f"label {name!r} is set by rollbackd itself")
+        return labels
+
+
+def _iso(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _summary(ctx: ActionContext) -> str:
+    incident = ctx.incident
+    dry = " (dry-run: nothing was changed)" if incident.mode != "armed" else ""
+    return {
+        Event.ROLLBACK: f"rollbackd rolled back {incident.monitor}{dry}",
+        Event.REARM: f"rollbackd monitor {incident.monitor} re-armed",
+        Event.ALERT: f"rollbackd: {incident.monitor} is failing its checks",
+        Event.BLIND: f"rollbackd: {incident.monitor} is blind (its sources give no data)",
+        Event.TEST: f"rollbackd test alert ({incident.monitor})",
+    }[incident.event]
+
+
+def alertmanager_alert(
+    options: AlertmanagerOptions, ctx: ActionContext, now: float
+) -> dict[str, Any]:
+    """Build the API v2 alert for this incident; on re-arm, the resolve of the rollback alert."""
+    incident = ctx.incident
+    event = incident.event
+    incident_label = incident.id
+    if event is Event.REARM:
+        incident_label = str(incident.details.get("resolves") or incident.id)
+    labels = {
+        **options.labels,
+        "alertname": ALERT_NAMES[event],
+        "monitor": incident.monitor,
+        "severity": options.severity,
+        "environment": incident.environment,
+        "incident": incident_label,
+    }
+    alert: dict[str, Any] = {"labels": labels}
+    if event is Event.REARM:
+        alert["endsAt"] = _iso(now)
+    else:
+        lasts = {Event.ROLLBACK: ROLLBACK_ALERT_SECONDS, Event.TEST: TEST_ALERT_SECONDS}
+        alert["startsAt"] = _iso(min(incident.started_at, now))
+        alert["endsAt"] = _iso(now + lasts.get(event, options.resolve_after))
+        alert["annotations"] = {
+            "summary": _summary(ctx),
+            "reason": incident.reason,
+            "mode": incident.mode,
+        }
+    if options.generator_url is not None:
+        alert["generatorURL"] = str(options.generator_url)
+    return alert
+
+
+@dataclass(slots=True)
+class AlertmanagerAction:
+    """Posts one alert per incident to ``{url}/api/v2/alerts``."""
+
+    name: str
+    options: AlertmanagerOptions
+    client: HttpClient = field(default_factory=HttpClient)
+
+    async def run(self, ctx: ActionContext) -> str:
+        """Post (or, on re-arm, resolve) the alert."""
+        url = str(self.options.url).rstrip("/") + "/api/v2/alerts"
+        alert = alertmanager_alert(self.options, ctx, time.time())
+        headers = _headers(self.options.headers, ctx)
+        detail = await self.client.send("POST", url, headers, json_body=[alert])
+        verb = "resolved" if ctx.incident.event is Event.REARM else "posted"
+        return f"{alert['labels']['alertname']} {verb}: {detail}"
+
+    async def aclose(self) -> None:
+        """Close the HTTP session."""
+        await self.client.aclose()
+
+
+def _build_request(name: str, options: Any) -> HttpRequestAction:
+    return HttpRequestAction(name, options)
+
+
+def _build_webhook(name: str, options: Any) -> WebhookAction:
+    return WebhookAction(name, options)
+
+
+def _build_alertmanager(name: str, options: Any) -> AlertmanagerAction:
+    return AlertmanagerAction(name, options)
+
+
+FLAG_HTTP = ActionType(options=HttpRequestOptions, build=_build_request)
+ROUTE_HTTP = ActionType(options=HttpRequestOptions, build=_build_request)
+ALERT_WEBHOOK = ActionType(options=WebhookOptions, build=_build_webhook)
+ALERT_ALERTMANAGER = ActionType(options=AlertmanagerOptions, build=_build_alertmanager)
