@@ -20,7 +20,8 @@ from urllib.parse import quote
 import aiohttp
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 from rollbackd.errors import RollbackdError
 
@@ -198,10 +199,10 @@ class ApiServer:
             return _json({"status": "ok", **body})
         return _json({"status": "degraded", "reason": reason, **body}, status=503)
 
-    async def _metrics(self, _request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+    async def _metrics(self, request: web.Request) -> web.Response:
+        # Content negotiation as prometheus_client does it: OpenMetrics when the scraper asks.
+        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encode(self.registry), headers={"Content-Type": content_type})
 
     async def _status(self, _request: web.Request) -> web.Response:
         return _json(self.surface.status())
