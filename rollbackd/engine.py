@@ -320,9 +320,7 @@ def advance(state: MonitorState, check: Check, policy: Policy) -> Transition:
 
 def _breach(state: MonitorState, check: Check, policy: Policy) -> Transition:
     failures = state.consecutive_failures + 1
-    times = state.failure_times
-    if policy.failure_limit is not None:
-        times = _window((*times, check.at), check.at, policy)[-policy.failure_limit :]
+    times = _window((*state.failure_times, check.at), check.at, policy)
     decisions: list[Decision] = []
     alerted = state.alerted
     if policy.alert_after is not None and failures >= policy.alert_after and not alerted:
@@ -377,7 +375,7 @@ def _window(times: tuple[float, ...], now: float, policy: Policy) -> tuple[float
     if policy.failure_limit is None:
         return ()
     start = now - policy.failure_window
-    return tuple(t for t in times if t > start)
+    return tuple(t for t in times if t > start)[-policy.failure_limit :]
 
 
 _EVIDENCE = 3
