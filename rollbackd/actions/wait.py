@@ -1,0 +1,117 @@
+"""The ``wait`` action: let in-flight work complete, until a source query reads 0 or time runs out.
+
+Running out of time is a success whose detail says how much was still in flight: the wait is
+a bound the operator chose, and the plan must go on to switch the routing back regardless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import model_validator
+
+from rollbackd.actions import ActionContext, ActionType
+from rollbackd.config import Duration, Frozen, RuleConfig
+from rollbackd.errors import ActionError
+from rollbackd.readings import Reading, ReadingStatus
+
+STEP_DEADLINE: ContextVar[float | None] = ContextVar("rollbackd_step_deadline", default=None)
+"""Event-loop time at which the plan runner cancels the running attempt (set by ``plan.py``).
+
+``wait`` stops polling a little before it, so that reaching the step's timeout is reported as
+"timed out with N in flight" rather than as a cancelled, failed step.
+"""
+
+DEFAULT_LIMIT = 120.0
+"""How long a wait lasts when nobody set a deadline."""
+MARGIN = 1.0
+"""At most this much of the step's time is kept back to report before the runner cancels."""
+
+
+class WaitOptions(Frozen):
+    """``wait``: poll ``query`` (or ``topic``) of ``source`` every ``poll`` until it reads 0."""
+
+    source: str
+    query: str | None = None
+    topic: str | None = None
+    json_field: str | None = None
+    poll: Duration = 5.0
+
+    @model_validator(mode="after")
+    def _one_of(self) -> WaitOptions:
+        if (self.query is None) == (self.topic is None):
+            raise ValueError("give exactly one of query / topic")
+        return self
+
+
+def in_flight(readings: Sequence[Reading]) -> tuple[float | None, str]:
+    """Sum the readings' values; ``(None, reason)`` when some series has no usable value."""
+    if not readings:
+        return None, "unknown (no series)"
+    for reading in readings:
+        if reading.status is not ReadingStatus.OK or reading.value is None:
+            return None, f"unknown ({reading.reason or reading.status})"
+    total = sum(r.value for r in readings if r.value is not None)
+    return total, f"{total:g}"
+
+
+@dataclass(slots=True)
+class WaitAction:
+    """Polls a source until every series reads 0 (or less), or the step's time is nearly up."""
+
+    name: str
+    options: WaitOptions
+
+    def rule(self) -> RuleConfig:
+        """Build the rule-like read the source answers (the threshold is not used)."""
+        o = self.options
+        return RuleConfig(
+            name=f"wait:{self.name}",
+            source=o.source,
+            query=o.query,
+            topic=o.topic,
+            json_field=o.json_field,
+            above=0.0,
+        )
+
+    async def run(self, ctx: ActionContext) -> str:
+        """Poll until drained ("drained ...") or out of time ("timed out with N in flight")."""
+        source = ctx.sources.get(self.options.source)
+        if source is None:
+            raise ActionError(f"source {self.options.source!r} is not configured or not running")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = STEP_DEADLINE.get()
+        if deadline is None:
+            deadline = started + DEFAULT_LIMIT
+        end = deadline - min(MARGIN, 0.1 * max(0.0, deadline - started))
+        rule, polls, last = self.rule(), 0, "unknown"
+        while (remaining := end - loop.time()) > 0:
+            try:
+                async with asyncio.timeout(remaining):
+                    readings = await source.read(rule, time.time())
+            except TimeoutError:
+                break
+            polls += 1
+            value, last = in_flight(readings)
+            if value is not None and all(r.value is not None and r.value <= 0 for r in readings):
+                took = loop.time() - started
+                return f"drained: reads 0 after {polls} polls ({took:.1f}s)"
+            await asyncio.sleep(max(0.0, min(self.options.poll, end - loop.time())))
+        took = loop.time() - started
+        return f"timed out with {last} in flight after {polls} polls ({took:.1f}s)"
+
+    async def aclose(self) -> None:
+        """Nothing to release: the source belongs to the daemon."""
+
+
+def _build(name: str, options: Any) -> WaitAction:
+    return WaitAction(name, options)
+
+
+WAIT = ActionType(options=WaitOptions, build=_build)

@@ -1,0 +1,311 @@
+"""Runs an incident's plan: ordered steps with timeouts and retries, resumable after a crash.
+
+Each finished plan leaves an incident record in ``state_dir/incidents/<id>.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from rollbackd.actions import ACTION_TYPES, Action, ActionContext, Event, Incident
+from rollbackd.actions.files import atomic_write
+from rollbackd.actions.wait import STEP_DEADLINE, WaitAction
+from rollbackd.config import ActionConfig, Config
+from rollbackd.errors import ActionError, RollbackdError
+from rollbackd.sources import SOURCE_TYPES, Source
+from rollbackd.state import IncidentRecord, StepRecord, Store
+
+log = structlog.get_logger("rollbackd.plan")
+
+DONE = frozenset({"ok", "failed", "skipped", "would_run"})
+"""Step statuses a resumed plan does not touch again."""
+DEFAULT_TIMEOUT: float = ActionConfig.model_fields["timeout"].default
+DEFAULT_RETRIES: int = ActionConfig.model_fields["retries"].default
+DETAIL_CHARS = 2000
+AttemptObserver = Callable[[str, str], None]
+"""Told ``(action, result)`` for every attempt: result is ok, failed or would_run."""
+
+
+def idempotency_key(incident_id: str, step: int) -> str:
+    """Return the key that stays the same across retries and restarts of one step."""
+    return f"{incident_id}:{step}"
+
+
+@dataclass(slots=True)
+class PlanRunner:
+    """Runs incidents' plans against the built actions; all progress goes through the Store."""
+
+    store: Store
+    actions: Mapping[str, Action]
+    action_configs: Mapping[str, ActionConfig]
+    mode: str
+    state_dir: Path
+    sources: Mapping[str, Source] = field(default_factory=dict)
+    config_sha256: str = ""
+    environment: str = "production"
+    on_attempt: AttemptObserver | None = None
+    backoff_base: float = 0.5
+    """First retry delay in seconds; it doubles per attempt (with jitter) up to ``backoff_cap``."""
+    backoff_cap: float = 30.0
+    samples: int = 50
+    """Recent checks of the monitor copied into the incident record."""
+    clock: Callable[[], float] = time.time
+
+    async def resume(self) -> list[str]:
+        """Finish every incident a previous run left unfinished, oldest first; their ids."""
+        finished = []
+        for incident in self.store.unfinished_incidents():
+            log.warning("plan_resuming", incident=incident.id, monitor=incident.monitor)
+            await self.run(incident.id)
+            finished.append(incident.id)
+        return finished
+
+    async def run(self, incident_id: str) -> None:
+        """Run the steps not yet done, write the incident record, mark the incident finished."""
+        record = self.store.incident(incident_id)
+        incident = Incident(
+            id=record.id,
+            monitor=record.monitor,
+            event=Event(record.event),
+            reason=record.reason,
+            started_at=record.opened_at,
+            mode=record.mode,
+            environment=self.environment,
+            details=record.details,
+        )
+        # An incident opened in dry-run stays dry-run; a daemon switched to dry-run stops acting.
+        armed = record.mode == "armed" and self.mode == "armed"
+        pending = [step for step in record.steps if step.status not in DONE]
+        log.info(
+            "plan_started" if len(pending) == len(record.steps) else "plan_continued",
+            incident=incident.id,
+            monitor=incident.monitor,
+            plan_event=record.event,
+            mode="armed" if armed else "dry-run",
+            steps=len(record.steps),
+            pending=len(pending),
+        )
+        for step in pending:
+            if armed:
+                await self._run_step(incident, step)
+            else:
+                self._finish(incident, step, "would_run", f"dry-run: would run {step.action}")
+        await self._close(incident_id)
+
+    async def _run_step(self, incident: Incident, step: StepRecord) -> None:
+        action = self.actions.get(step.action)
+        if action is None:
+            self._finish(incident, step, "failed", f"action {step.action!r} is not configured")
+            return
+        config = self.action_configs.get(step.action)
+        timeout = config.timeout if config else DEFAULT_TIMEOUT
+        allowed = (config.retries if config else DEFAULT_RETRIES) + 1
+        if step.attempts >= allowed:  # interrupted attempts count: no endless crash loop
+            self._finish(incident, step, "failed", f"gave up after {step.attempts} attempts")
+            return
+        while True:
+            attempt = self.store.step_started(incident.id, step.step, self.clock())
+            ctx = ActionContext(
+                incident=incident,
+                step=step.step,
+                attempt=attempt,
+                idempotency_key=idempotency_key(incident.id, step.step),
+                sources=self.sources,
+            )
+            ok, detail = await attempt_once(action, ctx, timeout)
+            self._count(step.action, "ok" if ok else "failed")
+            if ok:
+                self._finish(incident, step, "ok", detail, attempt=attempt)
+                return
+            if attempt >= allowed:
+                self._finish(incident, step, "failed", detail, attempt=attempt)
+                return
+            delay = self._backoff(attempt)
+            log.warning(
+                "action_retry",
+                action=step.action,
+                incident=incident.id,
+                step=step.step,
+                attempt=attempt,
+                error=detail,
+                retry_in=round(delay, 3),
+            )
+            await asyncio.sleep(delay)
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self.backoff_cap, self.backoff_base * 2.0 ** (attempt - 1))
+        return ceiling * random.uniform(0.5, 1.0)  # noqa: S311 -- jitter, not cryptography
+
+    def _finish(
+        self, incident: Incident, step: StepRecord, status: str, detail: str, attempt: int = 0
+    ) -> None:
+        detail = detail[:DETAIL_CHARS]
+        self.store.step_finished(incident.id, step.step, status, detail, self.clock())
+        fields = {"action": step.action, "incident": incident.id, "step": step.step}
+        if status == "failed":
+            log.error("action_failed", **fields, attempts=attempt or step.attempts, error=detail)
+        elif status == "would_run":
+            self._count(step.action, status)
+            log.info("action_would_run", **fields)
+        else:
+            log.info("action_ok", **fields, attempt=attempt, detail=detail)
+
+    def _count(self, action: str, result: str) -> None:
+        if self.on_attempt is not None:
+            self.on_attempt(action, result)
+
+    async def _close(self, incident_id: str) -> None:
+        now = self.clock()
+        record = self.store.incident(incident_id)
+        path = self.state_dir / "incidents" / f"{incident_id}.json"
+        document = self.incident_document(record, now)
+        try:
+            await asyncio.to_thread(_write_json, path, document)
+        except OSError as exc:  # the store still holds everything; the plan must finish
+            log.exception(
+                "incident_record_failed", incident=incident_id, path=str(path), error=str(exc)
+            )
+        self.store.finish_incident(incident_id, now)
+        failed = [s.action for s in record.steps if s.status == "failed"]
+        (log.error if failed else log.info)(
+            "plan_finished",
+            incident=incident_id,
+            monitor=record.monitor,
+            failed=failed,
+            record=str(path),
+        )
+
+    def incident_document(self, record: IncidentRecord, finished_at: float) -> dict[str, Any]:
+        """Build the incident record: trigger, recent samples of every rule, config hash, steps."""
+        samples: dict[str, list[dict[str, Any]]] = {}
+        for check in self.store.recent_checks(record.monitor, self.samples):
+            for result in check.results:
+                samples.setdefault(result.rule, []).append(
+                    {
+                        "at": result.at,
+                        "labels": dict(result.labels),
+                        "value": _finite(result.value),
+                        "verdict": str(result.verdict),
+                        "reason": result.reason,
+                    }
+                )
+        return {
+            "id": record.id,
+            "monitor": record.monitor,
+            "event": record.event,
+            "reason": record.reason,
+            "mode": record.mode,
+            "environment": self.environment,
+            "opened_at": record.opened_at,
+            "finished_at": finished_at,
+            "config_sha256": self.config_sha256,
+            "details": record.details,
+            "recent_samples": samples,
+            "steps": [
+                {
+                    "step": s.step,
+                    "action": s.action,
+                    "status": s.status,
+                    "attempts": s.attempts,
+                    "started_at": s.started_at,
+                    "finished_at": s.finished_at,
+                    "seconds": (
+                        None
+                        if s.started_at is None or s.finished_at is None
+                        else round(s.finished_at - s.started_at, 6)
+                    ),
+                    "detail": s.detail,
+                }
+                for s in record.steps
+            ],
+        }
+
+
+async def attempt_once(action: Action, ctx: ActionContext, seconds: float) -> tuple[bool, str]:
+    """Run one attempt, cancelled after ``seconds``; return (succeeded, detail or reason)."""
+    loop = asyncio.get_running_loop()
+    token = STEP_DEADLINE.set(loop.time() + seconds)
+    try:
+        async with asyncio.timeout(seconds):
+            detail = await action.run(ctx)
+    except ActionError as exc:
+        return False, str(exc)
+    except TimeoutError:
+        return False, f"timed out after {seconds:g}s"
+    except Exception as exc:  # a plugin's bug fails its step, not the whole plan
+        log.error("action_crashed", action=action.name, exc_info=True)
+        return False, f"{type(exc).__name__}: {exc}"
+    finally:
+        STEP_DEADLINE.reset(token)
+    return True, str(detail)
+
+
+def _finite(value: float | None) -> float | str | None:
+    if value is not None and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(document, indent=2, sort_keys=True, default=str) + "\n"
+    atomic_write(path, text.encode("utf-8"))
+
+
+async def fire_action(config: Config, name: str, *, clock: Callable[[], float] = time.time) -> str:
+    """``rollbackd test-action NAME``: run one action once (event ``test``); its detail.
+
+    Raises ActionError when the attempt fails or times out.
+    """
+    table = config.actions.get(name)
+    if table is None:
+        raise RollbackdError(f"no action named {name!r} in [actions]")
+    action = ACTION_TYPES.get(table.type).build(name, config.action_options[name])
+    sources = _sources_for(config, action, name)
+    now = clock()
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    incident = Incident(
+        id=f"{stamp}-test-{name}",
+        monitor="test",
+        event=Event.TEST,
+        reason=f"fired on purpose by rollbackd test-action {name}",
+        started_at=now,
+        mode=config.daemon.mode,
+        environment=config.daemon.environment,
+    )
+    ctx = ActionContext(incident, 0, 1, idempotency_key(incident.id, 0), sources)
+    log.info("action_fired", action=name, type=table.type, incident=incident.id)
+    try:
+        for source in sources.values():
+            await source.start()
+        ok, detail = await attempt_once(action, ctx, table.timeout)
+    finally:
+        await action.aclose()
+        for source in sources.values():
+            await source.aclose()
+    if not ok:
+        raise ActionError(f"action {name} failed: {detail}")
+    return detail
+
+
+def _sources_for(config: Config, action: Action, name: str) -> dict[str, Source]:
+    """Build the source a ``wait`` reads (and tell it what to watch); other actions need none."""
+    if not isinstance(action, WaitAction):
+        return {}
+    source_name = action.options.source
+    table = config.sources.get(source_name)
+    if table is None:
+        raise ActionError(f"action {name} reads source {source_name!r}, which is not configured")
+    source = SOURCE_TYPES.get(table.type).build(source_name, config.source_options[source_name])
+    source.watch(f"action:{name}", action.rule())
+    return {source_name: source}
