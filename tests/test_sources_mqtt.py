@@ -1,0 +1,299 @@
+"""The mqtt source against a real Mosquitto: values, JSON fields, wildcards, staleness, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+import aiomqtt
+import pytest
+
+from rollbackd.config import RuleConfig
+from rollbackd.readings import Reading, ReadingStatus
+from rollbackd.sources import SOURCE_TYPES
+from rollbackd.sources.mqtt import MQTT, MqttOptions, MqttSource, parse_payload
+from tests.servers import Mosquitto, free_port
+
+WAIT = 5.0
+Start = Callable[..., Awaitable[MqttSource]]
+
+
+def rule(topic: str, json_field: str | None = None, name: str = "r") -> RuleConfig:
+    """Build a rule reading ``topic`` (and ``json_field``) from the source under test."""
+    return RuleConfig(name=name, source="bus", topic=topic, json_field=json_field, below=99.0)
+
+
+def make_source(port: int, **extra: object) -> MqttSource:
+    """Build a source for a loopback broker through the registry, with fast reconnects."""
+    kind = SOURCE_TYPES.get("mqtt")
+    raw = {
+        "host": "127.0.0.1",
+        "port": port,
+        "stale_after": "60s",
+        "reconnect_initial": "100ms",
+        "reconnect_max": "500ms",
+        **extra,
+    }
+    source = kind.build("bus", kind.options.model_validate(raw))
+    assert isinstance(source, MqttSource)
+    return source
+
+
+async def publish(port: int, topic: str, payload: str | bytes) -> None:
+    """Publish one message (QoS 1, so the broker has it when this returns)."""
+    async with aiomqtt.Client("127.0.0.1", port) as client:
+        await client.publish(topic, payload, qos=1)
+
+
+async def read_until(
+    source: MqttSource, r: RuleConfig, accept: Callable[[Sequence[Reading]], bool]
+) -> Sequence[Reading]:
+    """Read ``r`` until ``accept`` likes the readings or ``WAIT`` seconds pass."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        readings = await source.read(r, time.time())
+        if accept(readings) or time.monotonic() > deadline:
+            return readings
+        await asyncio.sleep(0.02)
+
+
+def has_value(readings: Sequence[Reading]) -> bool:
+    """Tell whether every reading carries a value (ok or payload error, not waiting)."""
+    return all(r.status is not ReadingStatus.NO_DATA for r in readings)
+
+
+class Arrivals:
+    """A listener recording the monitor names it is called with."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+
+    def __call__(self, monitor: str) -> None:
+        """Record one arrival."""
+        self.queue.put_nowait(monitor)
+
+    async def next(self) -> str:
+        """Return the next monitor name, failing after ``WAIT`` seconds."""
+        async with asyncio.timeout(WAIT):
+            return await self.queue.get()
+
+
+@pytest.fixture
+async def started(mosquitto: Mosquitto) -> AsyncIterator[Start]:
+    """Build, watch and start sources on the test's broker; all are closed afterwards."""
+    sources: list[MqttSource] = []
+
+    async def start(*watched: tuple[str, RuleConfig], **extra: object) -> MqttSource:
+        source = make_source(mosquitto.port, **extra)
+        for monitor, r in watched:
+            source.watch(monitor, r)
+        sources.append(source)
+        await source.start()
+        async with asyncio.timeout(WAIT):
+            await source.subscribed.wait()
+        return source
+
+    yield start
+    for source in sources:
+        await source.aclose()
+
+
+def test_entry_point_is_registered() -> None:
+    """The ``mqtt`` entry point resolves to this module's SourceType needing ``topic``."""
+    assert SOURCE_TYPES.get("mqtt") is MQTT
+    assert MQTT.rule_keys == {"topic"}
+
+
+def test_options_reject_inline_password_and_bad_backoff() -> None:
+    """The password is a secret reference, and the backoff's start is not above its cap."""
+    with pytest.raises(ValueError, match="never written in the config"):
+        MqttOptions.model_validate({"host": "h", "username": "u", "password": "hunter2"})
+    with pytest.raises(ValueError, match="reconnect_initial"):
+        MqttOptions.model_validate({"host": "h", "reconnect_initial": "1m", "reconnect_max": "1s"})
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "value", "reason"),
+    [
+        (b"99.5", None, 99.5, ""),
+        (b" 42\n", None, 42.0, ""),
+        (b"fast", None, None, "payload is not a number: 'fast'"),
+        (b"\xff\xfe", None, None, "not UTF-8"),
+        (b'{"auth": {"rate": 98.5}}', "auth.rate", 98.5, ""),
+        (b'{"regions": [{"rate": "97"}]}', "regions.0.rate", 97.0, ""),
+        (b'{"auth": {}}', "auth.rate", None, "payload has no field 'auth.rate'"),
+        (b'{"auth": {"rate": true}}', "auth.rate", None, "is not a number"),
+        (b"not json", "auth.rate", None, "payload is not JSON"),
+    ],
+)
+def test_parse_payload(payload: bytes, field: str | None, value: float | None, reason: str) -> None:
+    """Payloads are plain numbers or JSON with a dotted field; anything else names its problem."""
+    got, problem = parse_payload(payload, field)
+    assert got == value
+    assert reason in problem
+    assert bool(problem) == (value is None)
+
+
+async def test_dead_broker_reads_error_and_start_returns() -> None:
+    """With no broker, start() returns at once and reads are errors saying it is unreachable."""
+    source = make_source(free_port())
+    source.watch("auth", rule("boop/auth/success_rate"))
+    async with asyncio.timeout(1):
+        await source.start()
+    [reading] = await read_until(
+        source, rule("boop/auth/success_rate"), lambda r: r[0].status is ReadingStatus.ERROR
+    )
+    assert reading.status is ReadingStatus.ERROR
+    assert reading.reason.startswith("broker unreachable: ")
+    await source.aclose()
+
+
+@pytest.mark.slow
+async def test_plain_number_is_read_without_labels(started: Start, mosquitto: Mosquitto) -> None:
+    """A number published on a plain topic reads ok with that value and no labels."""
+    r = rule("boop/auth/success_rate")
+    source = await started(("auth", r))
+    [before] = await source.read(r, time.time())
+    assert before.status is ReadingStatus.NO_DATA
+    await publish(mosquitto.port, "boop/auth/success_rate", "99.7")
+    [reading] = await read_until(source, r, has_value)
+    assert (reading.status, reading.value, reading.labels) == (ReadingStatus.OK, 99.7, ())
+
+
+@pytest.mark.slow
+async def test_json_field_is_extracted(started: Start, mosquitto: Mosquitto) -> None:
+    """With json_field, a JSON payload's dotted field is the value; a missing field is an error."""
+    good = rule("boop/stats", json_field="auth.success_rate")
+    missing = rule("boop/stats", json_field="payments.success_rate")
+    source = await started(("auth", good))
+    await publish(mosquitto.port, "boop/stats", '{"auth": {"success_rate": 98.25}}')
+    [reading] = await read_until(source, good, has_value)
+    assert (reading.status, reading.value) == (ReadingStatus.OK, 98.25)
+    [wrong] = await source.read(missing, time.time())
+    assert wrong.status is ReadingStatus.ERROR
+    assert "no field 'payments.success_rate'" in wrong.reason
+
+
+@pytest.mark.slow
+async def test_wildcard_reads_one_series_per_topic(started: Start, mosquitto: Mosquitto) -> None:
+    """A wildcard filter reads one reading per concrete topic, labelled with that topic."""
+    r = rule("boop/+/error_rate")
+    source = await started(("auth", r))
+    await publish(mosquitto.port, "boop/eu/error_rate", "0.5")
+    await publish(mosquitto.port, "boop/us/error_rate", "2.5")
+    await publish(mosquitto.port, "boop/us/latency", "900")
+    readings = await read_until(source, r, lambda rs: len(rs) == 2)
+    assert {dict(x.labels)["topic"]: x.value for x in readings} == {
+        "boop/eu/error_rate": 0.5,
+        "boop/us/error_rate": 2.5,
+    }
+
+
+@pytest.mark.slow
+async def test_garbage_payload_is_an_error(started: Start, mosquitto: Mosquitto) -> None:
+    """A payload that is not a number reads error with the reason, never ok or no data."""
+    r = rule("boop/auth/success_rate")
+    source = await started(("auth", r))
+    await publish(mosquitto.port, "boop/auth/success_rate", "all good!")
+    [reading] = await read_until(source, r, has_value)
+    assert reading.status is ReadingStatus.ERROR
+    assert "payload is not a number" in reading.reason
+
+
+@pytest.mark.slow
+async def test_old_value_is_stale(started: Start, mosquitto: Mosquitto) -> None:
+    """A value older than stale_after reads no_data with its age, fresh it reads ok."""
+    r = rule("boop/auth/success_rate")
+    source = await started(("auth", r), stale_after="60s")
+    await publish(mosquitto.port, "boop/auth/success_rate", "99.9")
+    [fresh] = await read_until(source, r, has_value)
+    assert fresh.status is ReadingStatus.OK
+    [stale] = await source.read(r, time.time() + 75)
+    assert stale.status is ReadingStatus.NO_DATA
+    assert stale.reason == "stale: last value 75s ago"
+
+
+@pytest.mark.slow
+async def test_listener_hears_matching_monitors(started: Start, mosquitto: Mosquitto) -> None:
+    """Each arrival calls listeners with every monitor whose filter matches, and no other."""
+    arrivals = Arrivals()
+    source = make_source(mosquitto.port)
+    source.watch("authentication", rule("boop/auth/#"))
+    source.watch("regions", rule("boop/+/success_rate", name="r2"))
+    source.watch("payments", rule("boop/payments/success_rate"))
+    source.add_listener(arrivals)
+    await source.start()
+    try:
+        async with asyncio.timeout(WAIT):
+            await source.subscribed.wait()
+        await publish(mosquitto.port, "boop/auth/success_rate", "99.1")
+        assert {await arrivals.next(), await arrivals.next()} == {"authentication", "regions"}
+        await publish(mosquitto.port, "boop/payments/success_rate", "99.9")
+        assert {await arrivals.next(), await arrivals.next()} == {"payments", "regions"}
+        assert arrivals.queue.empty()
+    finally:
+        await source.aclose()
+
+
+@pytest.mark.slow
+async def test_failing_listener_does_not_stop_the_subscription(
+    started: Start, mosquitto: Mosquitto
+) -> None:
+    """A listener that raises is logged and the next listener and next value still arrive."""
+    arrivals = Arrivals()
+
+    def broken(monitor: str) -> None:
+        raise RuntimeError(monitor)
+
+    r = rule("boop/auth/success_rate")
+    source = make_source(mosquitto.port)
+    source.watch("auth", r)
+    source.add_listener(broken)
+    source.add_listener(arrivals)
+    await source.start()
+    try:
+        async with asyncio.timeout(WAIT):
+            await source.subscribed.wait()
+        for value in ("99.1", "99.2"):
+            await publish(mosquitto.port, "boop/auth/success_rate", value)
+            assert await arrivals.next() == "auth"
+        [reading] = await source.read(r, time.time())
+        assert reading.value == 99.2
+        assert source.connected
+    finally:
+        await source.aclose()
+
+
+@pytest.mark.slow
+async def test_outage_then_recovery_resubscribes(started: Start, mosquitto: Mosquitto) -> None:
+    """Stopping the broker makes reads errors; after a restart the same source re-subscribes."""
+    r = rule("boop/auth/success_rate")
+    source = await started(("auth", r))
+    await publish(mosquitto.port, "boop/auth/success_rate", "99.5")
+    await read_until(source, r, has_value)
+
+    await asyncio.to_thread(mosquitto.stop)
+    [down] = await read_until(source, r, lambda rs: rs[0].status is ReadingStatus.ERROR)
+    assert down.status is ReadingStatus.ERROR
+    assert down.reason.startswith("broker unreachable: ")
+    assert not source.subscribed.is_set()
+
+    await asyncio.to_thread(mosquitto.start)
+    async with asyncio.timeout(WAIT):
+        await source.subscribed.wait()
+    await publish(mosquitto.port, "boop/auth/success_rate", "97.0")
+    [back] = await read_until(source, r, lambda rs: rs[0].value == 97.0)
+    assert (back.status, back.value) == (ReadingStatus.OK, 97.0)
+
+
+@pytest.mark.slow
+async def test_aclose_stops_the_connection(started: Start, mosquitto: Mosquitto) -> None:
+    """After aclose() the connection task is gone and reads say the source is closed."""
+    r = rule("boop/auth/success_rate")
+    source = await started(("auth", r))
+    await source.aclose()
+    assert not source.connected
+    [reading] = await source.read(r, time.time())
+    assert reading.status is ReadingStatus.ERROR
+    assert reading.reason == "broker unreachable: source closed"
