@@ -250,7 +250,7 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
             headers=headers,
         )
     except RollbackdError as exc:
-        log.error("api_request_failed", path=request.path, error=str(exc))  # noqa: TRY400 - expected error, its message says it all
+        log.error("api_request_failed", path=request.path, error=str(exc))
         return _json({"error": "unavailable", "message": str(exc)}, status=503)
     except Exception as exc:
         log.exception("api_request_crashed", path=request.path, error=repr(exc))

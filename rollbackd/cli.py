@@ -72,7 +72,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--config", type=Path, default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"config file (default {DEFAULT_CONFIG})",
     )
 
 
@@ -94,7 +97,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _listen(config: Config) -> str:
     if not config.daemon.listen:
-        raise RollbackdError(f"{config.path}: daemon.listen is empty, so the daemon has no HTTP surface")
+        raise RollbackdError(
+            f"{config.path}: daemon.listen is empty, so the daemon has no HTTP surface"
+        )
     return config.daemon.listen
 
 
@@ -124,7 +129,10 @@ def _test_action(args: argparse.Namespace) -> int:
     config = load(args.config)
     if args.action not in config.actions:
         known = ", ".join(sorted(config.actions)) or "none"
-        print(f"{args.config}: actions.{args.action}: no such action (known: {known})", file=sys.stderr)
+        print(
+            f"{args.config}: actions.{args.action}: no such action (known: {known})",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     if not args.yes and not _confirm(f"Fire action {args.action!r} for real? [y/N] "):
         print("not fired", file=sys.stderr)

@@ -33,7 +33,7 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 def parse_duration(text: object) -> float:
     """Seconds in a duration string such as ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h30m"``."""
     if isinstance(text, bool) or not isinstance(text, str):
-        raise ValueError(f'a duration is a string such as "30s" or "5m", not {text!r}')
+        raise ValueError(f'a duration is a string such as "30s" or "5m", not {text!r}')  # noqa: TRY004 - pydantic reports ValueError
     spec = text.strip()
     pos, total = 0, 0.0
     for match in _DURATION_PART.finditer(spec):
@@ -81,8 +81,8 @@ class SecretRef(Frozen):
     @classmethod
     def _not_inline(cls, data: object) -> object:
         if isinstance(data, str):
-            raise ValueError(
-                "secrets are never written in the config: use { env = \"VAR\" }, "
+            raise ValueError(  # noqa: TRY004 - pydantic turns ValueError into a key's error
+                'secrets are never written in the config: use { env = "VAR" }, '
                 '{ file = "/path" } or { credential = "name" }'
             )
         return data
@@ -331,8 +331,9 @@ def dotted(loc: tuple[str | int, ...]) -> str:
 
 def _cross_check(config: Config) -> Iterator[str]:
     """References, plugin options, rule keys per source type, secrets, the production guard."""
-    from rollbackd.actions import ACTION_TYPES
-    from rollbackd.sources import SOURCE_TYPES
+    # Imported here: the plugin packages import this module for their option models.
+    from rollbackd.actions import ACTION_TYPES  # noqa: PLC0415
+    from rollbackd.sources import SOURCE_TYPES  # noqa: PLC0415
 
     source_types: dict[str, frozenset[str]] = {}
     for name, table in config.sources.items():
@@ -343,14 +344,14 @@ def _cross_check(config: Config) -> Iterator[str]:
             continue
         source_types[name] = kind.rule_keys
         yield from _plugin_options(config.source_options, ("sources", name), kind.options, table)
-    for name, table in config.actions.items():
+    for name, action in config.actions.items():
         try:
-            action_type = ACTION_TYPES.get(table.type)
+            action_type = ACTION_TYPES.get(action.type)
         except PluginError as exc:
             yield f"actions.{name}.type: {exc}"
             continue
         yield from _plugin_options(
-            config.action_options, ("actions", name), action_type.options, table
+            config.action_options, ("actions", name), action_type.options, action
         )
     for name, monitor in config.monitors.items():
         yield from _check_monitor(config, name, monitor, source_types)
@@ -416,7 +417,9 @@ def _check_secrets(config: Config) -> Iterator[str]:
                     yield f"{dotted(loc)}: {exc}"
 
 
-def _secret_refs(value: object, loc: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | int, ...], SecretRef]]:
+def _secret_refs(
+    value: object, loc: tuple[str | int, ...]
+) -> Iterator[tuple[tuple[str | int, ...], SecretRef]]:
     if isinstance(value, SecretRef):
         yield loc, value
     elif isinstance(value, BaseModel):

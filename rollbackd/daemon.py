@@ -20,7 +20,12 @@ from prometheus_client import CollectorRegistry
 
 from rollbackd import __version__, logs, notify
 from rollbackd.actions import ACTION_TYPES, Action
-from rollbackd.api import ApiServer, MonitorNotLatchedError, UnknownMonitorError, ensure_control_token
+from rollbackd.api import (
+    ApiServer,
+    MonitorNotLatchedError,
+    UnknownMonitorError,
+    ensure_control_token,
+)
 from rollbackd.config import Config, load
 from rollbackd.engine import Check, Phase, Transition
 from rollbackd.errors import ConfigError, RollbackdError
@@ -115,6 +120,11 @@ class Daemon:
         log.info("daemon_stopped")
         return 0
 
+    @property
+    def mode(self) -> str:
+        """``dry-run`` or ``armed``, as shown by /health."""
+        return self.config.daemon.mode
+
     def stop(self) -> None:
         """Ask ``serve()`` to finish (SIGTERM / SIGINT)."""
         self._stop.set()
@@ -137,7 +147,7 @@ class Daemon:
                 observer=self._observe(name),
             )
             self.monitors[name] = runner
-            self.metrics.monitor_state(name, runner.state)
+            self.metrics.track(name, monitor, runner.state)
             for rule in monitor.rules:
                 if rule.source in self.sources:
                     self.sources[rule.source].watch(name, rule)
@@ -178,7 +188,9 @@ class Daemon:
         if self._stop.is_set():
             await self._close_actions_after_plans(actions)
         else:  # a reload: running plans keep the old actions until they finish
-            closer = asyncio.get_running_loop().create_task(self._close_actions_after_plans(actions))
+            closer = asyncio.get_running_loop().create_task(
+                self._close_actions_after_plans(actions)
+            )
             self._closers.add(closer)
             closer.add_done_callback(self._closers.discard)
 
@@ -224,6 +236,7 @@ class Daemon:
             actions=self.actions,
             action_configs=self.config.actions,
             mode=self.config.daemon.mode,
+            environment=self.config.daemon.environment,
             sources=self.sources,
             state_dir=self.config.daemon.state_dir,
             config_sha256=self.config.sha256,
@@ -349,11 +362,17 @@ class Daemon:
             if new.daemon.state_dir != self.config.daemon.state_dir:
                 log.warning("reload_state_dir_ignored", kept=str(self.config.daemon.state_dir))
                 new = new.model_copy(
-                    update={"daemon": new.daemon.model_copy(update={"state_dir": self.config.daemon.state_dir})}
+                    update={
+                        "daemon": new.daemon.model_copy(
+                            update={"state_dir": self.config.daemon.state_dir}
+                        )
+                    }
                 )
             await self._stop_parts()
             self.config = new
             await self._start_parts(new)
+            self.metrics.retain(self.monitors)
+            self.metrics.info(__version__, new.daemon.mode, new.daemon.environment)
             log.info("config_reloaded", sha256=new.sha256, monitors=len(new.monitors))
             notify.ready(f"watching {len(self.monitors)} monitors, mode {new.daemon.mode}")
             return True

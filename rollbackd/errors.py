@@ -1,4 +1,4 @@
-"""The exceptions rollbackd raises: one root and a few subclasses with messages that say what to do."""
+"""Errors rollbackd raises on purpose: one root, a few subclasses, messages saying what to do."""
 
 
 class RollbackdError(Exception):

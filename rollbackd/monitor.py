@@ -64,8 +64,10 @@ class MonitorRunner:
         )
 
     async def tick(self) -> Check | None:
-        """The interval's check; for push monitors only a staleness check (fresh values were
-        already counted on arrival)."""
+        """Run the interval's check; push monitors only look for staleness.
+
+        Fresh values of a push monitor were already counted when they arrived.
+        """
         async with self._lock:
             started = time.perf_counter()
             now = self.clock()
@@ -77,7 +79,7 @@ class MonitorRunner:
             return self._commit(readings, now, started)
 
     async def arrival(self) -> Check | None:
-        """A push source has a new value: one check now (coalescing bursts that arrive mid-check)."""
+        """Check now: a push source has a new value (bursts arriving mid-check are coalesced)."""
         if self._lock.locked():
             self._pending_arrival = True
             return None
@@ -105,7 +107,7 @@ class MonitorRunner:
         return self.state
 
     def status(self) -> dict[str, Any]:
-        """This monitor's part of ``/status``."""
+        """Return the monitor's part of ``/status``."""
         state = self.state
         values: dict[str, list[dict[str, Any]]] = {r.name: [] for r in self.config.rules}
         if self.last_check is not None:
@@ -162,7 +164,9 @@ class MonitorRunner:
         draft = self._draft(check, transition, now)
         incident = self.store.commit_check(check, transition.state, self.history, draft)
         self.state = (
-            transition.state if incident is None else replace(transition.state, incident_id=incident)
+            transition.state
+            if incident is None
+            else replace(transition.state, incident_id=incident)
         )
         self.last_check = check
         self._log(check, transition, incident)

@@ -1,4 +1,4 @@
-"""What a source hands the engine: one reading per series, ok / no data / error, never an exception."""
+"""What a source hands the engine: one reading per series (ok, no data or error), never a raise."""
 
 from __future__ import annotations
 

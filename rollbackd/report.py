@@ -27,7 +27,9 @@ def status_table(status: dict[str, Any]) -> str:
                 lines.append(f"    {rule:<26} (not checked yet)")
             for item in series:
                 labels = ",".join(f"{k}={v}" for k, v in item.get("labels", {}).items())
-                lines.append(f"    {rule + ('{' + labels + '}' if labels else ''):<26} {_value(item)}")
+                lines.append(
+                    f"    {rule + ('{' + labels + '}' if labels else ''):<26} {_value(item)}"
+                )
     incidents = status.get("incidents", [])
     if incidents:
         lines += ["", "RECENT INCIDENTS"]

@@ -54,12 +54,14 @@ SOURCE_TYPES.register(
 
 
 def write(tmp_path: Path, text: str) -> Path:
+    """Write a config into tmp_path, with {state} replaced by tmp_path."""
     path = tmp_path / "rollbackd.toml"
     path.write_text(text.replace("{state}", str(tmp_path)), encoding="utf-8")
     return path
 
 
 def problems_of(path: Path) -> list[str]:
+    """The problem lines load() reports for path."""
     with pytest.raises(ConfigError) as caught:
         load(path)
     return caught.value.problems
@@ -117,68 +119,106 @@ def test_bad_durations_are_rejected(bad: object) -> None:
     ("old", "new", "key", "reason"),
     [
         pytest.param(
-            'interval = "30s"', 'interval = "30s"\nintervall = "1m"',
-            "monitors.payments.intervall", "unknown key", id="unknown-key",
+            'interval = "30s"',
+            'interval = "30s"\nintervall = "1m"',
+            "monitors.payments.intervall",
+            "unknown key",
+            id="unknown-key",
         ),
         pytest.param(
-            "rollback_after = 5", 'rollback_after = "five"',
-            "monitors.payments.rollback_after", "integer", id="wrong-type",
+            "rollback_after = 5",
+            'rollback_after = "five"',
+            "monitors.payments.rollback_after",
+            "integer",
+            id="wrong-type",
         ),
         pytest.param(
-            'interval = "30s"', 'interval = "30 seconds"',
-            "monitors.payments.interval", "invalid duration", id="bad-duration",
+            'interval = "30s"',
+            'interval = "30 seconds"',
+            "monitors.payments.interval",
+            "invalid duration",
+            id="bad-duration",
         ),
         pytest.param(
-            'on_rollback = ["route-legacy"]', 'on_rollback = ["route-legacy", "route-leagcy"]',
-            "monitors.payments.on_rollback[1]", "no action named 'route-leagcy'", id="dangling-action",
+            'on_rollback = ["route-legacy"]',
+            'on_rollback = ["route-legacy", "route-leagcy"]',
+            "monitors.payments.on_rollback[1]",
+            "no action named 'route-leagcy'",
+            id="dangling-action",
         ),
         pytest.param(
-            'source = "prom"', 'source = "promm"',
-            "monitors.payments.rules[0].source", "no source named 'promm'", id="dangling-source",
+            'source = "prom"',
+            'source = "promm"',
+            "monitors.payments.rules[0].source",
+            "no source named 'promm'",
+            id="dangling-source",
         ),
         pytest.param(
-            "above = 0.1", "above = 0.1\nbelow = 99.5",
-            "monitors.payments.rules[0]", "exactly one of above / below", id="both-above-below",
+            "above = 0.1",
+            "above = 0.1\nbelow = 99.5",
+            "monitors.payments.rules[0]",
+            "exactly one of above / below",
+            id="both-above-below",
         ),
         pytest.param(
-            "above = 0.1", 'unit = "%"',
-            "monitors.payments.rules[0]", "exactly one of above / below", id="neither-above-below",
+            "above = 0.1",
+            'unit = "%"',
+            "monitors.payments.rules[0]",
+            "exactly one of above / below",
+            id="neither-above-below",
         ),
         pytest.param(
-            "rollback_after = 5", "rollback_after = -1",
-            "monitors.payments.rollback_after", "greater than or equal to 1", id="negative-count",
+            "rollback_after = 5",
+            "rollback_after = -1",
+            "monitors.payments.rollback_after",
+            "greater than or equal to 1",
+            id="negative-count",
         ),
         pytest.param(
-            "rollback_after = 5", "rollback_after = 0",
-            "monitors.payments.rollback_after", "greater than or equal to 1", id="zero-count",
+            "rollback_after = 5",
+            "rollback_after = 0",
+            "monitors.payments.rollback_after",
+            "greater than or equal to 1",
+            id="zero-count",
         ),
         pytest.param(
-            'value = "0"', 'value = "0"\nretries = -2',
-            "actions.route-legacy.retries", "greater than or equal to 0", id="negative-retries",
+            'value = "0"',
+            'value = "0"\nretries = -2',
+            "actions.route-legacy.retries",
+            "greater than or equal to 0",
+            id="negative-retries",
         ),
         pytest.param(
-            'type = "route.file"', 'type = "route.carrier-pigeon"',
-            "actions.route-legacy.type", "unknown type", id="unknown-action-type",
+            'type = "route.file"',
+            'type = "route.carrier-pigeon"',
+            "actions.route-legacy.type",
+            "unknown type",
+            id="unknown-action-type",
         ),
         pytest.param(
-            'query = "sum(rate(boop_payment_failures_total[5m]))"', 'topic = "boop/payments"',
-            "monitors.payments.rules[0].query", "required for prometheus", id="rule-key-for-type",
+            'query = "sum(rate(boop_payment_failures_total[5m]))"',
+            'topic = "boop/payments"',
+            "monitors.payments.rules[0].query",
+            "required for prometheus",
+            id="rule-key-for-type",
         ),
         pytest.param(
-            'mode = "dry-run"', 'mode = "live"', "daemon.mode", "'dry-run' or 'armed'", id="bad-mode",
+            'mode = "dry-run"',
+            'mode = "live"',
+            "daemon.mode",
+            "'dry-run' or 'armed'",
+            id="bad-mode",
         ),
     ],
 )
-def test_bad_input_names_the_key(
-    tmp_path: Path, old: str, new: str, key: str, reason: str
-) -> None:
+def test_bad_input_names_the_key(tmp_path: Path, old: str, new: str, key: str, reason: str) -> None:
     """Each class of bad input gives a line with the file, the dotted key and the reason."""
     assert old in MINIMAL
     path = write(tmp_path, MINIMAL.replace(old, new, 1))
     problems = problems_of(path)
-    assert any(
-        line.startswith(f"{path}: {key}: ") and reason in line for line in problems
-    ), problems
+    assert any(line.startswith(f"{path}: {key}: ") and reason in line for line in problems), (
+        problems
+    )
 
 
 def test_several_problems_are_all_reported(tmp_path: Path) -> None:
@@ -232,7 +272,9 @@ def test_unreadable_secret_file(tmp_path: Path) -> None:
     text = MINIMAL + f'\n[sources.vault]\ntype = "test.secret"\ntoken = {{ file = "{secret}" }}\n'
     path = write(tmp_path, text)
     problems = problems_of(path)
-    assert f"{path}: sources.vault.token: cannot read secret file {secret}: Is a directory" in problems
+    assert (
+        f"{path}: sources.vault.token: cannot read secret file {secret}: Is a directory" in problems
+    )
 
 
 def test_secret_from_env_and_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -258,9 +300,7 @@ def test_armed_production_needs_confirmation(
     assert load(path).daemon.armed
 
 
-def test_environment_overrides_daemon_keys(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_environment_overrides_daemon_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ROLLBACKD_<KEY> overrides the [daemon] table of the file."""
     monkeypatch.setenv("ROLLBACKD_LISTEN", "127.0.0.1:19999")
     monkeypatch.setenv("ROLLBACKD_ENVIRONMENT", "staging")
@@ -269,10 +309,8 @@ def test_environment_overrides_daemon_keys(
     assert config.daemon.environment == "staging"
 
 
-def test_check_config_cli_exit_codes(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """check-config exits 0 on the example, 1 with key-naming lines on a bad file, 2 on bad usage."""
+def test_check_config_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """check-config exits 0 on the example, 1 naming keys on a bad file, 2 on bad usage."""
     assert cli.main(["check-config", str(EXAMPLE)]) == 0
     assert "ok" in capsys.readouterr().out
     bad = write(tmp_path, MINIMAL.replace("rollback_after = 5", "rollback_after = 0"))

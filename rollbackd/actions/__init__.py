@@ -1,4 +1,4 @@
-"""The Action protocol and the registry of action types (entry-point group ``rollbackd.actions``)."""
+"""The Action protocol and the registry of action types (entry points ``rollbackd.actions``)."""
 
 from __future__ import annotations
 

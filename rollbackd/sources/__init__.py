@@ -1,4 +1,4 @@
-"""The Source protocol and the registry of source types (entry-point group ``rollbackd.sources``)."""
+"""The Source protocol and the registry of source types (entry points ``rollbackd.sources``)."""
 
 from __future__ import annotations
 
