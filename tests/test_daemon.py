@@ -1,0 +1,366 @@
+"""The daemon in-process: checks on schedule, exactly one rollback, latch across restart, reload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from rollbackd import readings
+from rollbackd.config import Config, Frozen, RuleConfig, from_dict, load
+from rollbackd.daemon import Daemon
+from rollbackd.engine import Phase
+from rollbackd.readings import Reading
+from rollbackd.sources import SOURCE_TYPES, ArrivalListener, SourceType
+
+
+class ScriptedOptions(Frozen):
+    """No options: the test sets values through ``SCRIPT``."""
+
+
+@dataclass
+class Script:
+    """What the scripted source answers: a value, an error, or nothing."""
+
+    value: float | None = 0.1
+    failing: str | None = None
+    reads: int = 0
+    listeners: list[ArrivalListener] = field(default_factory=list)
+
+
+SCRIPT = Script()
+
+
+@dataclass
+class ScriptedSource:
+    """A poll source whose answer the test controls."""
+
+    name: str
+    push: bool = False
+
+    def watch(self, monitor: str, rule: RuleConfig) -> None:
+        """Nothing to subscribe to."""
+
+    def add_listener(self, listener: ArrivalListener) -> None:
+        """Polled source: nothing arrives by itself."""
+
+    async def start(self) -> None:
+        """Nothing to connect."""
+
+    async def aclose(self) -> None:
+        """Nothing to close."""
+
+    async def read(self, rule: RuleConfig, now: float) -> Sequence[Reading]:
+        """Answer from the script."""
+        SCRIPT.reads += 1
+        if SCRIPT.failing is not None:
+            return [readings.error(SCRIPT.failing, now)]
+        if SCRIPT.value is None:
+            return []
+        return [readings.ok(SCRIPT.value, now)]
+
+
+SOURCE_TYPES.register(
+    "test.scripted",
+    SourceType(
+        options=ScriptedOptions,
+        rule_keys=frozenset({"query"}),
+        build=lambda name, options: ScriptedSource(name),
+    ),
+)
+
+INTERVAL = 0.05
+
+
+def config_dict(state_dir: Path, **monitor: Any) -> dict[str, Any]:
+    """A config with one scripted monitor whose rollback plan edits files in state_dir."""
+    flags = state_dir / "flags.json"
+    return {
+        "daemon": {
+            "mode": "armed",
+            "environment": "test",
+            "state_dir": str(state_dir),
+            "listen": "",
+        },
+        "sources": {"script": {"type": "test.scripted"}},
+        "monitors": {
+            "payments": {
+                "interval": f"{int(INTERVAL * 1000)}ms",
+                "rollback_after": 3,
+                "alert_after": 1,
+                "blind_after": 4,
+                "on_alert": ["note"],
+                "on_rollback": ["stop-traffic", "route-legacy", "note"],
+                "rules": [
+                    {
+                        "name": "payment-error-rate",
+                        "source": "script",
+                        "query": "x",
+                        "above": 1.0,
+                        "unit": "%",
+                    }
+                ],
+                **monitor,
+            }
+        },
+        "actions": {
+            "stop-traffic": {
+                "type": "flag.file",
+                "path": str(flags),
+                "flag": "boop-payments",
+                "variant": "off",
+            },
+            "route-legacy": {
+                "type": "route.file",
+                "path": str(state_dir / "traffic.env"),
+                "key": "BOOP_TRAFFIC_PERCENT",
+                "value": "0",
+            },
+            "note": {"type": "alert.log"},
+        },
+    }
+
+
+def prepare_files(state_dir: Path) -> None:
+    """The flag file and traffic file a BOOP rollout would have."""
+    flags = {
+        "flags": {
+            "boop-payments": {
+                "state": "ENABLED",
+                "variants": {"on": True, "off": False},
+                "defaultVariant": "on",
+            }
+        }
+    }
+    (state_dir / "flags.json").write_text(json.dumps(flags))
+    (state_dir / "traffic.env").write_text("# rollout\nBOOP_TRAFFIC_PERCENT=5\n")
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for cond() to hold, failing after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+async def running(config: Config, body: Callable[[Daemon], Awaitable[None]]) -> None:
+    """Serve a daemon, run body against it, stop it."""
+    daemon = Daemon(config, registry=CollectorRegistry())
+    serving = asyncio.create_task(daemon.serve())
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 10)
+        await body(daemon)
+    finally:
+        daemon.stop()
+        assert await asyncio.wait_for(serving, 30) == 0
+
+
+@pytest.fixture(autouse=True)
+def reset_script() -> None:
+    """Each test starts healthy."""
+    SCRIPT.value, SCRIPT.failing, SCRIPT.reads = 0.1, None, 0
+
+
+def plan_done(daemon: Daemon) -> bool:
+    """The rollback incident exists and has finished."""
+    return any(i.event == "rollback" and i.finished_at for i in daemon.store.incidents())
+
+
+async def test_rollback_after_exactly_n_failing_checks(tmp_path: Path) -> None:
+    """Healthy checks do nothing; three breaches in a row run the plan once and latch."""
+    prepare_files(tmp_path)
+    config = from_dict(config_dict(tmp_path))
+
+    async def body(daemon: Daemon) -> None:
+        monitor = daemon.monitors["payments"]
+        await wait_until(lambda: monitor.state.checks >= 4)
+        assert monitor.state.phase is Phase.OK
+        assert daemon.store.incidents() == []
+        SCRIPT.value = 2.5
+        await wait_until(lambda: plan_done(daemon))
+        assert monitor.state.phase is Phase.ROLLED_BACK
+        checks_at_latch = monitor.state.checks
+        await wait_until(lambda: monitor.state.checks >= checks_at_latch + 5)
+        rollbacks = [i for i in daemon.store.incidents() if i.event == "rollback"]
+        assert len(rollbacks) == 1
+        (incident,) = rollbacks
+        assert [s.status for s in incident.steps] == ["ok", "ok", "ok"]
+        assert len(incident.details["checks"]) >= 3
+        breaches = [c for c in incident.details["checks"] if c["outcome"] == "breach"]
+        assert len(breaches) == 3
+        alerts = [i for i in daemon.store.incidents() if i.event == "alert"]
+        assert len(alerts) == 1
+
+    await running(config, body)
+    flags = json.loads((tmp_path / "flags.json").read_text())
+    assert flags["flags"]["boop-payments"]["defaultVariant"] == "off"
+    assert "BOOP_TRAFFIC_PERCENT=0" in (tmp_path / "traffic.env").read_text()
+    records = list((tmp_path / "incidents").glob("*.json"))
+    assert any(json.loads(p.read_text())["event"] == "rollback" for p in records)
+
+
+async def test_source_outage_never_rolls_back(tmp_path: Path) -> None:
+    """A failing source is inconclusive for as long as it lasts: blind alert, no rollback."""
+    prepare_files(tmp_path)
+    config = from_dict(config_dict(tmp_path))
+    SCRIPT.failing = "connection refused"
+
+    async def body(daemon: Daemon) -> None:
+        monitor = daemon.monitors["payments"]
+        await wait_until(lambda: monitor.state.checks >= 12)
+        assert monitor.state.phase is Phase.BLIND
+        assert monitor.state.consecutive_failures == 0
+        events = [i.event for i in daemon.store.incidents()]
+        assert events == ["blind"]
+        SCRIPT.failing = None
+        await wait_until(lambda: monitor.state.phase is Phase.OK)
+
+    await running(config, body)
+    assert "BOOP_TRAFFIC_PERCENT=5" in (tmp_path / "traffic.env").read_text()
+
+
+async def test_restart_keeps_latch_and_does_not_roll_back_again(tmp_path: Path) -> None:
+    """A restarted daemon restores the latch and never runs a second plan for the incident."""
+    prepare_files(tmp_path)
+    config = from_dict(config_dict(tmp_path))
+    SCRIPT.value = 5.0
+
+    async def first(daemon: Daemon) -> None:
+        await wait_until(lambda: plan_done(daemon))
+
+    await running(config, first)
+
+    async def second(daemon: Daemon) -> None:
+        monitor = daemon.monitors["payments"]
+        assert monitor.state.phase is Phase.ROLLED_BACK
+        before = monitor.state.checks
+        await wait_until(lambda: monitor.state.checks >= before + 5)
+        assert len([i for i in daemon.store.incidents() if i.event == "rollback"]) == 1
+
+    await running(config, second)
+
+
+async def test_rearm_clears_latch_and_next_streak_rolls_back_again(tmp_path: Path) -> None:
+    """After an operator re-arms, the monitor counts from zero and can roll back again."""
+    prepare_files(tmp_path)
+    config = from_dict(config_dict(tmp_path))
+    SCRIPT.value = 5.0
+
+    async def body(daemon: Daemon) -> None:
+        await wait_until(lambda: plan_done(daemon))
+        SCRIPT.value = 0.1
+        result = await daemon.rearm("payments")
+        assert result["state"] == "ok"
+        monitor = daemon.monitors["payments"]
+        await wait_until(lambda: monitor.state.checks >= 3 and monitor.state.phase is Phase.OK)
+        SCRIPT.value = 5.0
+        await wait_until(
+            lambda: len([i for i in daemon.store.incidents() if i.event == "rollback"]) == 2
+        )
+        assert any(i.event == "rearm" for i in daemon.store.incidents())
+
+    await running(config, body)
+
+
+async def test_dry_run_records_but_touches_nothing(tmp_path: Path) -> None:
+    """In dry-run the plan is recorded as would_run and no file changes."""
+    prepare_files(tmp_path)
+    raw = config_dict(tmp_path)
+    raw["daemon"]["mode"] = "dry-run"
+    config = from_dict(raw)
+    SCRIPT.value = 5.0
+
+    async def body(daemon: Daemon) -> None:
+        await wait_until(lambda: plan_done(daemon))
+        (incident,) = [i for i in daemon.store.incidents() if i.event == "rollback"]
+        assert {s.status for s in incident.steps} == {"would_run"}
+
+    await running(config, body)
+    assert "BOOP_TRAFFIC_PERCENT=5" in (tmp_path / "traffic.env").read_text()
+    assert (
+        json.loads((tmp_path / "flags.json").read_text())["flags"]["boop-payments"][
+            "defaultVariant"
+        ]
+        == "on"
+    )
+
+
+async def test_reload_keeps_counters_and_rejects_bad_config(tmp_path: Path) -> None:
+    """SIGHUP's reload keeps the failure counter; a broken file is refused and the old config runs."""
+    prepare_files(tmp_path)
+    raw = config_dict(tmp_path, rollback_after=1000, interval="1s")
+    path = tmp_path / "rollbackd.toml"
+    path.write_text(to_toml(raw))
+    config = load(path)
+    SCRIPT.value = 5.0
+
+    async def body(daemon: Daemon) -> None:
+        monitor = daemon.monitors["payments"]
+        await wait_until(lambda: monitor.state.consecutive_failures >= 1)
+        before = daemon.monitors["payments"].state.consecutive_failures
+        path.write_text(to_toml(raw).replace('interval = "1s"', 'interval = "50ms"'))
+        assert await daemon.reload()
+        assert daemon.monitors["payments"].config.interval == 0.05
+        assert daemon.monitors["payments"].state.consecutive_failures >= before
+        path.write_text("this is not toml = [")
+        assert not await daemon.reload()
+        assert daemon.monitors["payments"].config.interval == 0.05
+        failures = daemon.monitors["payments"].state.consecutive_failures
+        await wait_until(lambda: daemon.monitors["payments"].state.consecutive_failures > failures)
+
+    daemon_config = config
+    await running(daemon_config, body_with_path(body, path))
+
+
+def body_with_path(
+    body: Callable[[Daemon], Awaitable[None]], path: Path
+) -> Callable[[Daemon], Awaitable[None]]:
+    """Give the daemon its config path (reload reads it) before running body."""
+
+    async def run(daemon: Daemon) -> None:
+        daemon.config_path = path
+        await body(daemon)
+
+    return run
+
+
+def to_toml(raw: dict[str, Any]) -> str:
+    """A tiny TOML writer for the shapes config_dict builds."""
+    lines: list[str] = []
+
+    def value(v: Any) -> str:
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return str(v)
+
+    def table(prefix: str, data: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in data.items() if not isinstance(v, dict) and k != "rules"}
+        lines.append(f"[{prefix}]")
+        lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
+        for key, sub in data.items():
+            if isinstance(sub, dict):
+                table(f"{prefix}.{json.dumps(key)}", sub)
+        for rule in data.get("rules", []):
+            lines.append(f"[[{prefix}.rules]]")
+            lines.extend(f"{k} = {value(v)}" for k, v in rule.items())
+
+    for section, data in raw.items():
+        if section == "daemon":
+            table("daemon", data)
+        else:
+            for name, sub in data.items():
+                table(f"{section}.{json.dumps(name)}", sub)
+    return "\n".join(lines) + "\n"
