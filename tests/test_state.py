@@ -1,0 +1,370 @@
+"""The SQLite store: round-trips, restarts mid-streak and mid-latch, crashes, incidents, schema."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from rollbackd.config import RuleConfig
+from rollbackd.engine import (
+    Check,
+    Decision,
+    MonitorState,
+    Outcome,
+    Phase,
+    Policy,
+    advance,
+    decide,
+    evaluate_rule,
+)
+from rollbackd.errors import StateError
+from rollbackd.readings import error, labels_of, no_data, ok
+from rollbackd.state import SCHEMA_VERSION, IncidentDraft, Store
+
+POLICY = Policy(
+    rollback_after=5,
+    alert_after=None,
+    blind_after=3,
+    on_blind="alert",
+    failure_limit=None,
+    failure_window=60.0,
+)
+RULE = RuleConfig(name="err", source="prom", query="q", above=1.0, unit="%")
+T0 = 1_764_073_381.0  # 2025-11-25T12:23:01Z
+
+
+def check(monitor: str, at: float, *values: float) -> Check:
+    """Build a check of RULE over one labelled series per value."""
+    readings = [ok(v, at, labels_of({"i": str(i)})) for i, v in enumerate(values)]
+    return decide(monitor, evaluate_rule(RULE, readings), at)
+
+
+def draft(monitor: str = "payments", at: float = T0, n: int = 3) -> IncidentDraft:
+    """Build an incident draft with ``n`` actions."""
+    return IncidentDraft(
+        monitor=monitor,
+        event="rollback",
+        reason="5 consecutive failing checks",
+        mode="armed",
+        opened_at=at,
+        actions=tuple(f"action-{i}" for i in range(n)),
+        details={"trigger": {"value": 2.5, "labels": {"region": "eu"}}, "checks": [1, 2]},
+    )
+
+
+def feed(store: Store, monitor: str, state: MonitorState, outcomes: str, at: float) -> MonitorState:
+    """Commit one check per letter (b = breach, o = ok), opening an incident on rollback."""
+    for i, letter in enumerate(outcomes):
+        c = check(monitor, at + i, 2.5 if letter == "b" else 0.5)
+        transition = advance(state, c, POLICY)
+        incident = draft(monitor, at + i) if Decision.ROLLBACK in transition.decisions else None
+        new_id = store.commit_check(c, transition.state, 100, incident)
+        state = (
+            transition.state if new_id is None else replace(transition.state, incident_id=new_id)
+        )
+    return state
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    """Open a fresh store in a temporary state directory."""
+    return Store.open(tmp_path / "state")
+
+
+def test_checks_round_trip_with_every_kind_of_result(store: Store) -> None:
+    """A committed check comes back equal: labels, infinities, no data, errors, reasons."""
+    results = [
+        *evaluate_rule(RULE, [ok(float("inf"), T0, labels_of({"zone": "é/ü"})), ok(0.5, T0)]),
+        *evaluate_rule(RULE, [no_data("stale", T0), error("connection refused", T0)]),
+    ]
+    c = decide("payments", results, T0)
+    store.commit_check(c, MonitorState(checks=1), 10)
+    assert store.recent_checks("payments", 5) == [c]
+    assert store.recent_checks("other", 5) == []
+
+
+def test_monitor_state_round_trips_every_field(store: Store) -> None:
+    """Every field of MonitorState is saved and read back exactly."""
+    state = MonitorState(
+        phase=Phase.BLIND,
+        consecutive_failures=2,
+        consecutive_errors=7,
+        alerted=True,
+        blind_alerted=True,
+        failure_times=(T0, T0 + 0.25),
+        incident_id="inc-1",
+        checks=42,
+        last_check_at=T0 + 0.25,
+        last_outcome=Outcome.INCONCLUSIVE,
+    )
+    assert store.monitor_state("auth") is None
+    store.save_state("auth", state)
+    store.save_state("payments", MonitorState())
+    assert store.monitor_state("auth") == state
+    assert store.monitor_names() == ["auth", "payments"]
+
+
+def test_history_keeps_the_newest_checks_per_monitor(store: Store) -> None:
+    """Each monitor keeps only its newest ``history`` checks, oldest first, independently."""
+    for i in range(10):
+        store.commit_check(check("a", T0 + i, 0.5), MonitorState(checks=i + 1), 3)
+        store.commit_check(check("b", T0 + i, 0.5), MonitorState(checks=i + 1), 100)
+    assert [c.at for c in store.recent_checks("a", 100)] == [T0 + 7, T0 + 8, T0 + 9]
+    assert [c.at for c in store.recent_checks("a", 2)] == [T0 + 8, T0 + 9]
+    assert len(store.recent_checks("b", 100)) == 10
+
+
+def test_reopen_mid_streak_restores_the_counters(tmp_path: Path) -> None:
+    """After a restart the failure streak continues where it was: 3 + 2 breaches roll back."""
+    with Store.open(tmp_path) as first:
+        state = feed(first, "payments", MonitorState(), "obbb", T0)
+    with Store.open(tmp_path) as second:
+        restored = second.monitor_state("payments")
+        assert restored == state
+        assert (restored.phase, restored.consecutive_failures, restored.checks) == (
+            Phase.FAILING,
+            3,
+            4,
+        )
+        latched = feed(second, "payments", restored, "bb", T0 + 10)
+    assert latched.phase is Phase.ROLLED_BACK
+
+
+def test_reopen_mid_latch_restores_latch_and_incident(tmp_path: Path) -> None:
+    """A latch and its incident are written together and both survive a restart."""
+    with Store.open(tmp_path) as first:
+        state = feed(first, "payments", MonitorState(), "bbbbb", T0)
+    assert state.incident_id is not None
+    with Store.open(tmp_path) as second:
+        restored = second.monitor_state("payments")
+        assert restored == state
+        assert [i.id for i in second.unfinished_incidents()] == [state.incident_id]
+        after = feed(second, "payments", restored, "oobo", T0 + 10)
+        assert (after.checks, after.last_check_at, after.last_outcome) == (9, T0 + 13, Outcome.OK)
+        assert replace(after, checks=5, last_check_at=T0 + 4, last_outcome=Outcome.BREACH) == state
+        assert second.monitor_state("payments") == after
+
+
+def test_commit_check_opens_the_incident_in_the_same_write(store: Store) -> None:
+    """commit_check with a draft returns the id, saves it in the state and creates pending steps."""
+    incident_id = store.commit_check(check("payments", T0, 2.5), MonitorState(), 10, draft())
+    assert incident_id is not None
+    saved = store.monitor_state("payments")
+    assert saved is not None
+    assert saved.incident_id == incident_id
+    record = store.incident(incident_id)
+    assert [(s.step, s.action, s.status, s.attempts) for s in record.steps] == [
+        (0, "action-0", "pending", 0),
+        (1, "action-1", "pending", 0),
+        (2, "action-2", "pending", 0),
+    ]
+    assert record.details == draft().details
+
+
+def test_incident_and_step_lifecycle(store: Store) -> None:
+    """Steps go pending -> running -> ok/failed/would_run, attempts counted, then finished."""
+    incident_id = store.open_incident(draft())
+    assert store.step_started(incident_id, 0, T0 + 1) == 1
+    assert store.incident(incident_id).steps[0].status == "running"
+    store.step_finished(incident_id, 0, "ok", "flag set", T0 + 2)
+    assert store.step_started(incident_id, 1, T0 + 3) == 1
+    assert store.step_started(incident_id, 1, T0 + 4) == 2
+    store.step_finished(incident_id, 1, "failed", "HTTP 503 after 2 attempts", T0 + 5)
+    store.step_finished(incident_id, 2, "would_run", "dry-run", T0 + 6)
+    assert [i.id for i in store.unfinished_incidents()] == [incident_id]
+    store.finish_incident(incident_id, T0 + 7)
+    store.finish_incident(incident_id, T0 + 99)
+    record = store.incident(incident_id)
+    assert (record.monitor, record.event, record.mode, record.finished_at) == (
+        "payments",
+        "rollback",
+        "armed",
+        T0 + 7,
+    )
+    assert [
+        (s.status, s.attempts, s.started_at, s.finished_at, s.detail) for s in record.steps
+    ] == [
+        ("ok", 1, T0 + 1, T0 + 2, "flag set"),
+        ("failed", 2, T0 + 4, T0 + 5, "HTTP 503 after 2 attempts"),
+        ("would_run", 0, None, T0 + 6, "dry-run"),
+    ]
+    assert store.unfinished_incidents() == []
+
+
+def test_incidents_are_listed_newest_first_per_monitor(store: Store) -> None:
+    """incidents() lists newest first, filtered by monitor and limited."""
+    ids = [store.open_incident(draft("payments" if i % 2 else "auth", T0 + i)) for i in range(6)]
+    assert [i.id for i in store.incidents()] == ids[::-1]
+    assert [i.id for i in store.incidents("payments", limit=2)] == [ids[5], ids[3]]
+    assert [i.id for i in store.unfinished_incidents()] == ids
+
+
+def test_incident_ids_are_readable_and_unique(store: Store) -> None:
+    """Ids read as UTC time, monitor and a random suffix, and never collide in one second."""
+    ids = {store.open_incident(draft("payments", T0, n=0)) for _ in range(300)}
+    assert len(ids) == 300
+    assert all(re.fullmatch(r"20251125T122301Z-payments-[0-9a-f]{4,}", i) for i in ids)
+    odd = store.open_incident(draft("eu west/payments", T0, n=0))
+    assert odd.startswith("20251125T122301Z-eu-west-payments-")
+
+
+def test_misuse_raises_state_error(store: Store) -> None:
+    """Unknown incidents or steps and non-final statuses are StateErrors that say what is wrong."""
+    incident_id = store.open_incident(draft(n=1))
+    with pytest.raises(StateError, match="no incident 'nope'"):
+        store.incident("nope")
+    with pytest.raises(StateError, match="has no step 5"):
+        store.step_started(incident_id, 5, T0)
+    with pytest.raises(StateError, match="has no step 5"):
+        store.step_finished(incident_id, 5, "ok", "", T0)
+    with pytest.raises(StateError, match="not final"):
+        store.step_finished(incident_id, 0, "running", "", T0)
+    with pytest.raises(StateError, match="no incident"):
+        store.finish_incident("nope", T0)
+    store.close()
+    with pytest.raises(StateError, match=r"state\.db"):
+        store.monitor_state("payments")
+
+
+def test_fresh_store_is_wal_at_the_current_schema(tmp_path: Path) -> None:
+    """A new state.db is created with the directory, in WAL mode, at the current schema."""
+    Store.open(tmp_path / "a" / "b").close()
+    db = sqlite3.connect(tmp_path / "a" / "b" / "state.db")
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    finally:
+        db.close()
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_newer_schema_is_refused_untouched(tmp_path: Path) -> None:
+    """A database from a newer rollbackd raises StateError naming the file; it is not modified."""
+    Store.open(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    db.commit()
+    db.close()
+    before = _digest(tmp_path / "state.db")
+    with pytest.raises(StateError, match=r"state\.db has schema version \d+, newer"):
+        Store.open(tmp_path)
+    assert _digest(tmp_path / "state.db") == before
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"this is not a database\n" * 200, b"SQLite format 3\x00" + b"\xff" * 4000],
+    ids=["text", "bad-header"],
+)
+def test_corrupt_file_is_refused_untouched(tmp_path: Path, content: bytes) -> None:
+    """A garbage state.db raises StateError with the path and what to do; it is not reset."""
+    (tmp_path / "state.db").write_bytes(content)
+    with pytest.raises(StateError, match=r"state\.db cannot be read .*move it aside"):
+        Store.open(tmp_path)
+    assert (tmp_path / "state.db").read_bytes() == content
+
+
+def test_foreign_sqlite_database_is_refused(tmp_path: Path) -> None:
+    """An SQLite file that is not a rollbackd store is refused, not migrated."""
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.execute("CREATE TABLE users (name TEXT)")
+    db.commit()
+    db.close()
+    with pytest.raises(StateError, match="not a rollbackd state store"):
+        Store.open(tmp_path)
+
+
+CHILD = textwrap.dedent(
+    """
+    import random, sys
+    from dataclasses import replace
+    from pathlib import Path
+    from rollbackd.config import RuleConfig
+    from rollbackd.engine import Decision, MonitorState, Policy, advance, decide, evaluate_rule
+    from rollbackd.readings import labels_of, ok
+    from rollbackd.state import IncidentDraft, Store
+
+    store = Store.open(Path(sys.argv[1]))
+    rule = RuleConfig(name="err", source="prom", query="q", above=1.0)
+    policy = Policy(4, 2, 3, "alert", None, 60.0)
+    rng = random.Random(7)
+    states = {f"m{i}": MonitorState() for i in range(8)}
+    at = 0.0
+    while True:
+        for name, state in states.items():
+            at += 1.0
+            values = [rng.choice([0.5, 0.5, 0.5, 2.5, float("nan")]) for _ in range(2)]
+            readings = [ok(v, at, labels_of({"s": str(j)})) for j, v in enumerate(values)]
+            check = decide(name, evaluate_rule(rule, readings), at)
+            t = advance(state, check, policy)
+            draft = None
+            if t.decisions:
+                draft = IncidentDraft(name, str(t.decisions[-1]), t.reason, "armed", at,
+                                      ("a", "b"), {"at": at})
+            new = store.commit_check(check, t.state, 100000, draft)
+            states[name] = t.state if new is None else replace(t.state, incident_id=new)
+    """
+)
+
+
+def test_sigkill_mid_commits_leaves_a_consistent_store(tmp_path: Path) -> None:
+    """A writer killed with SIGKILL leaves each monitor's state equal to a replay of its checks."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 60
+        while _count_checks(tmp_path) < 150:
+            assert child.poll() is None, "the writer died on its own"
+            assert time.monotonic() < deadline, "the writer committed too little in time"
+            time.sleep(0.05)  # polling interval while waiting for a condition with a deadline
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    policy = Policy(4, 2, 3, "alert", None, 60.0)
+    with Store.open(tmp_path) as store:
+        incidents = {i.id: i for i in store.incidents(limit=100_000)}
+        assert incidents, "the seeded writer opens incidents within its first checks"
+        phases = set()
+        for name in store.monitor_names():
+            saved = store.monitor_state(name)
+            assert saved is not None
+            replayed = MonitorState()
+            opened = []
+            for c in store.recent_checks(name, 100_000):
+                transition = advance(replayed, c, policy)
+                replayed = transition.state
+                if transition.decisions:
+                    opened.append(c.at)
+            assert replace(saved, incident_id=None) == replace(replayed, incident_id=None)
+            phases.add(saved.phase)
+            mine = sorted(i.opened_at for i in incidents.values() if i.monitor == name)
+            assert mine == opened
+            if saved.phase is Phase.ROLLED_BACK:
+                assert saved.incident_id is not None
+                assert incidents[saved.incident_id].opened_at == opened[-1]
+            assert saved.incident_id is None or incidents[saved.incident_id].monitor == name
+        assert len(phases) > 1, "the run covers more than one phase"
+
+
+def _count_checks(state_dir: Path) -> int:
+    if not (state_dir / "state.db").exists():
+        return 0
+    db = sqlite3.connect(state_dir / "state.db", timeout=5)
+    try:
+        return int(db.execute("SELECT count(*) FROM checks").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0  # the schema is not created yet
+    finally:
+        db.close()
