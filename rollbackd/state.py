@@ -31,50 +31,29 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: the first schema. Check results are compact JSON rows (see _encode_results).
     (
         """CREATE TABLE monitors (
-            name TEXT PRIMARY KEY,
-            phase TEXT NOT NULL,
-            consecutive_failures INTEGER NOT NULL,
-            consecutive_errors INTEGER NOT NULL,
-            alerted INTEGER NOT NULL,
-            blind_alerted INTEGER NOT NULL,
-            failure_times TEXT NOT NULL,
-            incident_id TEXT,
-            checks INTEGER NOT NULL,
-            last_check_at REAL,
-            last_outcome TEXT
-        )""",
+            name TEXT PRIMARY KEY, phase TEXT NOT NULL,
+            consecutive_failures INTEGER NOT NULL, consecutive_errors INTEGER NOT NULL,
+            alerted INTEGER NOT NULL, blind_alerted INTEGER NOT NULL,
+            failure_times TEXT NOT NULL, incident_id TEXT,
+            checks INTEGER NOT NULL, last_check_at REAL, last_outcome TEXT)""",
         """CREATE TABLE checks (
-            id INTEGER PRIMARY KEY,
-            monitor TEXT NOT NULL,
-            at REAL NOT NULL,
-            outcome TEXT NOT NULL,
-            results TEXT NOT NULL
-        )""",
+            id INTEGER PRIMARY KEY, monitor TEXT NOT NULL, at REAL NOT NULL,
+            outcome TEXT NOT NULL, results TEXT NOT NULL)""",
         "CREATE INDEX checks_by_monitor ON checks (monitor, id)",
         """CREATE TABLE incidents (
-            id TEXT PRIMARY KEY,
-            monitor TEXT NOT NULL,
-            event TEXT NOT NULL,
-            reason TEXT NOT NULL,
-            mode TEXT NOT NULL,
-            opened_at REAL NOT NULL,
-            finished_at REAL,
-            details TEXT NOT NULL
-        )""",
+            id TEXT PRIMARY KEY, monitor TEXT NOT NULL, event TEXT NOT NULL,
+            reason TEXT NOT NULL, mode TEXT NOT NULL,
+            opened_at REAL NOT NULL, finished_at REAL, details TEXT NOT NULL)""",
         "CREATE INDEX incidents_by_monitor ON incidents (monitor, opened_at)",
         "CREATE INDEX incidents_unfinished ON incidents (opened_at) WHERE finished_at IS NULL",
         """CREATE TABLE steps (
-            incident_id TEXT NOT NULL REFERENCES incidents (id),
-            step INTEGER NOT NULL,
+            incident_id TEXT NOT NULL REFERENCES incidents (id), step INTEGER NOT NULL,
             action TEXT NOT NULL,
             status TEXT NOT NULL CHECK (status IN
                 ('pending', 'running', 'ok', 'failed', 'skipped', 'would_run')),
-            attempts INTEGER NOT NULL DEFAULT 0,
-            started_at REAL,
-            finished_at REAL,
+            attempts INTEGER NOT NULL DEFAULT 0, started_at REAL, finished_at REAL,
             detail TEXT NOT NULL DEFAULT '',
-            PRIMARY KEY (incident_id, step)
-        ) WITHOUT ROWID""",
+            PRIMARY KEY (incident_id, step)) WITHOUT ROWID""",
     ),
 )
 """``MIGRATIONS[i]`` takes the schema from version ``i`` to ``i + 1``; append, never edit."""
@@ -124,15 +103,14 @@ class IncidentDraft:
     details: dict[str, Any]
 
 
-_ROW = attrgetter("rule", "labels", "value", "threshold", "direction", "unit", "verdict")
-_ROW_TAIL = attrgetter("reason", "at")
+_ROW = attrgetter(*RuleResult.__dataclass_fields__)  # the field order of the JSON rows
 _ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 def _encode_results(results: tuple[RuleResult, ...]) -> str:
     """Encode results as JSON rows; several times cheaper than ``to_json`` dicts."""
-    return _ENCODE([(*_ROW(r), *_ROW_TAIL(r)) for r in results])
+    return _ENCODE(list(map(_ROW, results)))
 
 
 def _decode_results(text: str) -> tuple[RuleResult, ...]:
