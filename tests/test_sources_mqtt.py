@@ -135,6 +135,15 @@ def test_parse_payload(payload: bytes, field: str | None, value: float | None, r
     assert bool(problem) == (value is None)
 
 
+async def test_invalid_topic_filter_reads_error() -> None:
+    """A topic filter MQTT cannot subscribe to reads an error naming it instead of no data."""
+    source = make_source(free_port())
+    source.watch("auth", rule("boop/#/rate"))
+    [reading] = await source.read(rule("boop/#/rate"), time.time())
+    assert reading.status is ReadingStatus.ERROR
+    assert "invalid topic filter 'boop/#/rate'" in reading.reason
+
+
 async def test_dead_broker_reads_error_and_start_returns() -> None:
     """With no broker, start() returns at once and reads are errors saying it is unreachable."""
     source = make_source(free_port())

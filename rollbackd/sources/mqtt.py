@@ -162,6 +162,9 @@ class MqttSource:
                 reason = str(exc) or type(exc).__name__
             except SecretError as exc:
                 reason = f"cannot read the password: {exc}"
+            except Exception as exc:  # keep the source alive: a dead task would read stale "ok"s
+                reason = f"unexpected {type(exc).__name__}: {exc}"
+                log.exception("mqtt_failed", source=self.name)
             else:  # the message stream ended without an error
                 reason = "connection closed"
             if self._connected:  # an established connection was lost: retry soon
