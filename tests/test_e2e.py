@@ -1,0 +1,268 @@
+"""End to end: the daemon as a subprocess against real Prometheus, Mosquitto and Alertmanager."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from tests.servers import (
+    Alertmanager,
+    Exporter,
+    Mosquitto,
+    Prometheus,
+    free_port,
+    http_get,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+RULE_METRIC = "e2e_payment_error_rate"
+
+
+class DaemonProcess:
+    """``python -m rollbackd run --config FILE`` with its log in a file."""
+
+    def __init__(self, config: Path, port: int, workdir: Path) -> None:
+        self.config, self.port, self.workdir = config, port, workdir
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        """Start and wait until /health answers."""
+        self.starts += 1
+        env = {**os.environ, "ROLLBACKD_LOG_LEVEL": "debug", "ROLLBACKD_LOG_FORMAT": "json"}
+        with (self.workdir / f"daemon-{self.starts}.log").open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "rollbackd", "run", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        wait_for(self._healthy, 20, what="daemon /health")
+
+    def _healthy(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"daemon exited with {self.process.returncode}: {self.log()}")
+        return http_get(f"http://127.0.0.1:{self.port}/health")[0] == 200
+
+    def status(self) -> dict[str, Any]:
+        """GET /status."""
+        code, body = http_get(f"http://127.0.0.1:{self.port}/status")
+        assert code == 200, body
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    def monitor(self, name: str = "payments") -> dict[str, Any]:
+        """One monitor of /status."""
+        monitor: dict[str, Any] = self.status()["monitors"][name]
+        return monitor
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> int:
+        """SIGTERM and wait for a graceful exit."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+        return self.process.returncode
+
+    def log(self) -> str:
+        """Everything the daemon logged (last start)."""
+        return (self.workdir / f"daemon-{self.starts}.log").read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """Exporter, private Prometheus, Mosquitto and Alertmanager, all on loopback."""
+    exporter = Exporter()
+    prom = Prometheus(tmp_path / "prometheus", [exporter.target])
+    broker = Mosquitto(tmp_path / "mosquitto")
+    am = Alertmanager(tmp_path / "alertmanager")
+    try:
+        broker.start()
+        am.start()
+        prom.start()
+        exporter.gauge(RULE_METRIC).set(0.05)
+        publish_retained(broker.port, "boop/auth/success_rate", "99.8")
+        prom.wait_targets_up()
+        yield {"exporter": exporter, "prometheus": prom, "mosquitto": broker, "alertmanager": am}
+    finally:
+        for server in (prom, broker, am):
+            server.stop()
+        exporter.close()
+
+
+def publish_retained(port: int, topic: str, payload: str) -> None:
+    """Publish one retained message with paho (aiomqtt's own client library)."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        client.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def write_config(tmp_path: Path, stack: dict[str, Any], port: int) -> Path:
+    """An armed config: a Prometheus-polled payments monitor and an MQTT auth monitor."""
+    prom: Prometheus = stack["prometheus"]
+    broker: Mosquitto = stack["mosquitto"]
+    am: Alertmanager = stack["alertmanager"]
+    boop = tmp_path / "boop"
+    boop.mkdir()
+    flags = {
+        "flags": {
+            "boop-payments": {
+                "state": "ENABLED",
+                "variants": {"on": True, "off": False},
+                "defaultVariant": "on",
+            }
+        }
+    }
+    (boop / "flags.json").write_text(json.dumps(flags))
+    (boop / "traffic.env").write_text("BOOP_TRAFFIC_PERCENT=5\n")
+    config = tmp_path / "rollbackd.toml"
+    config.write_text(
+        f"""
+[daemon]
+mode = "armed"
+environment = "e2e"
+state_dir = "{tmp_path / "state"}"
+listen = "127.0.0.1:{port}"
+
+[sources.prom]
+type = "prometheus"
+url = "{prom.url}"
+timeout = "500ms"
+
+[sources.bus]
+type = "mqtt"
+host = "127.0.0.1"
+port = {broker.port}
+stale_after = "30s"
+
+[monitors.payments]
+interval = "500ms"
+rollback_after = 3
+blind_after = 1000
+on_rollback = ["stop-traffic", "route-legacy", "page"]
+
+[[monitors.payments.rules]]
+name = "payment-error-rate"
+source = "prom"
+query = "{RULE_METRIC}"
+above = 0.1
+unit = "%"
+
+[monitors.authentication]
+interval = "1s"
+rollback_after = 3
+on_rollback = ["page"]
+
+[[monitors.authentication.rules]]
+name = "auth-success-rate"
+source = "bus"
+topic = "boop/auth/success_rate"
+below = 99.0
+
+[actions.stop-traffic]
+type = "flag.file"
+path = "{boop / "flags.json"}"
+flag = "boop-payments"
+variant = "off"
+
+[actions.route-legacy]
+type = "route.file"
+path = "{boop / "traffic.env"}"
+key = "BOOP_TRAFFIC_PERCENT"
+value = "0"
+
+[actions.page]
+type = "alert.alertmanager"
+url = "{am.url}"
+"""
+    )
+    return config
+
+
+def checks_advance(daemon: DaemonProcess, by: int) -> Callable[[], bool]:
+    """A condition: the payments monitor has run ``by`` more checks than now."""
+    start = daemon.monitor()["checks"]
+    return lambda: daemon.monitor()["checks"] >= start + by
+
+
+def rollbacks(daemon: DaemonProcess) -> list[dict[str, Any]]:
+    """Rollback incidents listed by /status."""
+    return [i for i in daemon.status()["incidents"] if i["event"] == "rollback"]
+
+
+def test_outage_then_breach_then_sigkill(tmp_path: Path, stack: dict[str, Any]) -> None:
+    """Healthy: nothing; Prometheus down: no rollback; breach: rollback after exactly 3 checks;
+    SIGKILL + restart: latch held, no second rollback."""
+    port = free_port()
+    daemon = DaemonProcess(write_config(tmp_path, stack, port), port, tmp_path)
+    boop = tmp_path / "boop"
+    daemon.start()
+    try:
+        wait_for(checks_advance(daemon, 3), 15, what="healthy checks")
+        assert daemon.monitor()["state"] == "ok"
+        assert rollbacks(daemon) == []
+        auth = daemon.monitor("authentication")
+        assert (auth["state"], auth["last_outcome"]) == ("ok", "ok")
+
+        stack["prometheus"].stop()
+        wait_for(checks_advance(daemon, 8), 30, what="checks during the outage")
+        monitor = daemon.monitor()
+        assert monitor["state"] == "ok"  # inconclusive: neither failing nor healthy-reset
+        assert monitor["consecutive_failures"] == 0
+        assert monitor["consecutive_errors"] >= 8
+        assert monitor["last_outcome"] == "inconclusive"
+        assert rollbacks(daemon) == []
+        assert "BOOP_TRAFFIC_PERCENT=5" in (boop / "traffic.env").read_text()
+
+        stack["prometheus"].start()
+        wait_for(lambda: daemon.monitor()["last_outcome"] == "ok", 30, what="recovery")
+        stack["exporter"].gauge(RULE_METRIC).set(2.5)
+        wait_for(lambda: rollbacks(daemon), 30, what="rollback")
+        wait_for(lambda: rollbacks(daemon)[0]["finished_at"], 30, what="plan finished")
+        (incident,) = rollbacks(daemon)
+        assert [s["status"] for s in incident["steps"]] == ["ok", "ok", "ok"]
+        record = json.loads(
+            (tmp_path / "state" / "incidents" / f"{incident['id']}.json").read_text()
+        )
+        outcomes = [c["outcome"] for c in record["details"]["checks"]]
+        assert outcomes[-3:] == ["breach"] * 3
+        assert "breach" not in outcomes[:-3][-1:]  # the streak is exactly rollback_after long
+        assert "BOOP_TRAFFIC_PERCENT=0" in (boop / "traffic.env").read_text()
+        flags = json.loads((boop / "flags.json").read_text())
+        assert flags["flags"]["boop-payments"]["defaultVariant"] == "off"
+        am: Alertmanager = stack["alertmanager"]
+        alerts = wait_for(am.alerts, 10, what="alert in Alertmanager")
+        assert any(a["labels"].get("monitor") == "payments" for a in alerts)
+
+        daemon.kill()
+        daemon.start()
+        assert daemon.monitor()["state"] == "rolled_back"
+        wait_for(checks_advance(daemon, 4), 15, what="checks after restart")
+        assert daemon.monitor()["state"] == "rolled_back"
+        assert len(rollbacks(daemon)) == 1
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.log()
