@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -190,15 +189,8 @@ class PlanRunner:
         samples: dict[str, list[dict[str, Any]]] = {}
         for check in self.store.recent_checks(record.monitor, self.samples):
             for result in check.results:
-                samples.setdefault(result.rule, []).append(
-                    {
-                        "at": result.at,
-                        "labels": dict(result.labels),
-                        "value": _finite(result.value),
-                        "verdict": str(result.verdict),
-                        "reason": result.reason,
-                    }
-                )
+                sample = result.to_json()
+                samples.setdefault(sample.pop("rule"), []).append(sample)
         return {
             "id": record.id,
             "monitor": record.monitor,
@@ -248,12 +240,6 @@ async def attempt_once(action: Action, ctx: ActionContext, seconds: float) -> tu
     finally:
         STEP_DEADLINE.reset(token)
     return True, str(detail)
-
-
-def _finite(value: float | None) -> float | str | None:
-    if value is not None and not math.isfinite(value):
-        return str(value)
-    return value
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
