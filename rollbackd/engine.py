@@ -6,7 +6,7 @@ No I/O, no clock, no asyncio: time arrives in the readings and checks, so tests 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Literal
@@ -136,6 +136,37 @@ class RuleResult:
         return f"{self.rule}{labels_text(self.labels)}: {self.reason}"
 
 
+def _result_factory() -> Callable[..., RuleResult]:
+    """Build RuleResults by setting their slots directly, in field order.
+
+    Why: the generated frozen ``__init__`` costs ~1 us, half of the per-series budget
+    (200,000 evaluations/s); the objects are identical (``==``, hash, still frozen).
+    """
+    names = tuple(RuleResult.__dataclass_fields__)
+    s0, s1, s2, s3, s4, s5, s6, s7, s8 = (getattr(RuleResult, n).__set__ for n in names)
+    new = object.__new__
+
+    def make(  # noqa: PLR0917 - positional on purpose, as in RuleResult(...)
+        a: Any, b: Any, c: Any, d: Any, e: Any, f: Any, g: Any, h: Any, i: Any
+    ) -> RuleResult:
+        obj: RuleResult = new(RuleResult)
+        s0(obj, a)
+        s1(obj, b)
+        s2(obj, c)
+        s3(obj, d)
+        s4(obj, e)
+        s5(obj, f)
+        s6(obj, g)
+        s7(obj, h)
+        s8(obj, i)
+        return obj
+
+    return make
+
+
+_result = _result_factory()
+
+
 @dataclass(frozen=True, slots=True)
 class Check:
     """One monitor tick: its outcome and every rule result behind it."""
@@ -199,7 +230,7 @@ def evaluate_rule(
                 verdict, word = Verdict.OK, not_word
             reason = f"value {number(value)}{sfx} {word} {limit}"
             append(
-                RuleResult(
+                _result(
                     name, reading.labels, value, threshold, direction, unit, verdict, reason,
                     reading.at,
                 )
@@ -207,7 +238,7 @@ def evaluate_rule(
         elif reading.status is ReadingStatus.ERROR:
             reason = f"source error: {reading.reason or 'unknown'}"
             append(
-                RuleResult(
+                _result(
                     name, reading.labels, None, threshold, direction, unit, Verdict.ERROR, reason,
                     reading.at,
                 )

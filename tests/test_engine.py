@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -171,6 +171,10 @@ def test_every_result_explains_itself(cfg: RuleConfig, value: float, reason: str
         cfg.unit,
     )
     assert result.describe() == f'r{{service="pay"}}: {reason}'
+    same = RuleResult(*(getattr(result, name) for name in RuleResult.__dataclass_fields__))
+    assert (result, hash(result)) == (same, hash(same))
+    with pytest.raises(FrozenInstanceError):
+        result.value = 0.0  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
