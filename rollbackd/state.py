@@ -166,17 +166,12 @@ class Store:
             )
             _configure(conn, path)
             _migrate(conn, path)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StateError) as exc:
             if conn is not None:
                 conn.close()
-            raise StateError(
-                f"state database {path} cannot be read ({exc}); it is not overwritten: move it "
-                "aside to start with empty state, or restore it from a backup"
-            ) from exc
-        except StateError:
-            if conn is not None:
-                conn.close()
-            raise
+            if isinstance(exc, StateError):
+                raise
+            raise _open_error(path, exc) from exc
         return cls(conn, path)
 
     def close(self) -> None:
@@ -409,6 +404,19 @@ def _new_id(conn: sqlite3.Connection, monitor: str, opened_at: float) -> str:
         if conn.execute("SELECT 1 FROM incidents WHERE id = ?", (candidate,)).fetchone() is None:
             return candidate
         size += 1
+
+
+def _open_error(path: Path, exc: sqlite3.Error) -> StateError:
+    """Say what to do: permissions and disk for an unopenable file, a backup for a damaged one."""
+    if isinstance(exc, sqlite3.OperationalError):  # the file itself may be fine
+        return StateError(
+            f"state database {path} cannot be opened ({exc}): check that the daemon's user "
+            "can read and write it and its directory, and that the disk is not full"
+        )
+    return StateError(
+        f"state database {path} cannot be read ({exc}); it is not overwritten: move it "
+        "aside to start with empty state, or restore it from a backup"
+    )
 
 
 def _configure(conn: sqlite3.Connection, path: Path) -> None:

@@ -277,6 +277,16 @@ def test_corrupt_file_is_refused_untouched(tmp_path: Path, content: bytes) -> No
     assert (tmp_path / "state.db").read_bytes() == content
 
 
+def test_unusable_paths_say_what_to_check(tmp_path: Path) -> None:
+    """A state_dir that is a file, or a state.db that is a directory, gives a StateError hint."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StateError, match="cannot create state directory"):
+        Store.open(tmp_path / "file")
+    (tmp_path / "dir" / "state.db").mkdir(parents=True)
+    with pytest.raises(StateError, match=r"cannot be opened .*can read and write it"):
+        Store.open(tmp_path / "dir")
+
+
 def test_foreign_sqlite_database_is_refused(tmp_path: Path) -> None:
     """An SQLite file that is not a rollbackd store is refused, not migrated."""
     db = sqlite3.connect(tmp_path / "state.db")
