@@ -171,6 +171,18 @@ def test_commit_check_opens_the_incident_in_the_same_write(store: Store) -> None
     assert record.details == draft().details
 
 
+def test_commit_check_is_all_or_nothing(store: Store) -> None:
+    """A commit failing half-way (a step it cannot store) leaves no check, state or incident."""
+    before = MonitorState(phase=Phase.FAILING, consecutive_failures=4, checks=4)
+    store.commit_check(check("payments", T0, 2.5), before, 10)
+    broken = replace(draft(), actions=("stop-traffic", object()))  # type: ignore[arg-type]
+    with pytest.raises(StateError, match="committing a check failed"):
+        store.commit_check(check("payments", T0 + 1, 2.5), MonitorState(checks=5), 10, broken)
+    assert store.monitor_state("payments") == before
+    assert [c.at for c in store.recent_checks("payments", 10)] == [T0]
+    assert store.incidents() == []
+
+
 def test_incident_and_step_lifecycle(store: Store) -> None:
     """Steps go pending -> running -> ok/failed/would_run, attempts counted, then finished."""
     incident_id = store.open_incident(draft())
