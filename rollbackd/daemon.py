@@ -27,7 +27,7 @@ from rollbackd.api import (
     ensure_control_token,
 )
 from rollbackd.config import Config, load
-from rollbackd.engine import Check, Phase, Transition
+from rollbackd.engine import Check, MonitorState, Phase, Transition
 from rollbackd.errors import ConfigError, RollbackdError
 from rollbackd.metrics import Metrics
 from rollbackd.monitor import MonitorRunner
@@ -68,6 +68,8 @@ class Daemon:
         self.sources: dict[str, Source] = {}
         self.actions: dict[str, Action] = {}
         self.ready = asyncio.Event()
+        self.check_listener: Callable[[str, Check, MonitorState], None] | None = None
+        """Told of every committed check (the demo prints them)."""
         self._store: Store | None = None
         self._scheduler: AsyncIOScheduler | None = None
         self._stop = asyncio.Event()
@@ -225,6 +227,8 @@ class Daemon:
     def _observe(self, name: str) -> Callable[[Check, Transition, float], None]:
         def observe(check: Check, transition: Transition, seconds: float) -> None:
             self.metrics.observe_check(check, transition, seconds)
+            if self.check_listener is not None:
+                self.check_listener(name, check, transition.state)
 
         return observe
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -25,12 +25,22 @@ _BEARER = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 _URL_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*):[^/@\s]*@")
 
 
-def configure(fmt: Format = "auto", level: str = "info", *, stream: TextIO | None = None) -> None:
-    """Set up structlog and stdlib logging for the process; ``auto`` is JSON unless on a TTY."""
+def configure(
+    fmt: Format = "auto",
+    level: str = "info",
+    *,
+    stream: TextIO | None = None,
+    quiet: Collection[str] = (),
+) -> None:
+    """Set up structlog and stdlib logging for the process; ``auto`` is JSON unless on a TTY.
+
+    Events named in ``quiet`` are dropped (the demo shows checks its own way).
+    """
     out = sys.stderr if stream is None else stream
     as_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     threshold = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     shared: list[Processor] = [
+        *([_dropper(frozenset(quiet))] if quiet else []),
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact,
     ]
@@ -104,3 +114,12 @@ def _clean(key: object, value: Any) -> Any:
 def _scrub(text: str) -> str:
     text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     return _URL_USERINFO.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
+
+
+def _dropper(events: frozenset[str]) -> Processor:
+    def drop(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+        if event_dict.get("event") in events:
+            raise structlog.DropEvent
+        return event_dict
+
+    return drop
