@@ -355,6 +355,8 @@ def _cross_check(config: Config) -> Iterator[str]:
         )
     for name, monitor in config.monitors.items():
         yield from _check_monitor(config, name, monitor, source_types)
+    for name, options in config.action_options.items():
+        yield from _check_action_source(config, name, options, source_types)
     yield from _check_secrets(config)
     daemon = config.daemon
     if daemon.armed and daemon.environment == "production" and not daemon.confirm_production:
@@ -404,6 +406,23 @@ def _check_monitor(
                 yield f"{at}.{key}: not used by {kind} sources"
         if rule.json_field is not None and "topic" not in required:
             yield f"{at}.json_field: only used with topic-based sources"
+
+
+def _check_action_source(
+    config: Config, name: str, options: object, source_types: dict[str, frozenset[str]]
+) -> Iterator[str]:
+    """An action option named ``source`` (``wait``) must name a source and fit its type."""
+    source = getattr(options, "source", None)
+    if not isinstance(source, str):
+        return
+    if source not in config.sources:
+        yield f"actions.{name}.source: no source named {source!r} in [sources]"
+        return
+    required = source_types.get(source, frozenset())
+    kind = config.sources[source].type
+    for key in ("query", "topic"):
+        if key in required and getattr(options, key, None) is None:
+            yield f"actions.{name}.{key}: required for {kind} sources"
 
 
 def _check_secrets(config: Config) -> Iterator[str]:

@@ -8,18 +8,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import fcntl
+import os
 import signal
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from prometheus_client import CollectorRegistry
 
 from rollbackd import __version__, logs, notify
-from rollbackd.actions import ACTION_TYPES, Action
+from rollbackd.actions import ACTION_TYPES, Action, ReadsSources
 from rollbackd.api import (
     ApiServer,
     MonitorNotLatchedError,
@@ -28,7 +30,7 @@ from rollbackd.api import (
 )
 from rollbackd.config import Config, load
 from rollbackd.engine import Check, MonitorState, Phase, Transition
-from rollbackd.errors import ConfigError, RollbackdError
+from rollbackd.errors import ConfigError, RollbackdError, StateError
 from rollbackd.metrics import Metrics
 from rollbackd.monitor import MonitorRunner
 from rollbackd.plan import PlanRunner
@@ -37,6 +39,7 @@ from rollbackd.state import IncidentDraft, Store
 
 log = structlog.get_logger("rollbackd.daemon")
 
+LOCK_FILE = "rollbackd.lock"
 STOP_GRACE_SECONDS = 20.0
 """How long a stop waits for an in-flight plan step before leaving it to resume at restart."""
 
@@ -89,7 +92,12 @@ class Daemon:
     async def serve(self) -> int:
         """Run until asked to stop; return the exit code."""
         daemon = self.config.daemon
-        self._store = Store.open(daemon.state_dir)
+        lock = _lock_state_dir(daemon.state_dir)
+        try:
+            self._store = Store.open(daemon.state_dir)
+        except BaseException:
+            lock.close()
+            raise
         log.info(
             "daemon_starting",
             version=__version__,
@@ -119,6 +127,7 @@ class Daemon:
         finally:
             self._store.close()
             self._store = None
+            lock.close()
         log.info("daemon_stopped")
         return 0
 
@@ -153,6 +162,10 @@ class Daemon:
             for rule in monitor.rules:
                 if rule.source in self.sources:
                     self.sources[rule.source].watch(name, rule)
+        for name, action in self.actions.items():
+            for read in action.watches() if isinstance(action, ReadsSources) else ():
+                if read.source in self.sources:
+                    self.sources[read.source].watch(f"action:{name}", read)
         for source in self.sources.values():
             source.add_listener(self._on_arrival)
             await source.start()
@@ -392,6 +405,28 @@ class Daemon:
             else:
                 log.error("watchdog_withheld", reason=reason)
             await asyncio.sleep(interval)
+
+
+def _lock_state_dir(state_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on the state directory: one daemon per state, ever."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / LOCK_FILE
+    handle = path.open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise StateError(
+            f"{state_dir} is in use by another rollbackd (pid {owner}); "
+            "stop it or give this one another daemon.state_dir"
+        ) from exc
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def _build_sources(config: Config) -> dict[str, Source]:

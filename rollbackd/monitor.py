@@ -157,7 +157,7 @@ class MonitorRunner:
         results = [
             result
             for rule in self.config.rules
-            for result in engine.evaluate_rule(rule, readings[rule.name])
+            for result in engine.evaluate_rule(rule, readings[rule.name], at=now)
         ]
         check = engine.decide(self.name, results, now)
         transition = engine.advance(self.state, check, self.policy)

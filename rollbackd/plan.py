@@ -10,7 +10,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import structlog
 
 from rollbackd.actions import ACTION_TYPES, Action, ActionContext, Event, Incident
 from rollbackd.actions.files import atomic_write
-from rollbackd.actions.wait import STEP_DEADLINE, WaitAction
+from rollbackd.actions.wait import WaitAction
 from rollbackd.config import ActionConfig, Config
 from rollbackd.errors import ActionError, RollbackdError
 from rollbackd.sources import SOURCE_TYPES, Source
@@ -225,8 +225,7 @@ class PlanRunner:
 
 async def attempt_once(action: Action, ctx: ActionContext, seconds: float) -> tuple[bool, str]:
     """Run one attempt, cancelled after ``seconds``; return (succeeded, detail or reason)."""
-    loop = asyncio.get_running_loop()
-    token = STEP_DEADLINE.set(loop.time() + seconds)
+    ctx = replace(ctx, deadline=asyncio.get_running_loop().time() + seconds)
     try:
         async with asyncio.timeout(seconds):
             detail = await action.run(ctx)
@@ -237,8 +236,6 @@ async def attempt_once(action: Action, ctx: ActionContext, seconds: float) -> tu
     except Exception as exc:  # a plugin's bug fails its step, not the whole plan
         log.error("action_crashed", action=action.name, exc_info=True)
         return False, f"{type(exc).__name__}: {exc}"
-    finally:
-        STEP_DEADLINE.reset(token)
     return True, str(detail)
 
 

@@ -209,6 +209,20 @@ def test_bad_durations_are_rejected(bad: object) -> None:
             "'dry-run' or 'armed'",
             id="bad-mode",
         ),
+        pytest.param(
+            'value = "0"',
+            'value = "0"\n\n[actions.drain]\ntype = "wait"\nsource = "prom"\ntopic = "boop/x"',
+            "actions.drain.query",
+            "required for prometheus",
+            id="wait-key-for-source-type",
+        ),
+        pytest.param(
+            'value = "0"',
+            'value = "0"\n\n[actions.drain]\ntype = "wait"\nsource = "promm"\nquery = "x"',
+            "actions.drain.source",
+            "no source named 'promm'",
+            id="wait-dangling-source",
+        ),
     ],
 )
 def test_bad_input_names_the_key(tmp_path: Path, old: str, new: str, key: str, reason: str) -> None:

@@ -17,6 +17,7 @@ from rollbackd import readings
 from rollbackd.config import Config, Frozen, RuleConfig, from_dict, load
 from rollbackd.daemon import Daemon
 from rollbackd.engine import Phase
+from rollbackd.errors import StateError
 from rollbackd.readings import Reading
 from rollbackd.sources import SOURCE_TYPES, ArrivalListener, SourceType
 
@@ -295,7 +296,7 @@ async def test_dry_run_records_but_touches_nothing(tmp_path: Path) -> None:
 
 
 async def test_reload_keeps_counters_and_rejects_bad_config(tmp_path: Path) -> None:
-    """SIGHUP's reload keeps the failure counter; a broken file is refused and the old config runs."""
+    """Reload keeps the failure counter; a broken file is refused and the old config runs."""
     prepare_files(tmp_path)
     raw = config_dict(tmp_path, rollback_after=1000, interval="1s")
     path = tmp_path / "rollbackd.toml"
@@ -364,3 +365,15 @@ def to_toml(raw: dict[str, Any]) -> str:
             for name, sub in data.items():
                 table(f"{section}.{json.dumps(name)}", sub)
     return "\n".join(lines) + "\n"
+
+
+async def test_second_daemon_on_same_state_dir_is_refused(tmp_path: Path) -> None:
+    """Two daemons never share a state directory: the second fails with a clear error."""
+    prepare_files(tmp_path)
+    config = from_dict(config_dict(tmp_path))
+
+    async def body(daemon: Daemon) -> None:
+        with pytest.raises(StateError, match="in use by another rollbackd"):
+            await Daemon(config, registry=CollectorRegistry()).serve()
+
+    await running(config, body)

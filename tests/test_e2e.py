@@ -214,8 +214,11 @@ def rollbacks(daemon: DaemonProcess) -> list[dict[str, Any]]:
 
 
 def test_outage_then_breach_then_sigkill(tmp_path: Path, stack: dict[str, Any]) -> None:
-    """Healthy: nothing; Prometheus down: no rollback; breach: rollback after exactly 3 checks;
-    SIGKILL + restart: latch held, no second rollback."""
+    """Healthy, outage, breach, SIGKILL: nothing, nothing, exactly one rollback, latch held.
+
+    Prometheus down for many intervals never rolls back; a breach rolls back after exactly
+    rollback_after checks; after SIGKILL and restart the latch holds and nothing runs again.
+    """
     port = free_port()
     daemon = DaemonProcess(write_config(tmp_path, stack, port), port, tmp_path)
     boop = tmp_path / "boop"

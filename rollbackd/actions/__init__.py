@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
 from rollbackd.plugins import Registry
 
 if TYPE_CHECKING:
+    from rollbackd.config import RuleConfig
     from rollbackd.sources import Source
 
 
@@ -49,6 +50,8 @@ class ActionContext:
     attempt: int
     idempotency_key: str  # f"{incident.id}:{step}": the same across retries and restarts
     sources: Mapping[str, Source] = field(default_factory=dict)
+    deadline: float | None = None
+    """Event-loop time (``loop.time()``) at which the plan runner cancels this attempt."""
 
 
 class Action(Protocol):
@@ -61,6 +64,14 @@ class Action(Protocol):
 
     async def aclose(self) -> None:
         """Release connections and sessions this action owns."""
+
+
+@runtime_checkable
+class ReadsSources(Protocol):
+    """Optional, for actions that read sources (``wait``): push sources subscribe to these."""
+
+    def watches(self) -> Sequence[RuleConfig]:
+        """Rule-like reads, each naming its source."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,17 +19,14 @@ from rollbackd.config import Duration, Frozen, RuleConfig
 from rollbackd.errors import ActionError
 from rollbackd.readings import Reading, ReadingStatus
 
-STEP_DEADLINE: ContextVar[float | None] = ContextVar("rollbackd_step_deadline", default=None)
-"""Event-loop time at which the plan runner cancels the running attempt (set by ``plan.py``).
-
-``wait`` stops polling a little before it, so that reaching the step's timeout is reported as
-"timed out with N in flight" rather than as a cancelled, failed step.
-"""
-
 DEFAULT_LIMIT = 120.0
 """How long a wait lasts when nobody set a deadline."""
 MARGIN = 1.0
-"""At most this much of the step's time is kept back to report before the runner cancels."""
+"""At most this much of the step's time is kept back to report before the runner cancels.
+
+``wait`` stops polling a little before ``ctx.deadline``, so reaching the step's timeout is
+reported as "timed out with N in flight" rather than as a cancelled, failed step.
+"""
 
 
 class WaitOptions(Frozen):
@@ -67,6 +63,10 @@ class WaitAction:
     name: str
     options: WaitOptions
 
+    def watches(self) -> list[RuleConfig]:
+        """The reads this action makes, so the daemon can have push sources subscribe."""
+        return [self.rule()]
+
     def rule(self) -> RuleConfig:
         """Build the rule-like read the source answers (the threshold is not used)."""
         o = self.options
@@ -86,7 +86,7 @@ class WaitAction:
             raise ActionError(f"source {self.options.source!r} is not configured or not running")
         loop = asyncio.get_running_loop()
         started = loop.time()
-        deadline = STEP_DEADLINE.get()
+        deadline = ctx.deadline
         if deadline is None:
             deadline = started + DEFAULT_LIMIT
         end = deadline - min(MARGIN, 0.1 * max(0.0, deadline - started))
