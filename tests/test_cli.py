@@ -1,0 +1,189 @@
+"""The ``rollbackd`` command against a running daemon: status, rearm, test-action, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers import free_port, http_get, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def rollbackd(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m rollbackd ARGS`` and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "rollbackd", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    """A synthetic-source config: 2 s of outage (rolls back), then healthy for good."""
+    port = free_port()
+    (tmp_path / "traffic.env").write_text("BOOP_TRAFFIC_PERCENT=5\n")
+    path = tmp_path / "rollbackd.toml"
+    path.write_text(
+        f"""
+[daemon]
+mode = "armed"
+environment = "staging"
+state_dir = "{tmp_path / "state"}"
+listen = "127.0.0.1:{port}"
+
+[sources.boop]
+type = "synthetic"
+seed = 3
+phases = [{{ kind = "outage", duration = "2s" }}, {{ kind = "healthy" }}]
+
+[monitors.payments]
+interval = "200ms"
+rollback_after = 2
+on_alert = ["note"]
+on_rollback = ["route-legacy", "note"]
+
+[[monitors.payments.rules]]
+name = "payment-error-rate"
+source = "boop"
+query = "payment_error_rate"
+above = 0.1
+unit = "%"
+
+[actions.route-legacy]
+type = "route.file"
+path = "{tmp_path / "traffic.env"}"
+key = "BOOP_TRAFFIC_PERCENT"
+value = "0"
+
+[actions.note]
+type = "alert.log"
+"""
+    )
+    return path
+
+
+@pytest.fixture
+def daemon(config: Path) -> Iterator[str]:
+    """``rollbackd run`` in the background; yields its base URL."""
+    text = config.read_text()
+    listen = text.split('listen = "', 1)[1].split('"', 1)[0]
+    with (config.parent / "daemon.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rollbackd", "run", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://{listen}"
+    try:
+        wait_for(lambda: http_get(f"{base}/health")[0] == 200, 20, what="daemon up")
+        yield base
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+
+
+def monitor_state(base: str) -> tuple[str, str | None]:
+    """The payments monitor's state and last outcome from /status."""
+    monitor = json.loads(http_get(f"{base}/status")[1])["monitors"]["payments"]
+    return monitor["state"], monitor["last_outcome"]
+
+
+def test_status_and_rearm(config: Path, daemon: str) -> None:
+    """status shows the latch; rearm with the token file clears it; status --json agrees."""
+    wait_for(lambda: monitor_state(daemon)[0] == "rolled_back", 20, what="rollback")
+    shown = rollbackd("status", "--config", str(config))
+    assert shown.returncode == 0, shown.stderr
+    assert "payments" in shown.stdout
+    assert "rolled_back" in shown.stdout
+    assert "payment-error-rate" in shown.stdout
+    wait_for(lambda: monitor_state(daemon) == ("rolled_back", "ok"), 20, what="healthy again")
+    rearmed = rollbackd("rearm", "payments", "--config", str(config))
+    assert rearmed.returncode == 0, rearmed.stderr
+    assert "payments: ok" in rearmed.stdout
+    as_json = json.loads(rollbackd("status", "--json", "--config", str(config)).stdout)
+    assert as_json["monitors"]["payments"]["state"] == "ok"
+    again = rollbackd("rearm", "payments", "--config", str(config))
+    assert again.returncode == 1
+    assert "nothing to re-arm" in again.stderr
+
+
+def test_rearm_unknown_monitor_names_it(config: Path, daemon: str) -> None:
+    """Re-arming a monitor that does not exist is a clear error, not a traceback."""
+    result = rollbackd("rearm", "paymnets", "--config", str(config))
+    assert result.returncode == 1
+    assert "paymnets" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_status_without_daemon_says_so(config: Path) -> None:
+    """status with nothing listening tells the operator the daemon is not reachable."""
+    result = rollbackd("status", "--config", str(config))
+    assert result.returncode == 1
+    assert "is rollbackd running?" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_test_action_fires_once_with_yes(config: Path, tmp_path: Path) -> None:
+    """test-action fires the named action; without --yes and a terminal it refuses."""
+    refused = rollbackd("test-action", "route-legacy", "--config", str(config), stdin="")
+    assert refused.returncode == 1
+    assert "--yes" in refused.stderr
+    assert "BOOP_TRAFFIC_PERCENT=5" in (tmp_path / "traffic.env").read_text()
+    fired = rollbackd("test-action", "route-legacy", "--yes", "--config", str(config))
+    assert fired.returncode == 0, fired.stderr
+    assert "BOOP_TRAFFIC_PERCENT=0" in (tmp_path / "traffic.env").read_text()
+    unknown = rollbackd("test-action", "route-legasy", "--yes", "--config", str(config))
+    assert unknown.returncode == 1
+    assert "actions.route-legasy" in unknown.stderr
+
+
+def test_bad_arguments_are_usage_errors() -> None:
+    """Unknown commands and missing arguments exit 2 with usage, no traceback."""
+    for args in (["frobnicate"], ["rearm"], ["demo", "--speed", "fast"]):
+        result = rollbackd(*args)
+        assert result.returncode == 2, args
+        assert "usage:" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_run_with_bad_config_exits_1_naming_key(tmp_path: Path) -> None:
+    """run refuses a broken config with the key, before starting anything."""
+    path = tmp_path / "bad.toml"
+    path.write_text('[daemon]\nmode = "yolo"\n')
+    result = rollbackd("run", "--config", str(path))
+    assert result.returncode == 1
+    assert f"{path}: daemon.mode:" in result.stderr
+
+
+def test_demo_rolls_back(tmp_path: Path) -> None:
+    """The demo runs without servers or root and ends with a rollback and its record."""
+    env = {**os.environ}
+    result = subprocess.run(
+        [sys.executable, "-m", "rollbackd", "demo", "--speed", "8", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "rolled back. incident" in result.stdout
+    assert "BREACH" in result.stdout
+    assert "failures 5/5" in result.stdout
+    assert "BOOP_TRAFFIC_PERCENT=0" in (tmp_path / "traffic.env").read_text()
+    flags = json.loads((tmp_path / "flags.json").read_text())
+    assert flags["flags"]["boop-payments"]["defaultVariant"] == "off"
+    records = list((tmp_path / "state" / "incidents").glob("*.json"))
+    assert any(json.loads(p.read_text())["event"] == "rollback" for p in records)
