@@ -101,7 +101,7 @@ def monitor_state(base: str) -> tuple[str, str | None]:
 
 
 def test_status_and_rearm(config: Path, daemon: str) -> None:
-    """status shows the latch; rearm with the token file clears it; status --json agrees."""
+    """Status shows the latch; rearm with the token file clears it; status --json agrees."""
     wait_for(lambda: monitor_state(daemon)[0] == "rolled_back", 20, what="rollback")
     shown = rollbackd("status", "--config", str(config))
     assert shown.returncode == 0, shown.stderr
@@ -128,7 +128,7 @@ def test_rearm_unknown_monitor_names_it(config: Path, daemon: str) -> None:
 
 
 def test_status_without_daemon_says_so(config: Path) -> None:
-    """status with nothing listening tells the operator the daemon is not reachable."""
+    """Status with nothing listening tells the operator the daemon is not reachable."""
     result = rollbackd("status", "--config", str(config))
     assert result.returncode == 1
     assert "is rollbackd running?" in result.stderr
@@ -159,7 +159,7 @@ def test_bad_arguments_are_usage_errors() -> None:
 
 
 def test_run_with_bad_config_exits_1_naming_key(tmp_path: Path) -> None:
-    """run refuses a broken config with the key, before starting anything."""
+    """Run refuses a broken config with the key, before starting anything."""
     path = tmp_path / "bad.toml"
     path.write_text('[daemon]\nmode = "yolo"\n')
     result = rollbackd("run", "--config", str(path))
