@@ -12,7 +12,7 @@ import fcntl
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,7 +35,7 @@ from rollbackd.metrics import Metrics
 from rollbackd.monitor import MonitorRunner
 from rollbackd.plan import PlanRunner
 from rollbackd.sources import SOURCE_TYPES, Source
-from rollbackd.state import IncidentDraft, Store
+from rollbackd.state import IncidentDraft, IncidentRecord, Store
 
 log = structlog.get_logger("rollbackd.daemon")
 
@@ -231,11 +231,13 @@ class Daemon:
             self._arrivals.add(task)
             task.add_done_callback(self._arrivals.discard)
 
-    async def _guarded(self, check: Any, monitor: str) -> None:
+    async def _guarded(self, check: Awaitable[object], monitor: str) -> None:
         try:
             await check
         except RollbackdError as exc:
             log.error("check_failed_to_run", monitor=monitor, error=str(exc))
+        except Exception:  # a bug must cost one check, never the daemon (logged with traceback)
+            log.exception("check_crashed", monitor=monitor)
 
     def _observe(self, name: str) -> Callable[[Check, Transition, float], None]:
         def observe(check: Check, transition: Transition, seconds: float) -> None:
@@ -258,14 +260,38 @@ class Daemon:
             state_dir=self.config.daemon.state_dir,
             config_sha256=self.config.sha256,
             on_attempt=self.metrics.action_attempt,
+            on_failed_steps=self._alert_failed_steps,
         )
 
     def _start_plan(self, incident_id: str) -> None:
         if incident_id in self._plans and not self._plans[incident_id].done():
             return
-        runner = self._runner()
-        task = asyncio.get_running_loop().create_task(runner.run(incident_id))
+        task = asyncio.get_running_loop().create_task(self._run_plan(incident_id))
         self._plans[incident_id] = task
+
+    async def _run_plan(self, incident_id: str) -> None:
+        try:
+            await self._runner().run(incident_id)
+        except RollbackdError as exc:  # e.g. the state store failing: resumed at next start
+            log.error("plan_aborted", incident=incident_id, error=str(exc), resume="at next start")
+
+    def _alert_failed_steps(self, record: IncidentRecord) -> None:
+        """A rollback step failed: tell the monitor's alert actions (a new alert incident)."""
+        monitor = self.config.monitors.get(record.monitor)
+        failed = [f"{s.action} ({s.detail})" for s in record.steps if s.status == "failed"]
+        log.error("rollback_incomplete", incident=record.id, monitor=record.monitor, failed=failed)
+        if monitor is None or not monitor.on_alert:
+            return
+        draft = IncidentDraft(
+            monitor=record.monitor,
+            event="alert",
+            reason=f"rollback {record.id} incomplete: failed steps: {'; '.join(failed)}",
+            mode=record.mode,
+            opened_at=self.clock(),
+            actions=tuple(monitor.on_alert),
+            details={"rollback": record.id, "failed_steps": failed},
+        )
+        self._start_plan(self.store.open_incident(draft))
 
     def _resume_plans(self) -> None:
         for incident in self.store.unfinished_incidents():

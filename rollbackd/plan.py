@@ -59,6 +59,9 @@ class PlanRunner:
     samples: int = 50
     """Recent checks of the monitor copied into the incident record."""
     clock: Callable[[], float] = time.time
+    on_failed_steps: Callable[[IncidentRecord], None] | None = None
+    """Told, before a rollback incident is marked finished, that some of its steps failed
+    (the daemon alerts on it); after a crash right there it is told again: at least once."""
 
     async def resume(self) -> list[str]:
         """Finish every incident a previous run left unfinished, oldest first; their ids."""
@@ -174,8 +177,10 @@ class PlanRunner:
             log.exception(
                 "incident_record_failed", incident=incident_id, path=str(path), error=str(exc)
             )
-        self.store.finish_incident(incident_id, now)
         failed = [s.action for s in record.steps if s.status == "failed"]
+        if failed and record.event == Event.ROLLBACK and self.on_failed_steps is not None:
+            self.on_failed_steps(record)
+        self.store.finish_incident(incident_id, now)
         (log.error if failed else log.info)(
             "plan_finished",
             incident=incident_id,

@@ -377,3 +377,25 @@ async def test_second_daemon_on_same_state_dir_is_refused(tmp_path: Path) -> Non
             await Daemon(config, registry=CollectorRegistry()).serve()
 
     await running(config, body)
+
+
+async def test_failed_rollback_step_is_alerted_and_later_steps_run(tmp_path: Path) -> None:
+    """A failing step does not stop the plan, and the monitor's alert actions hear about it."""
+    prepare_files(tmp_path)
+    raw = config_dict(tmp_path)
+    raw["actions"]["route-legacy"]["path"] = str(tmp_path / "missing-dir" / "traffic.env")
+    raw["actions"]["route-legacy"]["retries"] = 1
+    config = from_dict(raw)
+    SCRIPT.value = 5.0
+
+    async def body(daemon: Daemon) -> None:
+        await wait_until(lambda: plan_done(daemon))
+        (rollback,) = [i for i in daemon.store.incidents() if i.event == "rollback"]
+        assert [s.status for s in rollback.steps] == ["ok", "failed", "ok"]
+        assert rollback.steps[1].attempts == 2
+        await wait_until(lambda: any("incomplete" in i.reason for i in daemon.store.incidents()))
+        (notice,) = [i for i in daemon.store.incidents() if "incomplete" in i.reason]
+        assert notice.event == "alert"
+        assert "route-legacy" in notice.reason
+
+    await running(config, body)
