@@ -1,0 +1,1 @@
+"""Benchmarks of rollbackd: detection latency, evaluation capacity, footprint (see README.md)."""
