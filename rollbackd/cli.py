@@ -107,7 +107,7 @@ def _status(args: argparse.Namespace) -> int:
     from rollbackd.api import get_status
     from rollbackd.report import status_table
 
-    config = load(args.config)
+    config = load(args.config, secrets=False)
     status = asyncio.run(get_status(_listen(config), timeout=5.0))
     print(json.dumps(status, indent=2) if args.json else status_table(status))
     return EXIT_OK
@@ -116,7 +116,7 @@ def _status(args: argparse.Namespace) -> int:
 def _rearm(args: argparse.Namespace) -> int:
     from rollbackd.api import post_rearm, read_control_token
 
-    config = load(args.config)
+    config = load(args.config, secrets=False)
     token = read_control_token(config.daemon.state_dir)
     result = asyncio.run(post_rearm(_listen(config), token, args.monitor))
     print(f"{args.monitor}: {result.get('state', 're-armed')}")

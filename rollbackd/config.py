@@ -149,6 +149,11 @@ class DaemonConfig(BaseSettings):
         return (env_settings, init_settings)
 
     @property
+    def is_production(self) -> bool:
+        """``environment`` names production (``production`` or ``prod``, any case)."""
+        return self.environment.strip().lower() in {"production", "prod"}
+
+    @property
     def armed(self) -> bool:
         """True when actions really run."""
         return self.mode == "armed"
@@ -264,8 +269,11 @@ class Config(Frozen):
     action_options: dict[str, Any] = Field(default_factory=dict, exclude=True)
 
 
-def load(path: Path | str) -> Config:
-    """Read, validate and cross-check a config file; ConfigError lists every problem."""
+def load(path: Path | str, *, secrets: bool = True) -> Config:
+    """Read, validate and cross-check a config file; ConfigError lists every problem.
+
+    ``secrets=False`` skips reading the secrets (``status`` and ``rearm`` need none).
+    """
     path = Path(path)
     try:
         raw_bytes = path.read_bytes()
@@ -277,10 +285,13 @@ def load(path: Path | str) -> Config:
         raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: {exc}"]) from exc
-    return from_dict(raw, path=path, sha256=hashlib.sha256(raw_bytes).hexdigest())
+    digest = hashlib.sha256(raw_bytes).hexdigest()
+    return from_dict(raw, path=path, sha256=digest, secrets=secrets)
 
 
-def from_dict(raw: dict[str, Any], path: Path | None = None, sha256: str = "") -> Config:
+def from_dict(
+    raw: dict[str, Any], path: Path | None = None, sha256: str = "", *, secrets: bool = True
+) -> Config:
     """Validate an already-parsed TOML document (tests and the demo build configs this way)."""
     where = str(path) if path else "<config>"
     raw = dict(raw)
@@ -292,19 +303,32 @@ def from_dict(raw: dict[str, Any], path: Path | None = None, sha256: str = "") -
             problems.append(f"{where}: daemon: must be a table")
     except ValidationError as exc:
         daemon = None
-        problems.extend(_lines(where, exc, prefix=("daemon",)))
+        problems.extend(_with_env_names(_lines(where, exc, prefix=("daemon",))))
     try:
-        config = Config.model_validate({**raw, "path": path, "sha256": sha256})
+        # The daemon table is validated above (with the environment); a stand-in here keeps
+        # Config from reading the environment a second time.
+        stand_in = DaemonConfig.model_construct()
+        config = Config.model_validate({**raw, "daemon": stand_in, "path": path, "sha256": sha256})
     except ValidationError as exc:
         problems.extend(_lines(where, exc))
         raise ConfigError(problems) from exc
     if daemon is None:
         raise ConfigError(problems)
     config = config.model_copy(update={"daemon": daemon})
-    problems.extend(f"{where}: {line}" for line in _cross_check(config))
+    problems.extend(f"{where}: {line}" for line in _cross_check(config, secrets=secrets))
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _with_env_names(lines: list[str]) -> list[str]:
+    """Say which ``ROLLBACKD_*`` variable a bad [daemon] value came from, when it did."""
+    out = []
+    for line in lines:
+        key = line.split("daemon.", 1)[-1].split(":", 1)[0]
+        var = f"ROLLBACKD_{key.upper()}"
+        out.append(f"{line} (from ${var})" if key.isidentifier() and var in os.environ else line)
+    return out
 
 
 def _lines(where: str, exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[str]:
@@ -329,7 +353,7 @@ def dotted(loc: tuple[str | int, ...]) -> str:
     return out
 
 
-def _cross_check(config: Config) -> Iterator[str]:
+def _cross_check(config: Config, *, secrets: bool = True) -> Iterator[str]:
     """References, plugin options, rule keys per source type, secrets, the production guard."""
     # Imported here: the plugin packages import this module for their option models.
     from rollbackd.actions import ACTION_TYPES  # noqa: PLC0415
@@ -357,9 +381,10 @@ def _cross_check(config: Config) -> Iterator[str]:
         yield from _check_monitor(config, name, monitor, source_types)
     for name, options in config.action_options.items():
         yield from _check_action_source(config, name, options, source_types)
-    yield from _check_secrets(config)
+    if secrets:
+        yield from _check_secrets(config)
     daemon = config.daemon
-    if daemon.armed and daemon.environment == "production" and not daemon.confirm_production:
+    if daemon.armed and daemon.is_production and not daemon.confirm_production:
         yield (
             "daemon.mode: armed in production needs daemon.confirm_production = true "
             "(or ROLLBACKD_CONFIRM_PRODUCTION=true): acting on production must be explicit"

@@ -343,3 +343,33 @@ def test_config_is_immutable(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="frozen"):
         config.monitors["payments"].rollback_after = 3  # type: ignore[misc]
     assert isinstance(config, Config)
+
+
+def test_bad_environment_override_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad ROLLBACKD_* value is reported once, on its key, naming the variable."""
+    monkeypatch.setenv("ROLLBACKD_MODE", "bogus")
+    path = write(tmp_path, MINIMAL)
+    problems = problems_of(path)
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{path}: daemon.mode: ")
+    assert problems[0].endswith("(from $ROLLBACKD_MODE)")
+
+
+@pytest.mark.parametrize("environment", ["production", "Production", "prod", " PROD "])
+def test_production_guard_is_not_fooled_by_spelling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, environment: str
+) -> None:
+    """Armed is refused in production however the environment name is capitalised."""
+    monkeypatch.delenv("ROLLBACKD_CONFIRM_PRODUCTION", raising=False)
+    text = MINIMAL.replace('mode = "dry-run"', f'mode = "armed"\nenvironment = "{environment}"')
+    assert any("armed in production" in p for p in problems_of(write(tmp_path, text)))
+
+
+def test_secrets_can_be_skipped_for_read_only_commands(tmp_path: Path) -> None:
+    """Status and rearm load the config without reading secrets they do not use."""
+    text = MINIMAL + '\n[sources.vault]\ntype = "test.secret"\ntoken = { env = "ROLLBACKD_NOPE" }\n'
+    path = write(tmp_path, text)
+    assert any("ROLLBACKD_NOPE is not set" in p for p in problems_of(path))
+    assert "vault" in load(path, secrets=False).sources
