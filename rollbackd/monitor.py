@@ -44,7 +44,7 @@ class MonitorRunner:
     state: MonitorState = field(init=False)
     last_check: Check | None = field(init=False, default=None)
     _lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
-    _pending_arrival: bool = field(init=False, default=False)
+    _arrival_waiting: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.state = self.store.monitor_state(self.name) or MonitorState()
@@ -66,33 +66,38 @@ class MonitorRunner:
     async def tick(self) -> Check | None:
         """Run the interval's check; push monitors only look for staleness.
 
-        Fresh values of a push monitor were already counted when they arrived.
+        Fresh values of a push monitor were already counted when they arrived, so its tick
+        judges only the series that are stale or failing (each by its rule's ``no_data``):
+        nothing to judge means no check at all.
         """
         async with self._lock:
             started = time.perf_counter()
             now = self.clock()
             readings = await self._read_all(now)
-            if self.push and all(
-                r.status is ReadingStatus.OK for rs in readings.values() for r in rs
-            ):
-                return None
+            if self.push:
+                readings = {
+                    rule: unusable
+                    for rule, series in readings.items()
+                    if (unusable := [r for r in series if r.status is not ReadingStatus.OK])
+                }
+                if not readings:
+                    return None
             return self._commit(readings, now, started)
 
     async def arrival(self) -> Check | None:
-        """Check now: a push source has a new value (bursts arriving mid-check are coalesced)."""
-        if self._lock.locked():
-            self._pending_arrival = True
+        """Check now: a push source has a new value.
+
+        An arrival while a check runs waits for it and then reads the latest values; arrivals
+        while one is already waiting are folded into that one (a burst is one check).
+        """
+        if self._arrival_waiting:
             return None
-        check = None
+        self._arrival_waiting = True
         async with self._lock:
-            while True:
-                self._pending_arrival = False
-                started = time.perf_counter()
-                now = self.clock()
-                check = self._commit(await self._read_all(now), now, started)
-                if not self._pending_arrival:
-                    break
-        return check
+            self._arrival_waiting = False
+            started = time.perf_counter()
+            now = self.clock()
+            return self._commit(await self._read_all(now), now, started)
 
     async def idle(self) -> None:
         """Return once no check of this monitor is in flight."""
@@ -157,6 +162,7 @@ class MonitorRunner:
         results = [
             result
             for rule in self.config.rules
+            if rule.name in readings
             for result in engine.evaluate_rule(rule, readings[rule.name], at=now)
         ]
         check = engine.decide(self.name, results, now)

@@ -399,3 +399,94 @@ async def test_failed_rollback_step_is_alerted_and_later_steps_run(tmp_path: Pat
         assert "route-legacy" in notice.reason
 
     await running(config, body)
+
+
+@dataclass
+class PushedSource(ScriptedSource):
+    """A push source: the test publishes values and the listeners hear of them."""
+
+    push: bool = True
+    monitors: list[str] = field(default_factory=list)
+
+    def watch(self, monitor: str, rule: RuleConfig) -> None:
+        """Remember which monitors read this source."""
+        self.monitors.append(monitor)
+
+    def add_listener(self, listener: ArrivalListener) -> None:
+        """Keep the listener for publish()."""
+        SCRIPT.listeners.append(listener)
+
+    async def read(self, rule: RuleConfig, now: float) -> Sequence[Reading]:
+        """The latest value, or stale once the test says so."""
+        if SCRIPT.failing is not None:
+            return [readings.no_data(SCRIPT.failing, now)]
+        return await super().read(rule, now)
+
+
+SOURCE_TYPES.register(
+    "test.pushed",
+    SourceType(
+        options=ScriptedOptions,
+        rule_keys=frozenset({"topic"}),
+        build=lambda name, options: PushedSource(name),
+    ),
+)
+
+
+def publish(value: float) -> None:
+    """A new sample arrives on the push source."""
+    SCRIPT.value = value
+    for listener in SCRIPT.listeners:
+        listener("payments")
+
+
+def push_config(tmp_path: Path, interval: str) -> Config:
+    """The scripted monitor, reading a push source instead."""
+    raw = config_dict(tmp_path, interval=interval)
+    raw["sources"] = {"bus": {"type": "test.pushed"}}
+    rule = raw["monitors"]["payments"]["rules"][0]
+    del rule["query"]
+    rule.update(source="bus", topic="boop/payments/error_rate")
+    return from_dict(raw)
+
+
+async def test_push_monitor_counts_each_arrival_not_the_interval(tmp_path: Path) -> None:
+    """Three breaching samples are three failing checks, long before one interval passes."""
+    prepare_files(tmp_path)
+    SCRIPT.listeners.clear()
+    config = push_config(tmp_path, "1h")
+
+    async def body(daemon: Daemon) -> None:
+        monitor = daemon.monitors["payments"]
+        assert monitor.push
+        before = monitor.state.checks  # ticks over fresh values add no checks
+        for expected in (1, 2):
+            publish(5.0)
+            await wait_until(lambda: monitor.state.consecutive_failures == expected)  # noqa: B023
+        publish(5.0)
+        await wait_until(lambda: plan_done(daemon))
+        assert monitor.state.checks == before + 3
+
+    await running(config, body)
+
+
+async def test_push_monitor_tick_judges_only_stale_values(tmp_path: Path) -> None:
+    """An interval tick with fresh values adds no check; a stale value makes it inconclusive."""
+    prepare_files(tmp_path)
+    SCRIPT.listeners.clear()
+    config = push_config(tmp_path, "100ms")
+
+    async def body(daemon: Daemon) -> None:
+        monitor = daemon.monitors["payments"]
+        publish(5.0)
+        await wait_until(lambda: monitor.state.consecutive_failures == 1)
+        checks = monitor.state.checks
+        await asyncio.sleep(0.5)  # five ticks over fresh values: not a synchronisation
+        assert monitor.state.checks == checks
+        SCRIPT.failing = "stale: last value 61s ago"
+        await wait_until(lambda: monitor.state.consecutive_errors >= 2)
+        assert monitor.state.consecutive_failures == 1
+        assert monitor.last_check is not None
+        assert str(monitor.last_check.outcome) == "inconclusive"
+
+    await running(config, body)
