@@ -33,7 +33,7 @@ from rollbackd.engine import Check, MonitorState, Phase, Transition
 from rollbackd.errors import ConfigError, RollbackdError, StateError
 from rollbackd.metrics import Metrics
 from rollbackd.monitor import MonitorRunner
-from rollbackd.plan import PlanRunner
+from rollbackd.plan import PlanRunner, PlanTasks
 from rollbackd.sources import SOURCE_TYPES, Source
 from rollbackd.state import IncidentDraft, IncidentRecord, Store
 
@@ -76,7 +76,7 @@ class Daemon:
         self._store: Store | None = None
         self._scheduler: AsyncIOScheduler | None = None
         self._stop = asyncio.Event()
-        self._plans: dict[str, asyncio.Task[None]] = {}
+        self.plans = PlanTasks(self._runner)
         self._last_tick: dict[str, float] = {}
         self._reloading = asyncio.Lock()
         self._arrivals: set[asyncio.Task[None]] = set()
@@ -113,7 +113,7 @@ class Daemon:
                 stack.push_async_callback(self._stop_parts)
                 await self._start_surface(stack)
                 self._install_signals()
-                self._resume_plans()
+                self.plans.resume_unfinished(self.store)
                 self.ready.set()
                 notify.ready(f"watching {len(self.monitors)} monitors, mode {daemon.mode}")
                 log.info("daemon_ready", mode=daemon.mode, listen=daemon.listen or None)
@@ -123,7 +123,7 @@ class Daemon:
                     watchdog.cancel()
                 notify.stopping()
                 log.info("daemon_stopping")
-                await self._drain_plans()
+                await self.plans.drain(STOP_GRACE_SECONDS)
         finally:
             self._store.close()
             self._store = None
@@ -153,7 +153,7 @@ class Daemon:
                 store=self.store,
                 history=config.daemon.history,
                 mode=config.daemon.mode,
-                on_incident=self._start_plan,
+                on_incident=self.plans.start,
                 clock=self.clock,
                 observer=self._observe(name),
             )
@@ -210,9 +210,7 @@ class Daemon:
             closer.add_done_callback(self._closers.discard)
 
     async def _close_actions_after_plans(self, actions: Mapping[str, Action]) -> None:
-        running = [task for task in self._plans.values() if not task.done()]
-        if running:
-            await asyncio.wait(running)
+        await self.plans.wait()
         for action in actions.values():
             await action.aclose()
 
@@ -263,18 +261,6 @@ class Daemon:
             on_failed_steps=self._alert_failed_steps,
         )
 
-    def _start_plan(self, incident_id: str) -> None:
-        if incident_id in self._plans and not self._plans[incident_id].done():
-            return
-        task = asyncio.get_running_loop().create_task(self._run_plan(incident_id))
-        self._plans[incident_id] = task
-
-    async def _run_plan(self, incident_id: str) -> None:
-        try:
-            await self._runner().run(incident_id)
-        except RollbackdError as exc:  # e.g. the state store failing: resumed at next start
-            log.error("plan_aborted", incident=incident_id, error=str(exc), resume="at next start")
-
     def _alert_failed_steps(self, record: IncidentRecord) -> None:
         """A rollback step failed: tell the monitor's alert actions (a new alert incident)."""
         monitor = self.config.monitors.get(record.monitor)
@@ -291,24 +277,7 @@ class Daemon:
             actions=tuple(monitor.on_alert),
             details={"rollback": record.id, "failed_steps": failed},
         )
-        self._start_plan(self.store.open_incident(draft))
-
-    def _resume_plans(self) -> None:
-        for incident in self.store.unfinished_incidents():
-            log.warning("plan_resuming", incident=incident.id, monitor=incident.monitor)
-            self._start_plan(incident.id)
-
-    async def _drain_plans(self) -> None:
-        running = [task for task in self._plans.values() if not task.done()]
-        if not running:
-            return
-        log.info("plans_finishing", count=len(running), grace_seconds=STOP_GRACE_SECONDS)
-        _, pending = await asyncio.wait(running, timeout=STOP_GRACE_SECONDS)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
-            log.warning("plans_interrupted", count=len(pending), resume="at next start")
+        self.plans.start(self.store.open_incident(draft))
 
     # --- operator surface ---------------------------------------------------------------
 
@@ -368,7 +337,7 @@ class Daemon:
                     actions=tuple(runner.config.on_alert),
                     details={"resolves": previous},
                 )
-                self._start_plan(self.store.open_incident(draft))
+                self.plans.start(self.store.open_incident(draft))
         return {"monitor": monitor, "state": str(state.phase), "resolved_incident": previous}
 
     async def _start_surface(self, stack: contextlib.AsyncExitStack) -> None:

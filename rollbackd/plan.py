@@ -228,6 +228,53 @@ class PlanRunner:
         }
 
 
+@dataclass(slots=True)
+class PlanTasks:
+    """The plans running in the daemon: one task per incident, never two for the same one."""
+
+    runner: Callable[[], PlanRunner]
+    """Builds a runner with the current actions (a reload swaps them for later plans)."""
+    _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict, init=False)
+
+    def start(self, incident_id: str) -> None:
+        """Run the incident's plan in the background unless it is already running."""
+        if incident_id in self._tasks:
+            return
+        task = asyncio.get_running_loop().create_task(self._run(incident_id))
+        self._tasks[incident_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(incident_id, None))
+
+    def resume_unfinished(self, store: Store) -> None:
+        """Start every plan a previous run left unfinished (after a crash or a stop)."""
+        for incident in store.unfinished_incidents():
+            log.warning("plan_resuming", incident=incident.id, monitor=incident.monitor)
+            self.start(incident.id)
+
+    async def wait(self) -> None:
+        """Return once the plans running now have finished."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()))
+
+    async def drain(self, grace: float) -> None:
+        """Give running plans ``grace`` seconds, then cancel them: they resume at next start."""
+        running = list(self._tasks.values())
+        if not running:
+            return
+        log.info("plans_finishing", count=len(running), grace_seconds=grace)
+        _, pending = await asyncio.wait(running, timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+            log.warning("plans_interrupted", count=len(pending), resume="at next start")
+
+    async def _run(self, incident_id: str) -> None:
+        try:
+            await self.runner().run(incident_id)
+        except RollbackdError as exc:  # e.g. the state store failing: resumed at next start
+            log.error("plan_aborted", incident=incident_id, error=str(exc), resume="at next start")
+
+
 async def attempt_once(action: Action, ctx: ActionContext, seconds: float) -> tuple[bool, str]:
     """Run one attempt, cancelled after ``seconds``; return (succeeded, detail or reason)."""
     ctx = replace(ctx, deadline=asyncio.get_running_loop().time() + seconds)
