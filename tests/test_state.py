@@ -29,7 +29,8 @@ from rollbackd.engine import (
 )
 from rollbackd.errors import StateError
 from rollbackd.readings import error, labels_of, no_data, ok
-from rollbackd.state import SCHEMA_VERSION, IncidentDraft, Store
+from rollbackd.schema import SCHEMA_VERSION
+from rollbackd.state import IncidentDraft, Store
 
 POLICY = Policy(
     rollback_after=5,
