@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -335,3 +336,61 @@ class Exporter:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+class Rollbackd:
+    """The daemon itself, ``python -m rollbackd run --config FILE``, logging to a file."""
+
+    def __init__(self, config: Path, port: int, workdir: Path) -> None:
+        self.config, self.port, self.workdir = config, port, workdir
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        """Start and wait until /health answers."""
+        self.starts += 1
+        env = {**os.environ, "ROLLBACKD_LOG_LEVEL": "debug", "ROLLBACKD_LOG_FORMAT": "json"}
+        with (self.workdir / f"daemon-{self.starts}.log").open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "rollbackd", "run", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        wait_for(self._healthy, 20, what="daemon /health")
+
+    def _healthy(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"daemon exited with {self.process.returncode}: {self.log()}")
+        return http_get(f"http://127.0.0.1:{self.port}/health")[0] == 200
+
+    def status(self) -> dict[str, Any]:
+        """GET /status."""
+        code, body = http_get(f"http://127.0.0.1:{self.port}/status")
+        assert code == 200, body
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    def monitor(self, name: str = "payments") -> dict[str, Any]:
+        """One monitor of /status."""
+        monitor: dict[str, Any] = self.status()["monitors"][name]
+        return monitor
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> int:
+        """SIGTERM and wait for a graceful exit."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+        return self.process.returncode
+
+    def log(self) -> str:
+        """Everything the daemon logged (last start)."""
+        return (self.workdir / f"daemon-{self.starts}.log").read_text(errors="replace")[-4000:]

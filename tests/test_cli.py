@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port, http_get, wait_for
+from tests.servers import Rollbackd, free_port, http_get, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -77,21 +76,13 @@ type = "alert.log"
 @pytest.fixture
 def daemon(config: Path) -> Iterator[str]:
     """``rollbackd run`` in the background; yields its base URL."""
-    text = config.read_text()
-    listen = text.split('listen = "', 1)[1].split('"', 1)[0]
-    with (config.parent / "daemon.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "rollbackd", "run", "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://{listen}"
+    port = int(config.read_text().split('listen = "127.0.0.1:', 1)[1].split('"', 1)[0])
+    process = Rollbackd(config, port, config.parent)
+    process.start()
     try:
-        wait_for(lambda: http_get(f"{base}/health")[0] == 200, 20, what="daemon up")
-        yield base
+        yield f"http://127.0.0.1:{port}"
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
+        assert process.stop() == 0, process.log()
 
 
 def monitor_state(base: str) -> tuple[str, str | None]:

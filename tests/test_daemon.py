@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from rollbackd import readings
 from rollbackd.config import Config, Frozen, RuleConfig, from_dict, load
 from rollbackd.daemon import Daemon
+from rollbackd.demo import prepare
 from rollbackd.engine import Phase
 from rollbackd.errors import StateError
 from rollbackd.readings import Reading
@@ -129,21 +130,6 @@ def config_dict(state_dir: Path, **monitor: Any) -> dict[str, Any]:
     }
 
 
-def prepare_files(state_dir: Path) -> None:
-    """The flag file and traffic file a BOOP rollout would have."""
-    flags = {
-        "flags": {
-            "boop-payments": {
-                "state": "ENABLED",
-                "variants": {"on": True, "off": False},
-                "defaultVariant": "on",
-            }
-        }
-    }
-    (state_dir / "flags.json").write_text(json.dumps(flags))
-    (state_dir / "traffic.env").write_text("# rollout\nBOOP_TRAFFIC_PERCENT=5\n")
-
-
 async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
     """Wait for cond() to hold, failing after timeout seconds."""
     deadline = time.monotonic() + timeout
@@ -178,7 +164,7 @@ def plan_done(daemon: Daemon) -> bool:
 
 async def test_rollback_after_exactly_n_failing_checks(tmp_path: Path) -> None:
     """Healthy checks do nothing; three breaches in a row run the plan once and latch."""
-    prepare_files(tmp_path)
+    prepare(tmp_path)
     config = from_dict(config_dict(tmp_path))
 
     async def body(daemon: Daemon) -> None:
@@ -211,7 +197,7 @@ async def test_rollback_after_exactly_n_failing_checks(tmp_path: Path) -> None:
 
 async def test_source_outage_never_rolls_back(tmp_path: Path) -> None:
     """A failing source is inconclusive for as long as it lasts: blind alert, no rollback."""
-    prepare_files(tmp_path)
+    prepare(tmp_path)
     config = from_dict(config_dict(tmp_path))
     SCRIPT.failing = "connection refused"
 
@@ -231,7 +217,7 @@ async def test_source_outage_never_rolls_back(tmp_path: Path) -> None:
 
 async def test_restart_keeps_latch_and_does_not_roll_back_again(tmp_path: Path) -> None:
     """A restarted daemon restores the latch and never runs a second plan for the incident."""
-    prepare_files(tmp_path)
+    prepare(tmp_path)
     config = from_dict(config_dict(tmp_path))
     SCRIPT.value = 5.0
 
@@ -252,7 +238,7 @@ async def test_restart_keeps_latch_and_does_not_roll_back_again(tmp_path: Path) 
 
 async def test_rearm_clears_latch_and_next_streak_rolls_back_again(tmp_path: Path) -> None:
     """After an operator re-arms, the monitor counts from zero and can roll back again."""
-    prepare_files(tmp_path)
+    prepare(tmp_path)
     config = from_dict(config_dict(tmp_path))
     SCRIPT.value = 5.0
 
@@ -274,7 +260,7 @@ async def test_rearm_clears_latch_and_next_streak_rolls_back_again(tmp_path: Pat
 
 async def test_dry_run_records_but_touches_nothing(tmp_path: Path) -> None:
     """In dry-run the plan is recorded as would_run and no file changes."""
-    prepare_files(tmp_path)
+    prepare(tmp_path)
     raw = config_dict(tmp_path)
     raw["daemon"]["mode"] = "dry-run"
     config = from_dict(raw)
@@ -297,7 +283,7 @@ async def test_dry_run_records_but_touches_nothing(tmp_path: Path) -> None:
 
 async def test_reload_keeps_counters_and_rejects_bad_config(tmp_path: Path) -> None:
     """Reload keeps the failure counter; a broken file is refused and the old config runs."""
-    prepare_files(tmp_path)
+    prepare(tmp_path)
     raw = config_dict(tmp_path, rollback_after=1000, interval="1s")
     path = tmp_path / "rollbackd.toml"
     path.write_text(to_toml(raw))
@@ -369,7 +355,7 @@ def to_toml(raw: dict[str, Any]) -> str:
 
 async def test_second_daemon_on_same_state_dir_is_refused(tmp_path: Path) -> None:
     """Two daemons never share a state directory: the second fails with a clear error."""
-    prepare_files(tmp_path)
+    prepare(tmp_path)
     config = from_dict(config_dict(tmp_path))
 
     async def body(daemon: Daemon) -> None:
@@ -381,7 +367,7 @@ async def test_second_daemon_on_same_state_dir_is_refused(tmp_path: Path) -> Non
 
 async def test_failed_rollback_step_is_alerted_and_later_steps_run(tmp_path: Path) -> None:
     """A failing step does not stop the plan, and the monitor's alert actions hear about it."""
-    prepare_files(tmp_path)
+    prepare(tmp_path)
     raw = config_dict(tmp_path)
     raw["actions"]["route-legacy"]["path"] = str(tmp_path / "missing-dir" / "traffic.env")
     raw["actions"]["route-legacy"]["retries"] = 1
@@ -452,7 +438,7 @@ def push_config(tmp_path: Path, interval: str) -> Config:
 
 async def test_push_monitor_counts_each_arrival_not_the_interval(tmp_path: Path) -> None:
     """Three breaching samples are three failing checks, long before one interval passes."""
-    prepare_files(tmp_path)
+    prepare(tmp_path)
     SCRIPT.listeners.clear()
     config = push_config(tmp_path, "1h")
 
@@ -472,7 +458,7 @@ async def test_push_monitor_counts_each_arrival_not_the_interval(tmp_path: Path)
 
 async def test_push_monitor_tick_judges_only_stale_values(tmp_path: Path) -> None:
     """An interval tick with fresh values adds no check; a stale value makes it inconclusive."""
-    prepare_files(tmp_path)
+    prepare(tmp_path)
     SCRIPT.listeners.clear()
     config = push_config(tmp_path, "100ms")
 

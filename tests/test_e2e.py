@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,77 +10,20 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from rollbackd.demo import prepare
 from tests.servers import (
     Alertmanager,
     Exporter,
     Mosquitto,
     Prometheus,
+    Rollbackd,
     free_port,
-    http_get,
     wait_for,
 )
 
 pytestmark = pytest.mark.slow
 
 RULE_METRIC = "e2e_payment_error_rate"
-
-
-class DaemonProcess:
-    """``python -m rollbackd run --config FILE`` with its log in a file."""
-
-    def __init__(self, config: Path, port: int, workdir: Path) -> None:
-        self.config, self.port, self.workdir = config, port, workdir
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        """Start and wait until /health answers."""
-        self.starts += 1
-        env = {**os.environ, "ROLLBACKD_LOG_LEVEL": "debug", "ROLLBACKD_LOG_FORMAT": "json"}
-        with (self.workdir / f"daemon-{self.starts}.log").open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "rollbackd", "run", "--config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        wait_for(self._healthy, 20, what="daemon /health")
-
-    def _healthy(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"daemon exited with {self.process.returncode}: {self.log()}")
-        return http_get(f"http://127.0.0.1:{self.port}/health")[0] == 200
-
-    def status(self) -> dict[str, Any]:
-        """GET /status."""
-        code, body = http_get(f"http://127.0.0.1:{self.port}/status")
-        assert code == 200, body
-        result: dict[str, Any] = json.loads(body)
-        return result
-
-    def monitor(self, name: str = "payments") -> dict[str, Any]:
-        """One monitor of /status."""
-        monitor: dict[str, Any] = self.status()["monitors"][name]
-        return monitor
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to clean up."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> int:
-        """SIGTERM and wait for a graceful exit."""
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(30)
-        return self.process.returncode
-
-    def log(self) -> str:
-        """Everything the daemon logged (last start)."""
-        return (self.workdir / f"daemon-{self.starts}.log").read_text(errors="replace")[-4000:]
 
 
 @pytest.fixture
@@ -126,18 +65,7 @@ def write_config(tmp_path: Path, stack: dict[str, Any], port: int) -> Path:
     broker: Mosquitto = stack["mosquitto"]
     am: Alertmanager = stack["alertmanager"]
     boop = tmp_path / "boop"
-    boop.mkdir()
-    flags = {
-        "flags": {
-            "boop-payments": {
-                "state": "ENABLED",
-                "variants": {"on": True, "off": False},
-                "defaultVariant": "on",
-            }
-        }
-    }
-    (boop / "flags.json").write_text(json.dumps(flags))
-    (boop / "traffic.env").write_text("BOOP_TRAFFIC_PERCENT=5\n")
+    prepare(boop)
     config = tmp_path / "rollbackd.toml"
     config.write_text(
         f"""
@@ -202,13 +130,13 @@ url = "{am.url}"
     return config
 
 
-def checks_advance(daemon: DaemonProcess, by: int) -> Callable[[], bool]:
+def checks_advance(daemon: Rollbackd, by: int) -> Callable[[], bool]:
     """A condition: the payments monitor has run ``by`` more checks than now."""
     start = daemon.monitor()["checks"]
     return lambda: daemon.monitor()["checks"] >= start + by
 
 
-def rollbacks(daemon: DaemonProcess) -> list[dict[str, Any]]:
+def rollbacks(daemon: Rollbackd) -> list[dict[str, Any]]:
     """Rollback incidents listed by /status."""
     return [i for i in daemon.status()["incidents"] if i["event"] == "rollback"]
 
@@ -220,7 +148,7 @@ def test_outage_then_breach_then_sigkill(tmp_path: Path, stack: dict[str, Any]) 
     rollback_after checks; after SIGKILL and restart the latch holds and nothing runs again.
     """
     port = free_port()
-    daemon = DaemonProcess(write_config(tmp_path, stack, port), port, tmp_path)
+    daemon = Rollbackd(write_config(tmp_path, stack, port), port, tmp_path)
     boop = tmp_path / "boop"
     daemon.start()
     try:
