@@ -195,9 +195,27 @@ def from_alertmanager(path: str, trial: int) -> Any:
     return match
 
 
-def all_ok(daemon: DaemonProcess) -> bool:
-    monitors = daemon.status()["monitors"]
-    return all(m["last_outcome"] == "ok" for m in monitors.values())
+def settle(daemon: DaemonProcess, broker: Mosquitto, topics: int) -> None:
+    """Wait until every monitor's last check is ok; MQTT ones get a healthy sample meanwhile.
+
+    The MQTT source subscribes after the daemon reports ready, so samples are repeated
+    (every 0.2 s, for 30 s at most) until each monitor has seen one.
+    """
+    client = publisher(broker.port)
+
+    def healthy() -> bool:
+        monitors = daemon.status()["monitors"]
+        waiting = [name for name, m in monitors.items() if m["last_outcome"] != "ok"]
+        for name in waiting:
+            if name.startswith("mqtt-"):
+                client.publish(f"bench/{name.removeprefix('mqtt-')}", str(HEALTHY), qos=0)
+        return not waiting
+
+    try:
+        wait_for(healthy, 30, interval=0.2, what=f"every monitor ok ({topics} on MQTT)")
+    finally:
+        client.loop_stop()
+        client.disconnect()
 
 
 def publisher(port: int) -> mqtt.Client:
@@ -324,12 +342,7 @@ def main() -> None:
                 server.start()
             prom.wait_targets_up()
             daemon.start()
-            client = publisher(broker.port)
-            for j in range(mqtt_n + burst_n):
-                client.publish(f"bench/{j}", str(HEALTHY), qos=1).wait_for_publish(5)
-            client.loop_stop()
-            client.disconnect()
-            wait_for(lambda: all_ok(daemon), 20, interval=0.2, what="every monitor ok")
+            settle(daemon, broker, mqtt_n + burst_n)
             print(f"MQTT: {mqtt_n} trials, samples {MQTT_GAP * 1000:.0f} ms apart")
             mq = mqtt_trials(
                 trials=mqtt_n, first=0, gap=MQTT_GAP, broker=broker, receiver=receiver, wait=5
