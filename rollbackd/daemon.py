@@ -35,7 +35,7 @@ from rollbackd.metrics import Metrics
 from rollbackd.monitor import MonitorRunner
 from rollbackd.plan import PlanRunner, PlanTasks
 from rollbackd.sources import SOURCE_TYPES, Source
-from rollbackd.state import IncidentDraft, IncidentRecord, Store
+from rollbackd.state import GROUP_COMMIT_SECONDS, IncidentDraft, IncidentRecord, Store
 
 log = structlog.get_logger("rollbackd.daemon")
 
@@ -118,9 +118,10 @@ class Daemon:
                 notify.ready(f"watching {len(self.monitors)} monitors, mode {daemon.mode}")
                 log.info("daemon_ready", mode=daemon.mode, listen=daemon.listen or None)
                 async with asyncio.TaskGroup() as group:
-                    watchdog = group.create_task(self._watchdog())
+                    chores = [group.create_task(self._watchdog()), group.create_task(self._flush())]
                     await self._stop.wait()
-                    watchdog.cancel()
+                    for chore in chores:
+                        chore.cancel()
                 notify.stopping()
                 log.info("daemon_stopping")
                 await self.plans.drain(STOP_GRACE_SECONDS)
@@ -388,6 +389,15 @@ class Daemon:
             log.info("config_reloaded", sha256=new.sha256, monitors=len(new.monitors))
             notify.ready(f"watching {len(self.monitors)} monitors, mode {new.daemon.mode}")
             return True
+
+    async def _flush(self) -> None:
+        """Write quiet checks at least every GROUP_COMMIT_SECONDS, even with slow intervals."""
+        while True:
+            await asyncio.sleep(GROUP_COMMIT_SECONDS)
+            try:
+                self.store.flush()
+            except StateError as exc:
+                log.error("state_flush_failed", error=str(exc))
 
     async def _watchdog(self) -> None:
         interval = notify.watchdog_interval()

@@ -108,14 +108,41 @@ def _state_row(monitor: str, state: MonitorState) -> tuple[Any, ...]:
 _SAVE_STATE = "INSERT OR REPLACE INTO monitors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
+GROUP_COMMIT_SECONDS = 1.0
+"""Quiet checks (counters, latch and incident unchanged) are written together at most this late."""
+
+
+@dataclass(slots=True)
+class _Quiet:
+    """Checks of one monitor waiting for the next group commit, with its latest state."""
+
+    rows: list[tuple[str, float, str, str]]
+    state: MonitorState
+    history: int
+
+
+def _durable(state: MonitorState) -> MonitorState:
+    """The part of a state that decides anything: what a quiet check must leave unchanged."""
+    return replace(state, checks=0, last_check_at=None, last_outcome=None)
+
+
 class Store:
-    """The state database of one daemon; every method is one short transaction."""
+    """The state database of one daemon; every method is one short transaction.
+
+    A check that changes no counter, latch or incident (a healthy system checked again) is
+    kept in memory and written with the next transaction, at most ``GROUP_COMMIT_SECONDS``
+    later: a crash can lose that much check history, never a decision. Every other check is
+    committed before ``commit_check`` returns.
+    """
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         """Use ``Store.open``; this only wraps an already migrated connection."""
         self._conn = conn
         self.path = path
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._quiet: dict[str, _Quiet] = {}
+        self._quiet_since: float | None = None
+        self._saved: dict[str, MonitorState] = {}
 
     @classmethod
     def open(cls, state_dir: Path) -> Store:
@@ -143,9 +170,19 @@ class Store:
         return cls(conn, path)
 
     def close(self) -> None:
-        """Close the database (later calls raise StateError)."""
+        """Write the waiting quiet checks and close the database (later calls raise StateError)."""
         with self._lock:
-            self._conn.close()
+            try:
+                self.flush()
+            finally:
+                self._conn.close()
+
+    def flush(self) -> None:
+        """Write the quiet checks now (the daemon calls this every second)."""
+        with self._lock:
+            if self._quiet:
+                with self._tx("writing checks", write=True):
+                    pass
 
     def __enter__(self) -> Store:
         return self
@@ -158,9 +195,11 @@ class Store:
         """Run the block as one transaction; sqlite errors become StateError."""
         with self._lock:
             conn = self._conn
+            quiet = self._quiet
             try:
-                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                conn.execute("BEGIN IMMEDIATE" if write or quiet else "BEGIN")
                 try:
+                    _write_quiet(conn, quiet)  # reads see them; writes come after them
                     yield conn
                 except BaseException:
                     conn.execute("ROLLBACK")
@@ -168,6 +207,7 @@ class Store:
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise StateError(f"state database {self.path}: {what} failed: {exc}") from exc
+            self._quiet, self._quiet_since = {}, None
 
     # --- monitors and checks --------------------------------------------------------------
 
@@ -207,24 +247,38 @@ class Store:
         All in one transaction; with an incident, the state is saved with its id as
         ``incident_id``, so a latch never exists without its incident or the other way round.
         """
-        results = _encode_results(check.results)
         monitor = check.monitor
-        with self._tx("committing a check", write=True) as conn:
-            conn.execute(
-                "INSERT INTO checks (monitor, at, outcome, results) VALUES (?, ?, ?, ?)",
-                (monitor, check.at, check.outcome.value, results),
-            )
-            conn.execute(
-                "DELETE FROM checks WHERE monitor = ? AND id <= (SELECT id FROM checks "
-                "WHERE monitor = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                (monitor, monitor, max(history, 1)),
-            )
+        row = (monitor, check.at, check.outcome.value, _encode_results(check.results))
+        with self._lock:
+            previous = self._saved.get(monitor)
+            if incident is None and previous is not None and _durable(previous) == _durable(state):
+                self._hold(row, state, history)
+                return None
             incident_id = None
-            if incident is not None:
-                incident_id = _insert_incident(conn, incident)
-                state = replace(state, incident_id=incident_id)
-            conn.execute(_SAVE_STATE, _state_row(monitor, state))
+            with self._tx("committing a check", write=True) as conn:
+                _insert_checks(conn, monitor, [row], history)
+                if incident is not None:
+                    incident_id = _insert_incident(conn, incident)
+                    state = replace(state, incident_id=incident_id)
+                conn.execute(_SAVE_STATE, _state_row(monitor, state))
+            self._saved[monitor] = state
         return incident_id
+
+    def _hold(self, row: tuple[str, float, str, str], state: MonitorState, history: int) -> None:
+        """Keep a quiet check for the next group commit; write the group when it is due."""
+        monitor = row[0]
+        waiting = self._quiet.get(monitor)
+        if waiting is None:
+            self._quiet[monitor] = _Quiet([row], state, history)
+        else:
+            waiting.rows.append(row)
+            waiting.state, waiting.history = state, history
+        self._saved[monitor] = state
+        now = time.monotonic()
+        if self._quiet_since is None:
+            self._quiet_since = now
+        elif now - self._quiet_since >= GROUP_COMMIT_SECONDS:
+            self.flush()
 
     def recent_checks(self, monitor: str, limit: int) -> list[Check]:
         """Return the newest ``limit`` checks of ``monitor``, oldest first."""
@@ -241,8 +295,10 @@ class Store:
 
     def save_state(self, monitor: str, state: MonitorState) -> None:
         """Replace the saved state of ``monitor`` (e.g. after a re-arm)."""
-        with self._tx("saving monitor state", write=True) as conn:
-            conn.execute(_SAVE_STATE, _state_row(monitor, state))
+        with self._lock:
+            with self._tx("saving monitor state", write=True) as conn:
+                conn.execute(_SAVE_STATE, _state_row(monitor, state))
+            self._saved[monitor] = state
 
     # --- incidents and plan progress ------------------------------------------------------
 
@@ -338,6 +394,25 @@ _STEPS = (
     "SELECT incident_id, step, action, status, attempts, started_at, finished_at, detail "
     "FROM steps WHERE incident_id = ? ORDER BY step"
 )
+
+
+def _insert_checks(
+    conn: sqlite3.Connection, monitor: str, rows: list[tuple[str, float, str, str]], history: int
+) -> None:
+    """Append checks of one monitor and keep only its newest ``history``."""
+    conn.executemany("INSERT INTO checks (monitor, at, outcome, results) VALUES (?, ?, ?, ?)", rows)
+    conn.execute(
+        "DELETE FROM checks WHERE monitor = ? AND id <= (SELECT id FROM checks "
+        "WHERE monitor = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+        (monitor, monitor, max(history, 1)),
+    )
+
+
+def _write_quiet(conn: sqlite3.Connection, quiet: dict[str, _Quiet]) -> None:
+    """Write the held quiet checks and each monitor's latest state."""
+    for monitor, waiting in quiet.items():
+        _insert_checks(conn, monitor, waiting.rows, waiting.history)
+        conn.execute(_SAVE_STATE, _state_row(monitor, waiting.state))
 
 
 def _insert_incident(conn: sqlite3.Connection, draft: IncidentDraft) -> str:

@@ -391,3 +391,47 @@ def _count_checks(state_dir: Path) -> int:
         return 0  # the schema is not created yet
     finally:
         db.close()
+
+
+def other_view(tmp_path: Path) -> tuple[int, str | None]:
+    """What a second process would read now: (checks stored, last outcome saved)."""
+    db = sqlite3.connect(tmp_path / "state.db")
+    try:
+        stored = db.execute("SELECT count(*) FROM checks").fetchone()[0]
+        saved = db.execute("SELECT last_outcome FROM monitors").fetchone()
+    finally:
+        db.close()
+    return stored, None if saved is None else saved[0]
+
+
+def test_quiet_checks_are_grouped_decisions_are_not(tmp_path: Path) -> None:
+    """Healthy-again checks wait for a group commit; a breach is on disk before returning."""
+    store = Store.open(tmp_path)
+    state = feed(store, "payments", MonitorState(), "oo", T0)
+    assert other_view(tmp_path) == (1, "ok")  # the first check is written, the second waits
+    assert [c.outcome for c in store.recent_checks("payments", 10)] == [Outcome.OK] * 2
+    assert other_view(tmp_path) == (2, "ok")  # reading wrote the waiting check first
+    state = feed(store, "payments", state, "o", T0 + 10)
+    assert other_view(tmp_path)[0] == 2
+    state = feed(store, "payments", state, "b", T0 + 11)
+    assert other_view(tmp_path) == (4, "breach")
+    assert state.consecutive_failures == 1
+    feed(store, "payments", state, "o", T0 + 12)  # counters reset: a change, written now
+    assert other_view(tmp_path) == (5, "ok")
+    store.close()
+
+
+def test_quiet_checks_reach_disk_on_flush_and_close(tmp_path: Path) -> None:
+    """flush() and close() write every waiting check; a reopened store sees them all."""
+    store = Store.open(tmp_path)
+    state = feed(store, "payments", MonitorState(), "ooo", T0)
+    assert other_view(tmp_path)[0] == 1
+    store.flush()
+    assert other_view(tmp_path)[0] == 3
+    feed(store, "payments", state, "oo", T0 + 10)
+    store.close()
+    with Store.open(tmp_path) as reopened:
+        assert len(reopened.recent_checks("payments", 10)) == 5
+        restored = reopened.monitor_state("payments")
+        assert restored is not None
+        assert restored.checks == 5
