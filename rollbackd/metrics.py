@@ -37,6 +37,8 @@ class Metrics:
         self._monitors: set[str] = set()
         self._series: dict[str, set[tuple[str, str]]] = {}
         self._rule_sources: dict[str, dict[str, str]] = {}
+        self._shown: dict[str, tuple[int, int, Phase]] = {}
+        """Per monitor, the counters and phase last exported: unchanged ones are not set again."""
         self.checks = Counter(
             "rollbackd_checks_total",
             "Monitor checks, by outcome (ok, breach, inconclusive).",
@@ -131,9 +133,14 @@ class Metrics:
             for outcome in Outcome:
                 _remove(self.checks, monitor, outcome.value)
             _remove(self.check_duration, monitor)
+            self._shown.pop(monitor, None)
 
     def monitor_state(self, monitor: str, state: MonitorState) -> None:
         """Export a monitor's counters and state (after a check, a rearm or at start)."""
+        shown = (state.consecutive_failures, state.consecutive_errors, state.phase)
+        if self._shown.get(monitor) == shown:
+            return  # the common healthy case: nothing to update
+        self._shown[monitor] = shown
         self._monitors.add(monitor)
         self.consecutive_failures.labels(monitor).set(state.consecutive_failures)
         self.consecutive_errors.labels(monitor).set(state.consecutive_errors)
