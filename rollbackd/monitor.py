@@ -6,6 +6,7 @@ The decision itself is ``engine.advance``; this module only does the I/O around 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -214,14 +215,15 @@ class MonitorRunner:
 
     def _log(self, check: Check, transition: Transition, incident: str | None) -> None:
         state = transition.state
-        log.debug(
-            "check",
-            monitor=self.name,
-            outcome=str(check.outcome),
-            failures=state.consecutive_failures,
-            errors=state.consecutive_errors,
-            results=[r.to_json() for r in check.results],
-        )
+        if log.is_enabled_for(logging.DEBUG):  # the results' JSON is built only when shown
+            log.debug(
+                "check",
+                monitor=self.name,
+                outcome=str(check.outcome),
+                failures=state.consecutive_failures,
+                errors=state.consecutive_errors,
+                results=[r.to_json() for r in check.results],
+            )
         if check.outcome is not Outcome.OK and state.phase is not Phase.ROLLED_BACK:
             log.info(
                 "check_failed" if check.outcome is Outcome.BREACH else "check_inconclusive",

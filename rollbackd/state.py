@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, Literal
@@ -121,9 +121,14 @@ class _Quiet:
     history: int
 
 
-def _durable(state: MonitorState) -> MonitorState:
-    """The part of a state that decides anything: what a quiet check must leave unchanged."""
-    return replace(state, checks=0, last_check_at=None, last_outcome=None)
+_durable = attrgetter(
+    *(
+        f.name
+        for f in fields(MonitorState)
+        if f.name not in {"checks", "last_check_at", "last_outcome"}
+    )
+)
+"""The part of a state that decides anything: what a quiet check must leave unchanged."""
 
 
 class Store:
