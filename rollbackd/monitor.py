@@ -147,6 +147,8 @@ class MonitorRunner:
 
     async def _read_all(self, now: float) -> dict[str, Sequence[Reading]]:
         rules = self.config.rules
+        if len(rules) == 1:  # no task needed for a single read (most monitors, and cheaper)
+            return {rules[0].name: await self._read(rules[0], now)}
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(self._read(rule, now)) for rule in rules]
         return {rule.name: task.result() for rule, task in zip(rules, tasks, strict=True)}
