@@ -414,9 +414,14 @@ class Daemon:
 
 def _lock_state_dir(state_dir: Path) -> IO[str]:
     """Hold an exclusive lock on the state directory: one daemon per state, ever."""
-    state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / LOCK_FILE
-    handle = path.open("a+", encoding="utf-8")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+", encoding="utf-8")
+    except OSError as exc:
+        raise StateError(
+            f"cannot use state directory {state_dir} (daemon.state_dir): {exc.strerror}"
+        ) from exc
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

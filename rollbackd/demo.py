@@ -19,6 +19,7 @@ from rollbackd import logs
 from rollbackd.config import Config, from_dict
 from rollbackd.daemon import Daemon
 from rollbackd.engine import Check, MonitorState, Outcome, Verdict
+from rollbackd.errors import RollbackdError
 
 FLAG = "boop-payments"
 DEADLINE_SECONDS = 120.0
@@ -123,7 +124,12 @@ def run_demo(directory: Path | None = None, speed: float = 1.0, out: TextIO | No
     """``rollbackd demo``: 0 once a rollback plan has run, 1 if none did."""
     out = out or sys.stdout
     directory = directory or Path(tempfile.mkdtemp(prefix="rollbackd-demo-"))
-    prepare(directory)
+    try:
+        prepare(directory)
+    except OSError as exc:
+        raise RollbackdError(
+            f"demo: cannot write its files in {directory}: {exc.strerror}"
+        ) from exc
     logs.configure("console", "info", quiet={"check_failed", "check_inconclusive"})
     config = demo_config(directory, speed)
     print(_INTRO.format(dir=directory), file=out, flush=True)

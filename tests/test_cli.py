@@ -178,3 +178,18 @@ def test_demo_rolls_back(tmp_path: Path) -> None:
     assert flags["flags"]["boop-payments"]["defaultVariant"] == "off"
     records = list((tmp_path / "state" / "incidents").glob("*.json"))
     assert any(json.loads(p.read_text())["event"] == "rollback" for p in records)
+
+
+def test_unusable_state_dir_and_demo_dir_are_named(config: Path, tmp_path: Path) -> None:
+    """A state_dir or demo dir that cannot be created is one line naming it, no traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    text = config.read_text().replace(str(tmp_path / "state"), str(blocker / "state"))
+    config.write_text(text)
+    result = rollbackd("run", "--config", str(config))
+    assert result.returncode == 1
+    assert f"cannot use state directory {blocker / 'state'} (daemon.state_dir)" in result.stderr
+    demo = rollbackd("demo", "--dir", str(blocker / "demo"))
+    assert demo.returncode == 1
+    assert f"cannot write its files in {blocker / 'demo'}" in demo.stderr
+    assert "Traceback" not in result.stderr + demo.stderr
