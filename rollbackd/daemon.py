@@ -124,6 +124,7 @@ class Daemon:
                         chore.cancel()
                 notify.stopping()
                 log.info("daemon_stopping")
+                await self._stop_checks()  # no new incident while plans finish
                 await self.plans.drain(STOP_GRACE_SECONDS)
         finally:
             self._store.close()
@@ -187,7 +188,8 @@ class Daemon:
             )
         self._scheduler.start()
 
-    async def _stop_parts(self) -> None:
+    async def _stop_checks(self) -> None:
+        """Stop scheduling checks; a check in flight finishes and commits."""
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
@@ -196,7 +198,10 @@ class Daemon:
         if self._arrivals:
             await asyncio.wait(self._arrivals)
         for runner in self.monitors.values():
-            await runner.idle()  # a check in flight finishes and commits
+            await runner.idle()
+
+    async def _stop_parts(self) -> None:
+        await self._stop_checks()
         for source in self.sources.values():
             await source.aclose()
         self.monitors, self.sources = {}, {}

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from rollbackd import daemon as daemon_module
 from rollbackd import readings
 from rollbackd.config import Config, Frozen, RuleConfig, from_dict, load
 from rollbackd.daemon import Daemon
@@ -476,3 +477,44 @@ async def test_push_monitor_tick_judges_only_stale_values(tmp_path: Path) -> Non
         assert str(monitor.last_check.outcome) == "inconclusive"
 
     await running(config, body)
+
+
+async def test_stop_interrupts_a_long_step_which_resumes_at_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM mid-step: checks stop first, the step gets the grace period, then resumes later."""
+    monkeypatch.setattr(daemon_module, "STOP_GRACE_SECONDS", 0.5)
+    prepare(tmp_path)
+    marker, delay = tmp_path / "marker", tmp_path / "delay"
+    delay.write_text("30")
+    raw = config_dict(tmp_path)
+    raw["actions"]["slow"] = {
+        "type": "exec",
+        "argv": ["/bin/sh", "-c", f"echo run >> {marker}; sleep $(cat {delay})"],
+        "timeout": "60s",
+        "retries": 3,
+    }
+    raw["monitors"]["payments"]["on_rollback"] = ["slow", "route-legacy"]
+    config = from_dict(raw)
+    SCRIPT.value = 5.0
+
+    async def first(daemon: Daemon) -> None:
+        await wait_until(marker.exists)
+        daemon.stop()
+        checks = daemon.monitors["payments"].state.checks
+        await asyncio.sleep(0.3)  # within the grace period: not a synchronisation
+        assert daemon.monitors["payments"].state.checks == checks
+
+    await running(config, first)
+    assert "BOOP_TRAFFIC_PERCENT=5" in (tmp_path / "traffic.env").read_text()
+    delay.write_text("0")
+
+    async def second(daemon: Daemon) -> None:
+        await wait_until(lambda: plan_done(daemon))
+        (incident,) = [i for i in daemon.store.incidents() if i.event == "rollback"]
+        assert [s.status for s in incident.steps] == ["ok", "ok"]
+        assert incident.steps[0].attempts == 2
+
+    await running(config, second)
+    assert marker.read_text().splitlines() == ["run", "run"]  # the interrupted step, again
+    assert "BOOP_TRAFFIC_PERCENT=0" in (tmp_path / "traffic.env").read_text()
