@@ -109,8 +109,8 @@ class Daemon:
         self.metrics.info(__version__, daemon.mode, daemon.environment)
         try:
             async with contextlib.AsyncExitStack() as stack:
+                stack.push_async_callback(self._stop_parts)  # also after a failed start
                 await self._start_parts(self.config)
-                stack.push_async_callback(self._stop_parts)
                 await self._start_surface(stack)
                 self._install_signals()
                 self.plans.resume_unfinished(self.store)
