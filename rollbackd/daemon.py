@@ -386,9 +386,18 @@ class Daemon:
                         )
                     }
                 )
+            old = self.config
             await self._stop_parts()
-            self.config = new
-            await self._start_parts(new)
+            try:
+                self.config = new
+                await self._start_parts(new)
+            except RollbackdError as exc:  # e.g. a plugin that cannot be built: keep the old
+                log.error("reload_failed", error=str(exc), kept=old.sha256)
+                await self._stop_parts()
+                self.config = old
+                await self._start_parts(old)
+                notify.ready(f"reload failed; watching {len(self.monitors)} monitors")
+                return False
             self.metrics.retain(self.monitors)
             self.metrics.info(__version__, new.daemon.mode, new.daemon.environment)
             log.info("config_reloaded", sha256=new.sha256, monitors=len(new.monitors))

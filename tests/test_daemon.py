@@ -19,7 +19,7 @@ from rollbackd.config import Config, Frozen, RuleConfig, from_dict, load
 from rollbackd.daemon import Daemon
 from rollbackd.demo import prepare
 from rollbackd.engine import Phase
-from rollbackd.errors import StateError
+from rollbackd.errors import RollbackdError, StateError
 from rollbackd.readings import Reading
 from rollbackd.sources import SOURCE_TYPES, ArrivalListener, SourceType
 
@@ -518,3 +518,36 @@ async def test_stop_interrupts_a_long_step_which_resumes_at_next_start(
     await running(config, second)
     assert marker.read_text().splitlines() == ["run", "run"]  # the interrupted step, again
     assert "BOOP_TRAFFIC_PERCENT=0" in (tmp_path / "traffic.env").read_text()
+
+
+def fragile(name: str, options: object) -> ScriptedSource:
+    """A source type that validates but cannot be built (e.g. a client that fails to start)."""
+    raise RollbackdError(f"source {name}: cannot build a client")
+
+
+SOURCE_TYPES.register(
+    "test.fragile",
+    SourceType(options=ScriptedOptions, rule_keys=frozenset({"query"}), build=fragile),
+)
+
+
+async def test_reload_that_cannot_start_keeps_the_old_config(tmp_path: Path) -> None:
+    """A new config that validates but fails to start is rolled back to the running one."""
+    prepare(tmp_path)
+    raw = config_dict(tmp_path)
+    path = tmp_path / "rollbackd.toml"
+    path.write_text(to_toml(raw))
+    config = load(path)
+
+    async def body(daemon: Daemon) -> None:
+        monitor = daemon.monitors["payments"]
+        await wait_until(lambda: monitor.state.checks >= 2)
+        raw["sources"]["extra"] = {"type": "test.fragile"}
+        path.write_text(to_toml(raw))
+        assert not await daemon.reload()
+        assert daemon.config.sha256 == config.sha256
+        runner = daemon.monitors["payments"]
+        checks = runner.state.checks
+        await wait_until(lambda: runner.state.checks > checks + 2)
+
+    await running(config, body_with_path(body, path))
