@@ -6,8 +6,10 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -199,3 +201,67 @@ def test_unreachable_socket_is_logged_not_raised(
 def test_watchdog_interval(env: dict[str, str], expected: float | None) -> None:
     """The heartbeat is half of WATCHDOG_USEC, and only for the process WATCHDOG_PID names."""
     assert notify.watchdog_interval(env) == expected
+
+
+@pytest.mark.slow
+def test_daemon_speaks_the_notify_protocol(tmp_path: Path) -> None:
+    """The real daemon sends READY, WATCHDOG pings, RELOADING on SIGHUP and STOPPING on SIGTERM."""
+    short = Path(tempfile.mkdtemp(prefix="rbn-"))  # AF_UNIX paths: 108 bytes at most
+    path = short / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(10)
+    config = tmp_path / "rollbackd.toml"
+    config.write_text(
+        f"""
+[daemon]
+state_dir = "{tmp_path / "state"}"
+listen = ""
+environment = "staging"
+
+[sources.boop]
+type = "synthetic"
+phases = [{{ kind = "healthy" }}]
+
+[monitors.payments]
+interval = "200ms"
+
+[[monitors.payments.rules]]
+name = "payment-error-rate"
+source = "boop"
+query = "payment_error_rate"
+above = 0.1
+"""
+    )
+    env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"}
+    env.pop("WATCHDOG_PID", None)  # unset: the pings are not restricted to one pid
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rollbackd", "run", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    seen: list[str] = []
+
+    def until(field: str) -> None:
+        deadline = time.monotonic() + 15
+        while not any(f.startswith(field) for f in seen):
+            assert time.monotonic() < deadline, f"{field} not received; got {seen}"
+            seen.extend(_fields(sock))
+
+    try:
+        until("READY=1")
+        until("WATCHDOG=1")
+        process.send_signal(signal.SIGHUP)
+        until("RELOADING=1")
+        process.send_signal(signal.SIGTERM)
+        until("STOPPING=1")
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        sock.close()
+        shutil.rmtree(short)
+    assert any(f.startswith("STATUS=watching 1 monitors") for f in seen)
+    assert any(f.startswith("MONOTONIC_USEC=") for f in seen)
