@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from pydantic import ValidationError
+from structlog.testing import capture_logs
 
 from rollbackd.actions import ActionContext, Event, Incident
 from rollbackd.actions.web import (
@@ -19,8 +23,10 @@ from rollbackd.actions.web import (
     FLAG_HTTP,
     ROUTE_HTTP,
     HttpRequestOptions,
+    WebhookOptions,
 )
-from rollbackd.errors import ActionError
+from rollbackd.config import from_dict
+from rollbackd.errors import ActionError, ConfigError
 from rollbackd.plan import attempt_once
 from tests.servers import Alertmanager, free_port, wait_for
 
@@ -47,12 +53,15 @@ class HookServer:
     fail: dict[str, list[int]] = field(default_factory=dict)
     hang: set[str] = field(default_factory=set)
     port: int = 0
+    tls: ssl.SSLContext | None = None
+    """Serve https with this context instead of plain http."""
     _runner: web.AppRunner | None = None
     _release: asyncio.Event = field(default_factory=asyncio.Event)
 
     def url(self, path: str) -> str:
         """Return the URL of ``path`` on this server."""
-        return f"http://127.0.0.1:{self.port}{path}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
 
     def at(self, path: str) -> list[Received]:
         """Return the requests received on ``path``."""
@@ -75,7 +84,7 @@ class HookServer:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self
@@ -91,6 +100,45 @@ class HookServer:
 async def hooks() -> AsyncIterator[HookServer]:
     """Run a recording HTTP server on loopback for one test."""
     server = await HookServer().start()
+    yield server
+    await server.stop()
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    """A self-signed certificate for 127.0.0.1 (it is its own CA) and its key, as PEM files."""
+
+    cert: Path
+    key: Path
+
+
+def self_signed(directory: Path) -> Certificate:
+    """Generate a one-day self-signed certificate for IP 127.0.0.1 with the openssl binary."""
+    # openssl rather than the cryptography package: the test extras do not install it
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )  # fmt: skip
+    return Certificate(cert, key)
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    """One self-signed loopback certificate for the module's TLS tests."""
+    return self_signed(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+async def https_hooks(certificate: Certificate) -> AsyncIterator[HookServer]:
+    """Run a recording HTTPS server on loopback with the self-signed certificate."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certificate.cert, certificate.key)
+    server = await HookServer(tls=context).start()
     yield server
     await server.stop()
 
@@ -289,3 +337,119 @@ async def test_alertmanager_alert_and_blind_events_have_their_own_names(
     names = {(a["labels"]["alertname"], a["labels"]["incident"]) for a in alerts}
     assert names == {("RollbackdAlert", "a-1"), ("RollbackdBlind", "b-1")}
     assert {a["labels"]["severity"] for a in alerts} == {"critical"}
+
+
+async def test_webhook_verifies_https_server_with_ca_file(
+    https_hooks: HookServer, certificate: Certificate
+) -> None:
+    """With ca_file naming the server's CA, an https webhook is delivered (twice, one client)."""
+    options = ALERT_WEBHOOK.options.model_validate(
+        {"url": https_hooks.url("/hooks/tls"), "ca_file": str(certificate.cert)}
+    )
+    action = ALERT_WEBHOOK.build("notify", options)
+    try:
+        detail = await action.run(context())
+        await action.run(context())
+    finally:
+        await action.aclose()
+    assert detail == f"POST {https_hooks.url('/hooks/tls')}: HTTP 200"
+    assert len(https_hooks.at("/hooks/tls")) == 2
+
+
+async def test_unknown_ca_fails_with_certificate_verification_error(
+    https_hooks: HookServer,
+) -> None:
+    """Without ca_file a server signed by an unknown CA fails the attempt, saying why."""
+    options = ALERT_WEBHOOK.options.model_validate({"url": https_hooks.url("/hooks/tls")})
+    action = ALERT_WEBHOOK.build("notify", options)
+    try:
+        with pytest.raises(ActionError) as caught:
+            await action.run(context())
+    finally:
+        await action.aclose()
+    message = str(caught.value)
+    assert message.startswith(f"POST {https_hooks.url('/hooks/tls')}: ")
+    assert "certificate verification failed: self-signed certificate" in message
+    assert "ca_file" in message
+    assert https_hooks.requests == []
+
+
+async def test_tls_verify_false_accepts_any_certificate_and_warns_once(
+    https_hooks: HookServer,
+) -> None:
+    """tls_verify = false delivers to an unverifiable server; tls_verify_disabled is logged once."""
+    options = FLAG_HTTP.options.model_validate(
+        {"url": https_hooks.url("/flags/boop"), "tls_verify": False}
+    )
+    with capture_logs() as logs:
+        action = FLAG_HTTP.build("stop", options)
+        try:
+            await action.run(context())
+            await action.run(context())
+        finally:
+            await action.aclose()
+    assert len(https_hooks.at("/flags/boop")) == 2
+    warnings = [e for e in logs if e["event"] == "tls_verify_disabled"]
+    assert warnings == [{"event": "tls_verify_disabled", "action": "stop", "log_level": "warning"}]
+
+
+def test_verified_actions_do_not_warn(certificate: Certificate) -> None:
+    """Building an action that verifies certificates logs no tls_verify_disabled warning."""
+    with capture_logs() as logs:
+        ALERT_WEBHOOK.build("notify", WebhookOptions.model_validate({"url": "https://x/"}))
+        ALERT_WEBHOOK.build(
+            "notify",
+            WebhookOptions.model_validate({"url": "https://x/", "ca_file": str(certificate.cert)}),
+        )
+    assert logs == []
+
+
+def _action_problems(action: dict[str, Any]) -> list[str]:
+    """Return check-config's problems for a config holding only ``[actions.notify]``."""
+    with pytest.raises(ConfigError) as caught:
+        from_dict({"actions": {"notify": action}}, secrets=False)
+    return caught.value.problems
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra"),
+    [
+        ("alert.webhook", {}),
+        ("alert.alertmanager", {}),
+        ("flag.http", {"method": "PUT"}),
+        ("route.http", {}),
+    ],
+)
+def test_missing_ca_file_names_the_key(tmp_path: Path, kind: str, extra: dict[str, Any]) -> None:
+    """A ca_file that does not exist is a config error on actions.NAME.ca_file for every type."""
+    missing = tmp_path / "internal-ca.pem"
+    problems = _action_problems(
+        {"type": kind, "url": "https://127.0.0.1:1/", "ca_file": str(missing), **extra}
+    )
+    assert problems == [
+        f"<config>: actions.notify.ca_file: cannot read {missing}: No such file or directory"
+    ]
+
+
+def test_ca_file_must_hold_a_certificate(tmp_path: Path, certificate: Certificate) -> None:
+    """A directory or a file without a PEM certificate (e.g. the key) is refused on load."""
+    url = "https://127.0.0.1:1/"
+    [problem] = _action_problems({"type": "alert.webhook", "url": url, "ca_file": str(tmp_path)})
+    assert problem == f"<config>: actions.notify.ca_file: cannot read {tmp_path}: Is a directory"
+    [problem] = _action_problems(
+        {"type": "alert.webhook", "url": url, "ca_file": str(certificate.key)}
+    )
+    assert problem.startswith(
+        f"<config>: actions.notify.ca_file: {certificate.key} holds no PEM certificate"
+    )
+
+
+def test_ca_file_and_tls_verify_false_conflict(certificate: Certificate) -> None:
+    """ca_file with tls_verify = false is refused on tls_verify rather than silently ignored."""
+    with pytest.raises(ValidationError) as caught:
+        WebhookOptions.model_validate(
+            {"url": "https://x/", "ca_file": str(certificate.cert), "tls_verify": False}
+        )
+    [error] = caught.value.errors()
+    assert error["loc"] == ("tls_verify",)
+    assert "ignores ca_file" in error["msg"]

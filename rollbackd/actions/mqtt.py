@@ -1,18 +1,18 @@
 """MQTT actions (aiomqtt): ``flag.mqtt`` publishes a retained flag value, ``alert.mqtt`` alerts.
 
 Each attempt opens its own connection and waits for the broker's acknowledgement (QoS 1 by
-default), so a success means the broker holds the message.
+default), so a success means the broker holds the message. TLS is as in the mqtt source.
 """
 
 from __future__ import annotations
 
 import json
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import aiomqtt
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from rollbackd.actions import ActionContext, ActionType
 from rollbackd.actions.templates import (
@@ -23,6 +23,7 @@ from rollbackd.actions.templates import (
     render,
     render_tree,
 )
+from rollbackd.actions.web import CaFile
 from rollbackd.config import Frozen, SecretRef
 from rollbackd.errors import ActionError, SecretError
 
@@ -35,9 +36,18 @@ class BrokerOptions(Frozen):
     username: str | None = None
     password: SecretRef | None = None
     tls: bool = False
+    ca_file: CaFile | None = None
+    """PEM bundle to verify the broker with (implies ``tls``); default: the system's."""
     client_id: str | None = None
     topic: Template
     qos: Literal[0, 1, 2] = 1
+
+    @field_validator("password")
+    @classmethod
+    def _needs_username(cls, password: SecretRef | None, info: ValidationInfo) -> SecretRef | None:
+        if password is not None and "username" in info.data and info.data["username"] is None:
+            raise ValueError("password needs username")
+        return password
 
     @field_validator("topic")
     @classmethod
@@ -65,8 +75,44 @@ class AlertMqttOptions(BrokerOptions):
     retain: bool = False
 
 
-async def publish(options: BrokerOptions, topic: str, payload: str, *, retain: bool) -> str:
-    """Connect, publish one message, wait for the acknowledgement, disconnect."""
+def tls_context(options: BrokerOptions) -> ssl.SSLContext | None:
+    """The broker's TLS context, like the mqtt source's; OSError if ``ca_file`` is unreadable."""
+    if not options.tls and options.ca_file is None:
+        return None
+    return ssl.create_default_context(cafile=options.ca_file)
+
+
+@dataclass(slots=True)
+class Broker:
+    """Publishes to the configured broker; its TLS context is built once, at the first publish."""
+
+    options: BrokerOptions
+    _tls: ssl.SSLContext | None = field(default=None, init=False)
+    _tls_built: bool = field(default=False, init=False)
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if not self._tls_built:
+            try:
+                self._tls = tls_context(self.options)
+            except OSError as exc:
+                raise ActionError(f"ca_file {self.options.ca_file}: {exc.strerror or exc}") from exc
+            self._tls_built = True
+        return self._tls
+
+    async def publish(self, topic: str, payload: str, *, retain: bool) -> str:
+        """Connect, publish one message, wait for the acknowledgement, disconnect."""
+        return await publish(self.options, topic, payload, retain=retain, tls=self._tls_context())
+
+
+async def publish(
+    options: BrokerOptions,
+    topic: str,
+    payload: str,
+    *,
+    retain: bool,
+    tls: ssl.SSLContext | None = None,
+) -> str:
+    """Connect (with ``tls`` if given), publish one message, wait for the ack, disconnect."""
     try:
         password = options.password.reveal() if options.password is not None else None
     except SecretError as exc:
@@ -79,7 +125,7 @@ async def publish(options: BrokerOptions, topic: str, payload: str, *, retain: b
             username=options.username,
             password=password,
             identifier=options.client_id,
-            tls_context=ssl.create_default_context() if options.tls else None,
+            tls_context=tls,
         ) as client:
             await client.publish(topic, payload.encode("utf-8"), qos=options.qos, retain=retain)
     except (aiomqtt.MqttError, OSError) as exc:
@@ -94,6 +140,10 @@ class FlagMqttAction:
 
     name: str
     options: FlagMqttOptions
+    broker: Broker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.broker = Broker(self.options)
 
     async def run(self, ctx: ActionContext) -> str:
         """Publish the rendered payload, retained."""
@@ -104,7 +154,7 @@ class FlagMqttAction:
             if isinstance(o.payload, str)
             else json.dumps(render_tree(o.payload, values))
         )
-        return await publish(o, render(o.topic, values), payload, retain=True)
+        return await self.broker.publish(render(o.topic, values), payload, retain=True)
 
     async def aclose(self) -> None:
         """Nothing to release: each attempt owns its connection."""
@@ -116,12 +166,16 @@ class AlertMqttAction:
 
     name: str
     options: AlertMqttOptions
+    broker: Broker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.broker = Broker(self.options)
 
     async def run(self, ctx: ActionContext) -> str:
         """Publish the incident."""
         o = self.options
         payload = json.dumps(incident_payload(ctx))
-        return await publish(o, render(o.topic, fields(ctx)), payload, retain=o.retain)
+        return await self.broker.publish(render(o.topic, fields(ctx)), payload, retain=o.retain)
 
     async def aclose(self) -> None:
         """Nothing to release: each attempt owns its connection."""

@@ -1,21 +1,25 @@
 """HTTP actions (aiohttp): ``flag.http``, ``route.http``, ``alert.webhook``, ``alert.alertmanager``.
 
-Every request carries the attempt's ``Idempotency-Key``; a non-2xx answer, a connection error or
-a timeout is an ActionError with the status and a short excerpt of the body.
+Every request carries the attempt's ``Idempotency-Key``; a non-2xx answer, a connection error,
+a failed certificate check or a timeout is an ActionError with the reason. ``ca_file`` /
+``tls_verify`` are named as in the ``prometheus`` source; the mqtt actions share ``CaFile``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 import aiohttp
-from pydantic import AnyHttpUrl, Field, field_validator
+import structlog
+from pydantic import AfterValidator, AnyHttpUrl, Field, ValidationInfo, field_validator
 from yarl import URL
 
 from rollbackd.actions import ActionContext, ActionType, Event
@@ -29,6 +33,8 @@ from rollbackd.actions.templates import (
 )
 from rollbackd.config import Duration, Frozen, SecretRef
 from rollbackd.errors import ActionError, SecretError
+
+log = structlog.get_logger(__name__)
 
 EXCERPT_CHARS = 200
 _LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -47,6 +53,49 @@ def _http_url(url: str) -> str:
     return url
 
 
+def _readable_ca_file(path: Path) -> Path:
+    # The prometheus and mqtt sources take ca_file as a plain Path; actions check it when the
+    # config loads, so a typo is a check-config error and not a failed step during an incident.
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:  # an OSError too: caught first
+        raise ValueError(f"{path} holds no PEM certificate ({exc.reason})") from exc
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+CaFile = Annotated[Path, AfterValidator(_readable_ca_file)]
+"""Path of a PEM CA bundle that exists, is readable and holds a certificate (checked on load)."""
+
+
+class TlsOptions(Frozen):
+    """How https servers are verified; the keys and meaning of the ``prometheus`` source's."""
+
+    ca_file: CaFile | None = None
+    """PEM bundle to verify the server's certificate with, instead of the system's CAs."""
+    tls_verify: bool = True
+    """``false`` accepts any certificate (warned as ``tls_verify_disabled``)."""
+
+    @field_validator("tls_verify")
+    @classmethod
+    def _ca_file_verifies(cls, verify: bool, info: ValidationInfo) -> bool:
+        if not verify and info.data.get("ca_file") is not None:
+            raise ValueError("tls_verify = false ignores ca_file: give one or the other")
+        return verify
+
+
+def ssl_context(options: TlsOptions) -> ssl.SSLContext | bool:
+    """The ``ssl`` argument of aiohttp for ``options``; OSError if ``ca_file`` became unreadable."""
+    if options.ca_file is None and options.tls_verify:
+        return True  # aiohttp's default context: the system's CAs
+    context = ssl.create_default_context(cafile=options.ca_file)
+    if not options.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def safe_url(url: str) -> str:
     """``url`` without credentials, query or fragment: fit for logs and details."""
     try:
@@ -57,9 +106,24 @@ def safe_url(url: str) -> str:
 
 @dataclass(slots=True)
 class HttpClient:
-    """One lazily opened aiohttp session; ``send`` turns every failure into ActionError."""
+    """One lazily opened aiohttp session; ``send`` turns every failure into ActionError.
 
+    The TLS context is built at the first request and kept for the client's lifetime.
+    """
+
+    tls: TlsOptions = field(default_factory=TlsOptions)
+    _ssl: ssl.SSLContext | bool | None = field(default=None, init=False)
     _session: aiohttp.ClientSession | None = field(default=None, init=False)
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._ssl is None:
+            try:
+                self._ssl = ssl_context(self.tls)
+            except OSError as exc:
+                raise ActionError(f"ca_file {self.tls.ca_file}: {exc.strerror or exc}") from exc
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl))
+        return self._session
 
     async def send(
         self,
@@ -71,15 +135,21 @@ class HttpClient:
         data: str | None = None,
     ) -> str:
         """Send one request; return ``"METHOD url: HTTP status"``."""
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
+        session = self._open()
         where = f"{method} {safe_url(url)}"
         try:
-            async with self._session.request(
+            async with session.request(
                 method, url, headers=dict(headers), json=json_body, data=data
             ) as response:
                 status = response.status
                 raw = await response.content.read(EXCERPT_CHARS * 4)
+        except aiohttp.ClientConnectorCertificateError as exc:
+            cause = exc.certificate_error
+            reason = getattr(cause, "verify_message", "") or str(cause)
+            raise ActionError(
+                f"{where}: certificate verification failed: {reason} "
+                "(set ca_file to the PEM bundle of the CA that signed it)"
+            ) from exc
         except aiohttp.ClientError as exc:
             raise ActionError(f"{where}: {type(exc).__name__}: {exc}") from exc
         except TimeoutError as exc:
@@ -112,7 +182,7 @@ def _headers(configured: Headers, ctx: ActionContext) -> dict[str, str]:
 # --- flag.http / route.http ------------------------------------------------------------
 
 
-class HttpRequestOptions(Frozen):
+class HttpRequestOptions(TlsOptions):
     """``flag.http`` / ``route.http``: one templated request to a flag or routing service's API."""
 
     url: Template
@@ -139,7 +209,7 @@ class HttpRequestAction:
 
     name: str
     options: HttpRequestOptions
-    client: HttpClient = field(default_factory=HttpClient)
+    client: HttpClient
 
     async def run(self, ctx: ActionContext) -> str:
         """Render url/body with the incident's fields and send the request."""
@@ -162,7 +232,7 @@ class HttpRequestAction:
 # --- alert.webhook -----------------------------------------------------------------------
 
 
-class WebhookOptions(Frozen):
+class WebhookOptions(TlsOptions):
     """``alert.webhook``: POST a JSON document describing the incident."""
 
     url: AnyHttpUrl
@@ -175,7 +245,7 @@ class WebhookAction:
 
     name: str
     options: WebhookOptions
-    client: HttpClient = field(default_factory=HttpClient)
+    client: HttpClient
 
     async def run(self, ctx: ActionContext) -> str:
         """POST the incident document."""
@@ -199,7 +269,7 @@ ALERT_NAMES = {
 }
 
 
-class AlertmanagerOptions(Frozen):
+class AlertmanagerOptions(TlsOptions):
     """``alert.alertmanager``: post an alert to Alertmanager's API v2 (resolved on re-arm)."""
 
     url: AnyHttpUrl
@@ -277,7 +347,7 @@ class AlertmanagerAction:
 
     name: str
     options: AlertmanagerOptions
-    client: HttpClient = field(default_factory=HttpClient)
+    client: HttpClient
 
     async def run(self, ctx: ActionContext) -> str:
         """Post (or, on re-arm, resolve) the alert."""
@@ -293,16 +363,23 @@ class AlertmanagerAction:
         await self.client.aclose()
 
 
+def http_client(name: str, options: TlsOptions) -> HttpClient:
+    """The client of action ``name``; warns once here if it will not verify certificates."""
+    if not options.tls_verify:
+        log.warning("tls_verify_disabled", action=name)
+    return HttpClient(options)
+
+
 def _build_request(name: str, options: Any) -> HttpRequestAction:
-    return HttpRequestAction(name, options)
+    return HttpRequestAction(name, options, http_client(name, options))
 
 
 def _build_webhook(name: str, options: Any) -> WebhookAction:
-    return WebhookAction(name, options)
+    return WebhookAction(name, options, http_client(name, options))
 
 
 def _build_alertmanager(name: str, options: Any) -> AlertmanagerAction:
-    return AlertmanagerAction(name, options)
+    return AlertmanagerAction(name, options, http_client(name, options))
 
 
 FLAG_HTTP = ActionType(options=HttpRequestOptions, build=_build_request)
