@@ -9,12 +9,14 @@ import hashlib
 import math
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -57,6 +59,22 @@ def _positive_duration(text: object) -> float:
 
 Duration = Annotated[float, BeforeValidator(_positive_duration)]
 """Seconds, written in TOML as a string like ``"30s"``; must be > 0."""
+
+
+def _readable_ca_file(path: Path) -> Path:
+    # Checked when the config loads: a typo is a check-config error, not a failed connection
+    # or a failed step during an incident.
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:  # an OSError too: caught first
+        raise ValueError(f"{path} holds no PEM certificate ({exc.reason})") from exc
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+CaFile = Annotated[Path, AfterValidator(_readable_ca_file)]
+"""Path of a PEM CA bundle that exists, is readable and holds a certificate (checked on load)."""
 
 
 class Frozen(BaseModel):

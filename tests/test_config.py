@@ -223,6 +223,13 @@ def test_bad_durations_are_rejected(bad: object) -> None:
             "no source named 'promm'",
             id="wait-dangling-source",
         ),
+        pytest.param(
+            'url = "http://127.0.0.1:9090"',
+            'url = "https://127.0.0.1:9090"\nca_file = "/nonexistent/ca.pem"',
+            "sources.prom.ca_file",
+            "cannot read /nonexistent/ca.pem",
+            id="missing-ca-file",
+        ),
     ],
 )
 def test_bad_input_names_the_key(tmp_path: Path, old: str, new: str, key: str, reason: str) -> None:

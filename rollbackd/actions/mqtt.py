@@ -23,8 +23,7 @@ from rollbackd.actions.templates import (
     render,
     render_tree,
 )
-from rollbackd.actions.web import CaFile
-from rollbackd.config import Frozen, SecretRef
+from rollbackd.config import CaFile, Frozen, SecretRef
 from rollbackd.errors import ActionError, SecretError
 
 

@@ -2,7 +2,7 @@
 
 Every request carries the attempt's ``Idempotency-Key``; a non-2xx answer, a connection error,
 a failed certificate check or a timeout is an ActionError with the reason. ``ca_file`` /
-``tls_verify`` are named as in the ``prometheus`` source; the mqtt actions share ``CaFile``.
+``tls_verify`` are named as in the ``prometheus`` source and checked on load.
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from urllib.parse import quote
 
 import aiohttp
 import structlog
-from pydantic import AfterValidator, AnyHttpUrl, Field, ValidationInfo, field_validator
+from pydantic import AnyHttpUrl, Field, ValidationInfo, field_validator
 from yarl import URL
 
 from rollbackd.actions import ActionContext, ActionType, Event
@@ -31,7 +30,7 @@ from rollbackd.actions.templates import (
     render,
     render_tree,
 )
-from rollbackd.config import Duration, Frozen, SecretRef
+from rollbackd.config import CaFile, Duration, Frozen, SecretRef
 from rollbackd.errors import ActionError, SecretError
 
 log = structlog.get_logger(__name__)
@@ -51,22 +50,6 @@ def _http_url(url: str) -> str:
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"{url!r} is not an http:// or https:// URL")
     return url
-
-
-def _readable_ca_file(path: Path) -> Path:
-    # The prometheus and mqtt sources take ca_file as a plain Path; actions check it when the
-    # config loads, so a typo is a check-config error and not a failed step during an incident.
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
-    except ssl.SSLError as exc:  # an OSError too: caught first
-        raise ValueError(f"{path} holds no PEM certificate ({exc.reason})") from exc
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    return path
-
-
-CaFile = Annotated[Path, AfterValidator(_readable_ca_file)]
-"""Path of a PEM CA bundle that exists, is readable and holds a certificate (checked on load)."""
 
 
 class TlsOptions(Frozen):

@@ -13,14 +13,13 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import aiomqtt
 import structlog
 from pydantic import Field, model_validator
 
-from rollbackd.config import Duration, Frozen, RuleConfig, SecretRef
+from rollbackd.config import CaFile, Duration, Frozen, RuleConfig, SecretRef
 from rollbackd.errors import SecretError
 from rollbackd.readings import Reading, error, labels_of, no_data, ok
 from rollbackd.sources import ArrivalListener, SourceType
@@ -41,7 +40,7 @@ class MqttOptions(Frozen):
     username: str | None = None
     password: SecretRef | None = None
     tls: bool = False
-    ca_file: Path | None = None
+    ca_file: CaFile | None = None
     """PEM bundle to verify the broker with (implies ``tls``); default: the system's."""
     client_id: str | None = None
     keepalive: int = Field(default=30, ge=5, le=65535)

@@ -10,7 +10,6 @@ import ast
 import asyncio
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import requests
@@ -20,7 +19,7 @@ from prometheus_api_client.exceptions import PrometheusApiClientException
 from pydantic import Field, field_validator, model_validator
 from urllib3.util.retry import Retry
 
-from rollbackd.config import Duration, Frozen, RuleConfig, SecretRef
+from rollbackd.config import CaFile, Duration, Frozen, RuleConfig, SecretRef
 from rollbackd.errors import SecretError
 from rollbackd.readings import Reading, error, labels_of, no_data, ok
 from rollbackd.sources import ArrivalListener, SourceType
@@ -52,7 +51,7 @@ class PrometheusOptions(Frozen):
     """Per query, connection included; a query that takes longer reads as an error."""
     bearer_token: SecretRef | None = None
     basic_auth: BasicAuth | None = None
-    ca_file: Path | None = None
+    ca_file: CaFile | None = None
     """PEM bundle to verify the server's certificate with (https URLs)."""
     tls_verify: bool = True
     max_concurrency: int = Field(default=4, ge=1, le=64)
