@@ -28,7 +28,7 @@ from rollbackd.api import (
     UnknownMonitorError,
     ensure_control_token,
 )
-from rollbackd.config import Config, load
+from rollbackd.config import Config, MonitorConfig, load
 from rollbackd.engine import Check, MonitorState, Phase, Transition
 from rollbackd.errors import ConfigError, RollbackdError, StateError
 from rollbackd.metrics import Metrics
@@ -323,27 +323,28 @@ class Daemon:
         }
 
     async def rearm(self, monitor: str) -> dict[str, Any]:
-        """Clear a monitor's latch and tell the alert actions (alerts resolve)."""
+        """Clear a monitor's latch and tell the actions that alerted people (alerts resolve)."""
         runner = self.monitors.get(monitor)
         if runner is None:
             raise UnknownMonitorError(monitor)
         if runner.state.phase is not Phase.ROLLED_BACK:
             raise MonitorNotLatchedError(monitor, str(runner.state.phase))
-        async with runner._lock:
-            previous = runner.state.incident_id
-            state = runner.rearm()
-            self.metrics.monitor_state(monitor, state)
-            if runner.config.on_alert:
-                draft = IncidentDraft(
-                    monitor=monitor,
-                    event="rearm",
-                    reason=f"re-armed by operator (was incident {previous})",
-                    mode=self.config.daemon.mode,
-                    opened_at=self.clock(),
-                    actions=tuple(runner.config.on_alert),
-                    details={"resolves": previous},
-                )
-                self.plans.start(self.store.open_incident(draft))
+        previous = runner.state.incident_id
+        state = await runner.rearm()
+        self.metrics.monitor_state(monitor, state)
+        told = _alerting_actions(self.config, runner.config)
+        if told:
+            trigger = self.store.incident(previous).details.get("trigger") if previous else None
+            draft = IncidentDraft(
+                monitor=monitor,
+                event="rearm",
+                reason=f"re-armed by operator (was incident {previous})",
+                mode=self.config.daemon.mode,
+                opened_at=self.clock(),
+                actions=told,
+                details={"resolves": previous, "trigger": trigger},
+            )
+            self.plans.start(self.store.open_incident(draft))
         return {"monitor": monitor, "state": str(state.phase), "resolved_incident": previous}
 
     async def _start_surface(self, stack: contextlib.AsyncExitStack) -> None:
@@ -451,6 +452,18 @@ def _lock_state_dir(state_dir: Path) -> IO[str]:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
+
+
+def _alerting_actions(config: Config, monitor: MonitorConfig) -> tuple[str, ...]:
+    """``on_alert`` and the ``alert.*`` steps of ``on_rollback``: whoever told people.
+
+    Only these hear of a re-arm; the plan's other steps (flag, routing) must not run again.
+    """
+    names = [
+        *monitor.on_alert,
+        *(a for a in monitor.on_rollback if config.actions[a].type.startswith("alert.")),
+    ]
+    return tuple(dict.fromkeys(names))
 
 
 def _build_sources(config: Config) -> dict[str, Source]:

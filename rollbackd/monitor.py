@@ -105,10 +105,11 @@ class MonitorRunner:
         async with self._lock:
             return
 
-    def rearm(self) -> MonitorState:
-        """Clear the latch and the counters (the operator's explicit choice)."""
-        self.state = engine.rearm(self.state)
-        self.store.save_state(self.name, self.state)
+    async def rearm(self) -> MonitorState:
+        """Clear the latch and the counters (the operator's explicit choice), between checks."""
+        async with self._lock:
+            self.state = engine.rearm(self.state)
+            self.store.save_state(self.name, self.state)
         log.info("monitor_rearmed", monitor=self.name)
         return self.state
 

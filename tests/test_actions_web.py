@@ -294,13 +294,22 @@ async def test_alertmanager_receives_alert_and_rearm_resolves_it(
     )
     action = ALERT_ALERTMANAGER.build("page-oncall", options)
     incident_id = "20261125T120000Z-payments-ab12"
+    trigger = {
+        "outcome": "breach",
+        "results": [
+            {"rule": "payment-success-rate", "verdict": "breach"},
+            {"rule": "payment-error-rate", "verdict": "breach"},
+            {"rule": "payment-response-time", "verdict": "ok"},
+        ],
+    }
     try:
-        detail = await action.run(context(Event.ROLLBACK, incident_id))
+        detail = await action.run(context(Event.ROLLBACK, incident_id, {"trigger": trigger}))
         assert detail.startswith("RollbackdRollback posted")
         [alert] = await asyncio.to_thread(wait_for, alertmanager.alerts, 10.0)
         assert alert["labels"] == {
             "alertname": "RollbackdRollback",
             "monitor": "payments",
+            "rule": "payment-error-rate,payment-success-rate",
             "severity": "page",
             "environment": "staging",
             "incident": incident_id,
@@ -310,7 +319,8 @@ async def test_alertmanager_receives_alert_and_rearm_resolves_it(
         assert alert["annotations"]["summary"] == "rollbackd rolled back payments"
         assert alert["status"]["state"] == "active"
 
-        rearm = context(Event.REARM, "20261125T130000Z-payments-cd34", {"resolves": incident_id})
+        resolves = {"resolves": incident_id, "trigger": trigger}
+        rearm = context(Event.REARM, "20261125T130000Z-payments-cd34", resolves)
         assert (await action.run(rearm)).startswith("RollbackdRollback resolved")
         await asyncio.to_thread(
             wait_for, lambda: alertmanager.alerts() == [], 10.0, what="alert resolved"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from rollbackd.api import post_rearm, read_control_token
 from rollbackd.demo import prepare
 from tests.servers import (
     Alertmanager,
@@ -142,10 +144,11 @@ def rollbacks(daemon: Rollbackd) -> list[dict[str, Any]]:
 
 
 def test_outage_then_breach_then_sigkill(tmp_path: Path, stack: dict[str, Any]) -> None:
-    """Healthy, outage, breach, SIGKILL: nothing, nothing, exactly one rollback, latch held.
+    """Healthy, outage, breach, SIGKILL, re-arm: nothing, nothing, one rollback, latch, resolve.
 
     Prometheus down for many intervals never rolls back; a breach rolls back after exactly
-    rollback_after checks; after SIGKILL and restart the latch holds and nothing runs again.
+    rollback_after checks; after SIGKILL and restart the latch holds and nothing runs again;
+    re-arming resolves the alert in Alertmanager.
     """
     port = free_port()
     daemon = Rollbackd(write_config(tmp_path, stack, port), port, tmp_path)
@@ -186,7 +189,7 @@ def test_outage_then_breach_then_sigkill(tmp_path: Path, stack: dict[str, Any]) 
         assert flags["flags"]["boop-payments"]["defaultVariant"] == "off"
         am: Alertmanager = stack["alertmanager"]
         alerts = wait_for(am.alerts, 10, what="alert in Alertmanager")
-        assert any(a["labels"].get("monitor") == "payments" for a in alerts)
+        assert any(a["labels"].get("rule") == "payment-error-rate" for a in alerts)
 
         daemon.kill()
         daemon.start()
@@ -194,6 +197,13 @@ def test_outage_then_breach_then_sigkill(tmp_path: Path, stack: dict[str, Any]) 
         wait_for(checks_advance(daemon, 4), 15, what="checks after restart")
         assert daemon.monitor()["state"] == "rolled_back"
         assert len(rollbacks(daemon)) == 1
+
+        stack["exporter"].gauge(RULE_METRIC).set(0.05)
+        wait_for(lambda: daemon.monitor()["last_outcome"] == "ok", 30, what="healthy again")
+        token = read_control_token(tmp_path / "state")
+        asyncio.run(post_rearm(f"127.0.0.1:{port}", token, "payments"))
+        assert daemon.monitor()["state"] == "ok"
+        wait_for(lambda: am.alerts() == [], 20, what="the rollback alert resolved")
     finally:
         code = daemon.stop()
     assert code == 0, daemon.log()

@@ -37,7 +37,7 @@ log = structlog.get_logger(__name__)
 
 EXCERPT_CHARS = 200
 _LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_OWN_LABELS = frozenset({"alertname", "monitor", "severity", "environment", "incident"})
+_OWN_LABELS = frozenset({"alertname", "monitor", "rule", "severity", "environment", "incident"})
 ROLLBACK_ALERT_SECONDS = 7 * 86400.0
 """A rollback alert fires until the monitor is re-armed (which resolves it), at most a week."""
 TEST_ALERT_SECONDS = 300.0
@@ -290,6 +290,21 @@ def _summary(ctx: ActionContext) -> str:
     }[incident.event]
 
 
+def triggering_rules(details: Mapping[str, Any]) -> str:
+    """Names of the rules that were not ok in the triggering check, sorted, comma-separated.
+
+    A re-arm carries the trigger of the incident it resolves, so its labels match the alert's.
+    """
+    trigger = details.get("trigger")
+    results = trigger.get("results", []) if isinstance(trigger, Mapping) else []
+    names = {
+        str(r.get("rule"))
+        for r in results
+        if isinstance(r, Mapping) and r.get("verdict") in {"breach", "no_data", "error"}
+    }
+    return ",".join(sorted(names))
+
+
 def alertmanager_alert(
     options: AlertmanagerOptions, ctx: ActionContext, now: float
 ) -> dict[str, Any]:
@@ -307,6 +322,9 @@ def alertmanager_alert(
         "environment": incident.environment,
         "incident": incident_label,
     }
+    rules = triggering_rules(incident.details)
+    if rules:
+        labels["rule"] = rules
     alert: dict[str, Any] = {"labels": labels}
     if event is Event.REARM:
         alert["endsAt"] = _iso(now)
