@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rollbackd import cli
-from rollbackd.config import Config, Frozen, SecretRef, load, parse_duration
+from rollbackd.config import Config, Frozen, SecretRef, from_dict, load, parse_duration
 from rollbackd.errors import ConfigError, SecretError
 from rollbackd.sources import SOURCE_TYPES, SourceType
 
@@ -380,3 +384,50 @@ def test_secrets_can_be_skipped_for_read_only_commands(tmp_path: Path) -> None:
     path = write(tmp_path, text)
     assert any("ROLLBACKD_NOPE is not set" in p for p in problems_of(path))
     assert "vault" in load(path, secrets=False).sources
+
+
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_no_input_gives_anything_but_config_error(data: st.DataObject) -> None:
+    """Any value at any key of a valid config is accepted or a ConfigError: never a traceback."""
+    raw = tomllib.loads(EXAMPLE.read_text())
+    node: Any = raw
+    path: list[str | int] = []
+    while isinstance(node, dict | list) and node and data.draw(st.booleans(), "deeper"):
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        key = data.draw(st.sampled_from(keys), "key")
+        path.append(key)
+        if not isinstance(node[key], dict | list):
+            break
+        node = node[key]
+    target: Any = raw
+    for key in path[:-1]:
+        target = target[key]
+    value = data.draw(_VALUES, "value")
+    if path:
+        target[path[-1]] = value
+    else:
+        raw[data.draw(st.text(max_size=8), "new key")] = value
+    problems = ["<config>: accepted"]
+    try:
+        from_dict(raw)
+    except ConfigError as exc:
+        problems = exc.problems
+    assert problems
+    assert all(line.startswith("<config>: ") for line in problems)
