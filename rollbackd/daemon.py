@@ -202,21 +202,22 @@ class Daemon:
 
     async def _stop_parts(self) -> None:
         await self._stop_checks()
-        for source in self.sources.values():
-            await source.aclose()
-        self.monitors, self.sources = {}, {}
-        actions, self.actions = self.actions, {}
+        sources, actions = self.sources, self.actions
+        self.monitors, self.sources, self.actions = {}, {}, {}
+        # Running plans keep the parts they started with (a wait step reads its source), so
+        # those close once the plans have finished: in the background after a reload.
+        closer = asyncio.get_running_loop().create_task(self._close_after_plans(sources, actions))
+        self._closers.add(closer)
+        closer.add_done_callback(self._closers.discard)
         if self._stop.is_set():
-            await self._close_actions_after_plans(actions)
-        else:  # a reload: running plans keep the old actions until they finish
-            closer = asyncio.get_running_loop().create_task(
-                self._close_actions_after_plans(actions)
-            )
-            self._closers.add(closer)
-            closer.add_done_callback(self._closers.discard)
+            await asyncio.wait(set(self._closers))
 
-    async def _close_actions_after_plans(self, actions: Mapping[str, Action]) -> None:
+    async def _close_after_plans(
+        self, sources: Mapping[str, Source], actions: Mapping[str, Action]
+    ) -> None:
         await self.plans.wait()
+        for source in sources.values():
+            await source.aclose()
         for action in actions.values():
             await action.aclose()
 

@@ -551,3 +551,66 @@ async def test_reload_that_cannot_start_keeps_the_old_config(tmp_path: Path) -> 
         await wait_until(lambda: runner.state.checks > checks + 2)
 
     await running(config, body_with_path(body, path))
+
+
+@dataclass
+class ClosableSource(ScriptedSource):
+    """A scripted source that reads as an error once closed, like a real client."""
+
+    closed: bool = False
+
+    async def aclose(self) -> None:
+        """Close for good."""
+        self.closed = True
+
+    async def read(self, rule: RuleConfig, now: float) -> Sequence[Reading]:
+        """The script's value while open."""
+        if self.closed:
+            return [readings.error("source closed", now)]
+        return await super().read(rule, now)
+
+
+SOURCE_TYPES.register(
+    "test.closable",
+    SourceType(
+        options=ScriptedOptions,
+        rule_keys=frozenset({"query"}),
+        build=lambda name, options: ClosableSource(name),
+    ),
+)
+
+
+async def test_reload_during_a_wait_step_keeps_its_source_open(tmp_path: Path) -> None:
+    """A plan step reading a source finishes normally across a reload (old parts close later)."""
+    prepare(tmp_path)
+    raw = config_dict(tmp_path)
+    raw["sources"] = {"script": {"type": "test.closable"}}
+    raw["actions"]["drain"] = {
+        "type": "wait",
+        "source": "script",
+        "query": "inflight",
+        "poll": "50ms",
+        "timeout": "20s",
+    }
+    raw["monitors"]["payments"]["on_rollback"] = ["drain", "route-legacy"]
+    path = tmp_path / "rollbackd.toml"
+    path.write_text(to_toml(raw))
+    SCRIPT.value = 5.0
+
+    async def body(daemon: Daemon) -> None:
+        await wait_until(
+            lambda: any(
+                s.status == "running"
+                for i in daemon.store.incidents()
+                if i.event == "rollback"
+                for s in i.steps
+            )
+        )
+        assert await daemon.reload()
+        SCRIPT.value = 0.0
+        await wait_until(lambda: plan_done(daemon))
+        (incident,) = [i for i in daemon.store.incidents() if i.event == "rollback"]
+        assert incident.steps[0].status == "ok"
+        assert incident.steps[0].detail.startswith("drained"), incident.steps[0].detail
+
+    await running(load(path), body_with_path(body, path))
