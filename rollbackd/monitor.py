@@ -44,25 +44,21 @@ class MonitorRunner:
     observer: CheckObserver | None = None
     state: MonitorState = field(init=False)
     last_check: Check | None = field(init=False, default=None)
+    policy: Policy = field(init=False)
+    """The engine's view of this monitor's limits."""
+    push: bool = field(init=False)
+    """True when every rule reads a push source: checks happen on arrival."""
     _lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _arrival_waiting: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
+        self.policy = Policy.of(self.config)
+        self.push = all(
+            getattr(self.sources.get(rule.source), "push", False) for rule in self.config.rules
+        )
         self.state = self.store.monitor_state(self.name) or MonitorState()
         recent = self.store.recent_checks(self.name, 1)
         self.last_check = recent[-1] if recent else None
-
-    @property
-    def policy(self) -> Policy:
-        """The engine's view of this monitor's limits."""
-        return Policy.of(self.config)
-
-    @property
-    def push(self) -> bool:
-        """True when every rule reads a push source: checks happen on arrival."""
-        return all(
-            getattr(self.sources.get(rule.source), "push", False) for rule in self.config.rules
-        )
 
     async def tick(self) -> Check | None:
         """Run the interval's check; push monitors only look for staleness.
