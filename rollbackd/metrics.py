@@ -35,7 +35,10 @@ class Metrics:
         self.registry = registry
         self._mode = "dry-run"
         self._monitors: set[str] = set()
-        self._series: dict[str, set[tuple[str, str]]] = {}
+        self._series: dict[str, dict[tuple[str, str], Gauge]] = {}
+        """Per monitor, the exported rule-value children by (rule, series)."""
+        self._per_monitor: dict[str, tuple[dict[Outcome, Counter], Histogram]] = {}
+        """Per monitor, the children of checks_total by outcome and of the duration histogram."""
         self._rule_sources: dict[str, dict[str, str]] = {}
         self._shown: dict[str, tuple[int, int, Phase]] = {}
         """Per monitor, the counters and phase last exported: unchanged ones are not set again."""
@@ -124,8 +127,9 @@ class Metrics:
         for monitor in self._monitors - set(monitors):
             self._monitors.discard(monitor)
             self._rule_sources.pop(monitor, None)
-            for rule, series in self._series.pop(monitor, set()):
+            for rule, series in self._series.pop(monitor, {}):
                 self.rule_value.remove(monitor, rule, series)
+            self._per_monitor.pop(monitor, None)
             for phase in Phase:
                 _remove(self.state, monitor, phase.value)
             _remove(self.consecutive_failures, monitor)
@@ -152,8 +156,12 @@ class Metrics:
     ) -> None:
         """Record one committed check: outcome, counters, rule values, decisions, duration."""
         monitor = check.monitor
-        self.checks.labels(monitor, check.outcome.value).inc()
-        self.check_duration.labels(monitor).observe(max(seconds, 0.0))
+        children = self._per_monitor.get(monitor)
+        if children is None:  # label lookups cost a lock and a tuple: once per monitor
+            checks = {o: self.checks.labels(monitor, o.value) for o in Outcome}
+            children = self._per_monitor[monitor] = (checks, self.check_duration.labels(monitor))
+        children[0][check.outcome].inc()
+        children[1].observe(max(seconds, 0.0))
         self.monitor_state(monitor, transition.state)
         self._rule_values(check)
         self._source_errors(check)
@@ -173,7 +181,8 @@ class Metrics:
 
     def _rule_values(self, check: Check) -> None:
         monitor = check.monitor
-        current: set[tuple[str, str]] = set()
+        before = self._series.get(monitor, {})
+        current: dict[tuple[str, str], Gauge] = {}
         per_rule: dict[str, int] = {}
         for result in check.results:
             if result.value is None:
@@ -182,10 +191,11 @@ class Metrics:
                 continue
             per_rule[result.rule] = per_rule.get(result.rule, 0) + 1
             key = (result.rule, labels_text(result.labels))
-            current.add(key)
-            self.rule_value.labels(monitor, *key).set(result.value)
+            child = before.get(key) or self.rule_value.labels(monitor, *key)
+            child.set(result.value)
+            current[key] = child
         # A series that vanished (or has no value now) must not linger at its old value.
-        for rule, series in self._series.get(monitor, set()) - current:
+        for rule, series in before.keys() - current.keys():
             self.rule_value.remove(monitor, rule, series)
         self._series[monitor] = current
 
