@@ -398,7 +398,7 @@ def _cross_check(config: Config, *, secrets: bool = True) -> Iterator[str]:
     for name, monitor in config.monitors.items():
         yield from _check_monitor(config, name, monitor, source_types)
     for name, options in config.action_options.items():
-        yield from _check_action_source(config, name, options, source_types)
+        yield from _check_source_read(config, f"actions.{name}", options, source_types)
     if secrets:
         yield from _check_secrets(config)
     daemon = config.daemon
@@ -433,39 +433,31 @@ def _check_monitor(
             if action not in config.actions:
                 yield f"{here}.{key}[{i}]: no action named {action!r} in [actions]"
     for i, rule in enumerate(monitor.rules):
-        at = f"{here}.rules[{i}]"
-        if rule.source not in config.sources:
-            yield f"{at}.source: no source named {rule.source!r} in [sources]"
-            continue
-        required = source_types.get(rule.source)
-        if required is None:
-            continue  # the source's own problem is already reported
-        kind = config.sources[rule.source].type
-        for key in ("query", "topic"):
-            present = getattr(rule, key) is not None
-            if key in required and not present:
-                yield f"{at}.{key}: required for {kind} sources"
-            elif key not in required and present:
-                yield f"{at}.{key}: not used by {kind} sources"
-        if rule.json_field is not None and "topic" not in required:
-            yield f"{at}.json_field: only used with topic-based sources"
+        yield from _check_source_read(config, f"{here}.rules[{i}]", rule, source_types)
 
 
-def _check_action_source(
-    config: Config, name: str, options: object, source_types: dict[str, frozenset[str]]
+def _check_source_read(
+    config: Config, at: str, read: object, source_types: dict[str, frozenset[str]]
 ) -> Iterator[str]:
-    """An action option named ``source`` (``wait``) must name a source and fit its type."""
-    source = getattr(options, "source", None)
+    """A rule, or an action reading a source (``wait``): the source exists, the keys fit it."""
+    source = getattr(read, "source", None)
     if not isinstance(source, str):
         return
     if source not in config.sources:
-        yield f"actions.{name}.source: no source named {source!r} in [sources]"
+        yield f"{at}.source: no source named {source!r} in [sources]"
         return
-    required = source_types.get(source, frozenset())
+    required = source_types.get(source)
+    if required is None:
+        return  # the source's own problem is already reported
     kind = config.sources[source].type
     for key in ("query", "topic"):
-        if key in required and getattr(options, key, None) is None:
-            yield f"actions.{name}.{key}: required for {kind} sources"
+        present = getattr(read, key, None) is not None
+        if key in required and not present:
+            yield f"{at}.{key}: required for {kind} sources"
+        elif key not in required and present:
+            yield f"{at}.{key}: not used by {kind} sources"
+    if getattr(read, "json_field", None) is not None and "topic" not in required:
+        yield f"{at}.json_field: only used with topic-based sources"
 
 
 def _check_secrets(config: Config) -> Iterator[str]:
