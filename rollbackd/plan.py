@@ -16,9 +16,15 @@ from typing import Any
 
 import structlog
 
-from rollbackd.actions import ACTION_TYPES, Action, ActionContext, Event, Incident
+from rollbackd.actions import (
+    ACTION_TYPES,
+    Action,
+    ActionContext,
+    Event,
+    Incident,
+    ReadsSources,
+)
 from rollbackd.actions.files import atomic_write
-from rollbackd.actions.wait import WaitAction
 from rollbackd.config import ActionConfig, Config
 from rollbackd.errors import ActionError, RollbackdError
 from rollbackd.sources import SOURCE_TYPES, Source
@@ -334,13 +340,16 @@ async def fire_action(config: Config, name: str, *, clock: Callable[[], float] =
 
 
 def _sources_for(config: Config, action: Action, name: str) -> dict[str, Source]:
-    """Build the source a ``wait`` reads (and tell it what to watch); other actions need none."""
-    if not isinstance(action, WaitAction):
-        return {}
-    source_name = action.options.source
-    table = config.sources.get(source_name)
-    if table is None:
-        raise ActionError(f"action {name} reads source {source_name!r}, which is not configured")
-    source = SOURCE_TYPES.get(table.type).build(source_name, config.source_options[source_name])
-    source.watch(f"action:{name}", action.rule())
-    return {source_name: source}
+    """Build the sources an action reads (``wait``), each told what to watch; most read none."""
+    sources: dict[str, Source] = {}
+    for read in action.watches() if isinstance(action, ReadsSources) else ():
+        table = config.sources.get(read.source)
+        if table is None:
+            raise ActionError(
+                f"action {name} reads source {read.source!r}, which is not configured"
+            )
+        if read.source not in sources:
+            options = config.source_options[read.source]
+            sources[read.source] = SOURCE_TYPES.get(table.type).build(read.source, options)
+        sources[read.source].watch(f"action:{name}", read)
+    return sources
