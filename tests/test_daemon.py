@@ -70,14 +70,12 @@ class ScriptedSource:
         return [readings.ok(SCRIPT.value, now)]
 
 
-SOURCE_TYPES.register(
-    "test.scripted",
-    SourceType(
-        options=ScriptedOptions,
-        rule_keys=frozenset({"query"}),
-        build=lambda name, options: ScriptedSource(name),
-    ),
-)
+def register(kind: str, build: Callable[[str, Any], Any], key: str = "query") -> None:
+    """Register a test source type whose rules use ``key``."""
+    SOURCE_TYPES.register(kind, SourceType(ScriptedOptions, frozenset({key}), build))
+
+
+register("test.scripted", lambda name, options: ScriptedSource(name))
 
 INTERVAL = 0.05
 
@@ -410,14 +408,7 @@ class PushedSource(ScriptedSource):
         return await super().read(rule, now)
 
 
-SOURCE_TYPES.register(
-    "test.pushed",
-    SourceType(
-        options=ScriptedOptions,
-        rule_keys=frozenset({"topic"}),
-        build=lambda name, options: PushedSource(name),
-    ),
-)
+register("test.pushed", lambda name, options: PushedSource(name), key="topic")
 
 
 def publish(value: float) -> None:
@@ -525,10 +516,7 @@ def fragile(name: str, options: object) -> ScriptedSource:
     raise RollbackdError(f"source {name}: cannot build a client")
 
 
-SOURCE_TYPES.register(
-    "test.fragile",
-    SourceType(options=ScriptedOptions, rule_keys=frozenset({"query"}), build=fragile),
-)
+register("test.fragile", fragile)
 
 
 async def test_reload_that_cannot_start_keeps_the_old_config(tmp_path: Path) -> None:
@@ -570,14 +558,7 @@ class ClosableSource(ScriptedSource):
         return await super().read(rule, now)
 
 
-SOURCE_TYPES.register(
-    "test.closable",
-    SourceType(
-        options=ScriptedOptions,
-        rule_keys=frozenset({"query"}),
-        build=lambda name, options: ClosableSource(name),
-    ),
-)
+register("test.closable", lambda name, options: ClosableSource(name))
 
 
 async def test_reload_during_a_wait_step_keeps_its_source_open(tmp_path: Path) -> None:
