@@ -186,6 +186,7 @@ class Store:
         """Write the quiet checks now (the daemon calls this every second)."""
         with self._lock:
             if self._quiet:
+                # Every transaction begins by writing the quiet checks: an empty one flushes.
                 with self._tx("writing checks", write=True):
                     pass
 
