@@ -312,7 +312,7 @@ def test_foreign_sqlite_database_is_refused(tmp_path: Path) -> None:
 
 CHILD = textwrap.dedent(
     """
-    import random, sys
+    import random, sys, time
     from dataclasses import replace
     from pathlib import Path
     from rollbackd.config import RuleConfig
@@ -329,6 +329,8 @@ CHILD = textwrap.dedent(
     while True:
         for name, state in states.items():
             at += 1.0
+            if at > 150:  # then slowly: quiet checks reach disk up to 1 s late, and the
+                time.sleep(0.01)  # kill must land while monitors are in different phases
             values = [rng.choice([0.5, 0.5, 0.5, 2.5, float("nan")]) for _ in range(2)]
             readings = [ok(v, at, labels_of({"s": str(j)})) for j, v in enumerate(values)]
             check = decide(name, evaluate_rule(rule, readings), at)
