@@ -82,6 +82,8 @@ class ActionType:
     """Pydantic model of the type's keys in ``[actions.NAME]`` (without type/timeout/retries)."""
     build: Callable[[str, Any], Action]
     """``build(name, validated_options)`` -> Action; no I/O until ``run``."""
+    resolves: bool = False
+    """It tells people (an alert): it hears of a re-arm, so the alert it raised resolves."""
 
 
 ACTION_TYPES: Registry[ActionType] = Registry("rollbackd.actions")
