@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import math
 import os
 import secrets
 import stat
@@ -23,41 +22,18 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from rollbackd.errors import RollbackdError
+from rollbackd.codec import dumps
+from rollbackd.errors import (
+    ApiError,
+    DaemonUnreachableError,
+    MonitorNotLatchedError,
+    RollbackdError,
+    UnknownMonitorError,
+)
 
 log = structlog.get_logger("rollbackd.api")
 
 TOKEN_FILE = "control.token"  # noqa: S105 - a file name, not a secret
-
-
-class UnknownMonitorError(RollbackdError):
-    """The monitor named in a request is not configured."""
-
-    def __init__(self, monitor: str) -> None:
-        self.monitor = monitor
-        super().__init__(f"no monitor named {monitor!r}")
-
-
-class MonitorNotLatchedError(RollbackdError):
-    """A re-arm asked for a monitor that is not rolled back."""
-
-    def __init__(self, monitor: str, state: str) -> None:
-        self.monitor, self.state = monitor, state
-        super().__init__(
-            f"monitor {monitor!r} is {state}, not rolled_back: there is nothing to re-arm"
-        )
-
-
-class DaemonUnreachableError(RollbackdError):
-    """The CLI could not talk to the daemon's HTTP surface."""
-
-
-class ApiError(RollbackdError):
-    """The daemon answered a CLI request with an error."""
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status
-        super().__init__(message)
 
 
 class Surface(Protocol):
@@ -261,25 +237,8 @@ def _json(
     data: dict[str, Any], *, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
-        text=_dumps(data), status=status, content_type="application/json", headers=headers
+        text=dumps(data), status=status, content_type="application/json", headers=headers
     )
-
-
-def _dumps(data: object) -> str:
-    try:
-        return json.dumps(data, allow_nan=False)
-    except ValueError:  # strict JSON has no Inf/NaN: spell them as Prometheus does
-        return json.dumps(_finite(data), allow_nan=False)
-
-
-def _finite(data: object) -> object:
-    if isinstance(data, float) and not math.isfinite(data):
-        return "NaN" if math.isnan(data) else ("+Inf" if data > 0 else "-Inf")
-    if isinstance(data, dict):
-        return {k: _finite(v) for k, v in data.items()}
-    if isinstance(data, list | tuple):
-        return [_finite(v) for v in data]
-    return data
 
 
 def _bound_port(runner: web.AppRunner, wanted: int) -> int:
@@ -369,12 +328,8 @@ def _error_message(status: int, body: dict[str, Any]) -> str:
 
 
 __all__ = [
-    "ApiError",
     "ApiServer",
-    "DaemonUnreachableError",
-    "MonitorNotLatchedError",
     "Surface",
-    "UnknownMonitorError",
     "base_url",
     "ensure_control_token",
     "get_status",

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from rollbackd import __version__
-from rollbackd.config import Config, load
+from rollbackd.assemble import load
+from rollbackd.config import Config
 from rollbackd.errors import ConfigError, RollbackdError
 
 DEFAULT_CONFIG = Path("/etc/rollbackd/rollbackd.toml")
@@ -80,7 +81,7 @@ def _config_option(p: argparse.ArgumentParser) -> None:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config = load(args.file)
+    config = load(args.file).config
     rules = sum(len(m.rules) for m in config.monitors.values())
     print(
         f"{args.file}: ok ({len(config.monitors)} monitors, {rules} rules, "
@@ -107,7 +108,7 @@ def _status(args: argparse.Namespace) -> int:
     from rollbackd.api import get_status
     from rollbackd.report import status_table
 
-    config = load(args.config, secrets=False)
+    config = load(args.config, secrets=False).config
     status = asyncio.run(get_status(_listen(config), timeout=5.0))
     print(json.dumps(status, indent=2) if args.json else status_table(status))
     return EXIT_OK
@@ -116,7 +117,7 @@ def _status(args: argparse.Namespace) -> int:
 def _rearm(args: argparse.Namespace) -> int:
     from rollbackd.api import post_rearm, read_control_token
 
-    config = load(args.config, secrets=False)
+    config = load(args.config, secrets=False).config
     token = read_control_token(config.daemon.state_dir)
     result = asyncio.run(post_rearm(_listen(config), token, args.monitor))
     print(f"{args.monitor}: {result.get('state', 're-armed')}")
@@ -126,9 +127,9 @@ def _rearm(args: argparse.Namespace) -> int:
 def _test_action(args: argparse.Namespace) -> int:
     from rollbackd.plan import fire_action
 
-    config = load(args.config)
-    if args.action not in config.actions:
-        known = ", ".join(sorted(config.actions)) or "none"
+    assembly = load(args.config)
+    if args.action not in assembly.actions:
+        known = ", ".join(sorted(assembly.actions)) or "none"
         print(
             f"{args.config}: actions.{args.action}: no such action (known: {known})",
             file=sys.stderr,
@@ -137,7 +138,7 @@ def _test_action(args: argparse.Namespace) -> int:
     if not args.yes and not _confirm(f"Fire action {args.action!r} for real? [y/N] "):
         print("not fired", file=sys.stderr)
         return EXIT_FAILED
-    detail = asyncio.run(fire_action(config, args.action))
+    detail = asyncio.run(fire_action(assembly, args.action))
     print(f"{args.action}: {detail}")
     return EXIT_OK
 

@@ -1,6 +1,7 @@
-"""The TOML configuration contract as pydantic models; ``load(path)`` returns a checked Config.
+"""The TOML configuration contract as pydantic models; ``parse(path)`` returns its shape.
 
-Every problem becomes one line naming the file, the dotted key and the reason.
+Every problem becomes one line naming the file, the dotted key and the reason. This module
+knows no plugin: ``assemble`` resolves the source and action types and their options.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from rollbackd.errors import ConfigError, PluginError, SecretError
+from rollbackd.errors import ConfigError, SecretError
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -275,7 +276,7 @@ class ActionConfig(PluginTable):
 
 
 class Config(Frozen):
-    """The whole checked configuration, with typed options for every source and action."""
+    """The whole configuration as written; ``assemble`` types the plugin tables' options."""
 
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     sources: dict[str, SourceConfig] = Field(default_factory=dict)
@@ -283,14 +284,12 @@ class Config(Frozen):
     actions: dict[str, ActionConfig] = Field(default_factory=dict)
     path: Path | None = None
     sha256: str = ""
-    source_options: dict[str, Any] = Field(default_factory=dict, exclude=True)
-    action_options: dict[str, Any] = Field(default_factory=dict, exclude=True)
 
 
-def load(path: Path | str, *, secrets: bool = True) -> Config:
-    """Read, validate and cross-check a config file; ConfigError lists every problem.
+def parse(path: Path | str) -> Config:
+    """Read and validate a config file's shape; ConfigError lists every problem found.
 
-    ``secrets=False`` skips reading the secrets (``status`` and ``rearm`` need none).
+    Plugin options, rule keys per source type and secrets are ``assemble``'s checks.
     """
     path = Path(path)
     try:
@@ -304,13 +303,11 @@ def load(path: Path | str, *, secrets: bool = True) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: {exc}"]) from exc
     digest = hashlib.sha256(raw_bytes).hexdigest()
-    return from_dict(raw, path=path, sha256=digest, secrets=secrets)
+    return from_dict(raw, path=path, sha256=digest)
 
 
-def from_dict(
-    raw: dict[str, Any], path: Path | None = None, sha256: str = "", *, secrets: bool = True
-) -> Config:
-    """Validate an already-parsed TOML document (tests and the demo build configs this way)."""
+def from_dict(raw: dict[str, Any], path: Path | None = None, sha256: str = "") -> Config:
+    """Validate an already-parsed TOML document's shape (see ``parse``)."""
     where = str(path) if path else "<config>"
     raw = dict(raw)
     daemon_raw = raw.pop("daemon", {})
@@ -321,43 +318,40 @@ def from_dict(
             problems.append(f"{where}: daemon: must be a table")
     except ValidationError as exc:
         daemon = None
-        problems.extend(_with_env_names(_lines(where, exc, prefix=("daemon",))))
+        problems.extend(_with_env_names(lines(where, exc, prefix=("daemon",))))
     try:
         # The daemon table is validated above (with the environment); a stand-in here keeps
         # Config from reading the environment a second time.
         stand_in = DaemonConfig.model_construct()
         config = Config.model_validate({**raw, "daemon": stand_in, "path": path, "sha256": sha256})
     except ValidationError as exc:
-        problems.extend(_lines(where, exc))
+        problems.extend(lines(where, exc))
         raise ConfigError(problems) from exc
     if daemon is None:
         raise ConfigError(problems)
-    config = config.model_copy(update={"daemon": daemon})
-    problems.extend(f"{where}: {line}" for line in _cross_check(config, secrets=secrets))
-    if problems:
-        raise ConfigError(problems)
-    return config
+    return config.model_copy(update={"daemon": daemon})
 
 
-def _with_env_names(lines: list[str]) -> list[str]:
+def _with_env_names(found: list[str]) -> list[str]:
     """Say which ``ROLLBACKD_*`` variable a bad [daemon] value came from, when it did."""
     out = []
-    for line in lines:
+    for line in found:
         key = line.split("daemon.", 1)[-1].split(":", 1)[0]
         var = f"ROLLBACKD_{key.upper()}"
         out.append(f"{line} (from ${var})" if key.isidentifier() and var in os.environ else line)
     return out
 
 
-def _lines(where: str, exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[str]:
-    lines = []
+def lines(where: str, exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[str]:
+    """One ``FILE: dotted.key: reason`` line per error of a pydantic validation."""
+    found = []
     for err in exc.errors():
         loc = (*prefix, *err["loc"])
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"{where}: {dotted(loc) or '(top level)'}: {message}")
-    return lines
+        found.append(f"{where}: {dotted(loc) or '(top level)'}: {message}")
+    return found
 
 
 def dotted(loc: tuple[str | int, ...]) -> str:
@@ -371,36 +365,16 @@ def dotted(loc: tuple[str | int, ...]) -> str:
     return out
 
 
-def _cross_check(config: Config, *, secrets: bool = True) -> Iterator[str]:
-    """References, plugin options, rule keys per source type, secrets, the production guard."""
-    # Imported here: the plugin packages import this module for their option models.
-    from rollbackd.actions import ACTION_TYPES  # noqa: PLC0415
-    from rollbackd.sources import SOURCE_TYPES  # noqa: PLC0415
-
-    source_types: dict[str, frozenset[str]] = {}
-    for name, table in config.sources.items():
-        try:
-            kind = SOURCE_TYPES.get(table.type)
-        except PluginError as exc:
-            yield f"sources.{name}.type: {exc}"
-            continue
-        source_types[name] = kind.rule_keys
-        yield from _plugin_options(config.source_options, ("sources", name), kind.options, table)
-    for name, action in config.actions.items():
-        try:
-            action_type = ACTION_TYPES.get(action.type)
-        except PluginError as exc:
-            yield f"actions.{name}.type: {exc}"
-            continue
-        yield from _plugin_options(
-            config.action_options, ("actions", name), action_type.options, action
-        )
+def cross_check(config: Config) -> Iterator[str]:
+    """What the models alone cannot see: references to actions, limits, the production guard."""
     for name, monitor in config.monitors.items():
-        yield from _check_monitor(config, name, monitor, source_types)
-    for name, options in config.action_options.items():
-        yield from _check_source_read(config, f"actions.{name}", options, source_types)
-    if secrets:
-        yield from _check_secrets(config)
+        here = f"monitors.{name}"
+        if monitor.alert_after is not None and monitor.alert_after > monitor.rollback_after:
+            yield f"{here}.alert_after: must not be greater than rollback_after"
+        for key in ("on_alert", "on_rollback"):
+            for i, action in enumerate(getattr(monitor, key)):
+                if action not in config.actions:
+                    yield f"{here}.{key}[{i}]: no action named {action!r} in [actions]"
     daemon = config.daemon
     if daemon.armed and daemon.is_production and not daemon.confirm_production:
         yield (
@@ -409,79 +383,18 @@ def _cross_check(config: Config, *, secrets: bool = True) -> Iterator[str]:
         )
 
 
-def _plugin_options(
-    into: dict[str, Any],
-    loc: tuple[str, str],
-    model: type[BaseModel],
-    table: PluginTable,
-) -> Iterator[str]:
-    try:
-        into[loc[1]] = model.model_validate(table.options())
-    except ValidationError as exc:
-        for line in _lines("", exc, prefix=loc):
-            yield line.removeprefix(": ")
-
-
-def _check_monitor(
-    config: Config, name: str, monitor: MonitorConfig, source_types: dict[str, frozenset[str]]
-) -> Iterator[str]:
-    here = f"monitors.{name}"
-    if monitor.alert_after is not None and monitor.alert_after > monitor.rollback_after:
-        yield f"{here}.alert_after: must not be greater than rollback_after"
-    for key in ("on_alert", "on_rollback"):
-        for i, action in enumerate(getattr(monitor, key)):
-            if action not in config.actions:
-                yield f"{here}.{key}[{i}]: no action named {action!r} in [actions]"
-    for i, rule in enumerate(monitor.rules):
-        yield from _check_source_read(config, f"{here}.rules[{i}]", rule, source_types)
-
-
-def _check_source_read(
-    config: Config, at: str, read: object, source_types: dict[str, frozenset[str]]
-) -> Iterator[str]:
-    """A rule, or an action reading a source (``wait``): the source exists, the keys fit it."""
-    source = getattr(read, "source", None)
-    if not isinstance(source, str):
-        return
-    if source not in config.sources:
-        yield f"{at}.source: no source named {source!r} in [sources]"
-        return
-    required = source_types.get(source)
-    if required is None:
-        return  # the source's own problem is already reported
-    kind = config.sources[source].type
-    for key in ("query", "topic"):
-        present = getattr(read, key, None) is not None
-        if key in required and not present:
-            yield f"{at}.{key}: required for {kind} sources"
-        elif key not in required and present:
-            yield f"{at}.{key}: not used by {kind} sources"
-    if getattr(read, "json_field", None) is not None and "topic" not in required:
-        yield f"{at}.json_field: only used with topic-based sources"
-
-
-def _check_secrets(config: Config) -> Iterator[str]:
-    groups = (("sources", config.source_options), ("actions", config.action_options))
-    for section, options in groups:
-        for name, model in options.items():
-            for loc, ref in _secret_refs(model, (section, name)):
-                try:
-                    ref.reveal()
-                except SecretError as exc:
-                    yield f"{dotted(loc)}: {exc}"
-
-
-def _secret_refs(
+def secret_refs(
     value: object, loc: tuple[str | int, ...]
 ) -> Iterator[tuple[tuple[str | int, ...], SecretRef]]:
+    """Every SecretRef inside a validated options model, with its dotted location."""
     if isinstance(value, SecretRef):
         yield loc, value
     elif isinstance(value, BaseModel):
         for key in type(value).model_fields:
-            yield from _secret_refs(getattr(value, key), (*loc, key))
+            yield from secret_refs(getattr(value, key), (*loc, key))
     elif isinstance(value, dict):
         for key, item in value.items():
-            yield from _secret_refs(item, (*loc, str(key)))
+            yield from secret_refs(item, (*loc, str(key)))
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            yield from _secret_refs(item, (*loc, i))
+            yield from secret_refs(item, (*loc, i))

@@ -7,48 +7,50 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
-import fcntl
-import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from prometheus_client import CollectorRegistry
 
-from rollbackd import __version__, logs, notify
-from rollbackd.actions import ACTION_TYPES, Action, ReadsSources
-from rollbackd.api import (
-    ApiServer,
+from rollbackd import __version__, incidents, logs, notify
+from rollbackd.actions import Action, ReadsSources
+from rollbackd.api import ApiServer, ensure_control_token
+from rollbackd.assemble import Assembly, Registries, load
+from rollbackd.config import Config
+from rollbackd.engine import Check, Event, MonitorState, Phase, Transition
+from rollbackd.errors import (
+    ConfigError,
     MonitorNotLatchedError,
+    RollbackdError,
+    StateError,
     UnknownMonitorError,
-    ensure_control_token,
 )
-from rollbackd.config import Config, MonitorConfig, load
-from rollbackd.engine import Check, MonitorState, Phase, Transition
-from rollbackd.errors import ConfigError, RollbackdError, StateError
 from rollbackd.metrics import Metrics
 from rollbackd.monitor import MonitorRunner
 from rollbackd.plan import PlanRunner, PlanTasks
-from rollbackd.sources import SOURCE_TYPES, Source
-from rollbackd.state import GROUP_COMMIT_SECONDS, IncidentDraft, IncidentRecord, Store
+from rollbackd.records import IncidentRecord
+from rollbackd.sources import Source
+from rollbackd.state import GROUP_COMMIT_SECONDS, Store, lock_state_dir
 
 log = structlog.get_logger("rollbackd.daemon")
 
-LOCK_FILE = "rollbackd.lock"
 STOP_GRACE_SECONDS = 20.0
 """How long a stop waits for an in-flight plan step before leaving it to resume at restart."""
 
 
 def run(config_path: Path) -> int:
     """``rollbackd run``: load the config, serve until SIGTERM/SIGINT; the exit code."""
-    config = load(config_path)
-    logs.configure(config.daemon.log_format, config.daemon.log_level)
-    return asyncio.run(Daemon(config, config_path).serve())
+    assembly = load(config_path)
+    daemon = assembly.config.daemon
+    logs.configure(daemon.log_format, daemon.log_level)
+    return asyncio.run(Daemon(assembly, config_path).serve())
 
 
 class Daemon:
@@ -56,14 +58,17 @@ class Daemon:
 
     def __init__(
         self,
-        config: Config,
+        assembly: Assembly,
         config_path: Path | None = None,
         *,
         registry: CollectorRegistry | None = None,
+        registries: Registries | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.config = config
+        self.assembly = assembly
         self.config_path = config_path
+        self.registries = registries or Registries()
+        """The plugin types a reload resolves the new config with."""
         self.clock = clock
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -83,6 +88,11 @@ class Daemon:
         self._closers: set[asyncio.Task[None]] = set()
 
     @property
+    def config(self) -> Config:
+        """The running configuration."""
+        return self.assembly.config
+
+    @property
     def store(self) -> Store:
         """The open state store (only while serving)."""
         if self._store is None:
@@ -92,7 +102,7 @@ class Daemon:
     async def serve(self) -> int:
         """Run until asked to stop; return the exit code."""
         daemon = self.config.daemon
-        lock = _lock_state_dir(daemon.state_dir)
+        lock = lock_state_dir(daemon.state_dir)
         try:
             self._store = Store.open(daemon.state_dir)
         except BaseException:
@@ -110,7 +120,7 @@ class Daemon:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 stack.push_async_callback(self._stop_parts)  # also after a failed start
-                await self._start_parts(self.config)
+                await self._start_parts(self.assembly)
                 await self._start_surface(stack)
                 self._install_signals()
                 self.plans.resume_unfinished(self.store)
@@ -144,9 +154,10 @@ class Daemon:
 
     # --- parts that a reload replaces -------------------------------------------------
 
-    async def _start_parts(self, config: Config) -> None:
-        self.sources = _build_sources(config)
-        self.actions = _build_actions(config)
+    async def _start_parts(self, assembly: Assembly) -> None:
+        config = assembly.config
+        self.sources = assembly.build_sources()
+        self.actions = assembly.build_actions()
         for name, monitor in config.monitors.items():
             runner = MonitorRunner(
                 name=name,
@@ -270,21 +281,14 @@ class Daemon:
 
     def _alert_failed_steps(self, record: IncidentRecord) -> None:
         """A rollback step failed: tell the monitor's alert actions (a new alert incident)."""
-        monitor = self.config.monitors.get(record.monitor)
-        failed = [f"{s.action} ({s.detail})" for s in record.steps if s.status == "failed"]
-        log.error("rollback_incomplete", incident=record.id, monitor=record.monitor, failed=failed)
-        if monitor is None or not monitor.on_alert:
+        if record.event is not Event.ROLLBACK or not record.failed_steps():
             return
-        draft = IncidentDraft(
-            monitor=record.monitor,
-            event="alert",
-            reason=f"rollback {record.id} incomplete: failed steps: {'; '.join(failed)}",
-            mode=record.mode,
-            opened_at=self.clock(),
-            actions=tuple(monitor.on_alert),
-            details={"rollback": record.id, "failed_steps": failed},
-        )
-        self.plans.start(self.store.open_incident(draft))
+        failed = incidents.failed_steps(record)
+        log.error("rollback_incomplete", incident=record.id, monitor=record.monitor, failed=failed)
+        monitor = self.config.monitors.get(record.monitor)
+        draft = incidents.for_incomplete_rollback(record, monitor, self.clock())
+        if draft is not None:
+            self.plans.start(self.store.open_incident(draft))
 
     # --- operator surface ---------------------------------------------------------------
 
@@ -333,18 +337,14 @@ class Daemon:
         previous = runner.state.incident_id
         state = await runner.rearm()
         self.metrics.monitor_state(monitor, state)
-        told = _alerting_actions(self.config, runner.config)
-        if told:
-            trigger = self.store.incident(previous).details.get("trigger") if previous else None
-            draft = IncidentDraft(
-                monitor=monitor,
-                event="rearm",
-                reason=f"re-armed by operator (was incident {previous})",
-                mode=self.config.daemon.mode,
-                opened_at=self.clock(),
-                actions=told,
-                details={"resolves": previous, "trigger": trigger},
-            )
+        draft = incidents.for_rearm(
+            monitor,
+            incidents.resolvers(runner.config, self.assembly.resolves),
+            self.store.incident(previous) if previous else None,
+            mode=self.config.daemon.mode,
+            now=self.clock(),
+        )
+        if draft is not None:
             self.plans.start(self.store.open_incident(draft))
         return {"monitor": monitor, "state": str(state.phase), "resolved_incident": previous}
 
@@ -373,37 +373,30 @@ class Daemon:
         async with self._reloading:
             notify.reloading()
             try:
-                new = load(self.config_path)
+                new = load(self.config_path, registries=self.registries)
             except ConfigError as exc:
                 log.error("reload_rejected", problems=exc.problems)
                 notify.status("reload rejected; running the previous config")
                 notify.ready()
                 return False
-            if new.daemon.state_dir != self.config.daemon.state_dir:
-                log.warning("reload_state_dir_ignored", kept=str(self.config.daemon.state_dir))
-                new = new.model_copy(
-                    update={
-                        "daemon": new.daemon.model_copy(
-                            update={"state_dir": self.config.daemon.state_dir}
-                        )
-                    }
-                )
-            old = self.config
+            new = _keep_state_dir(new, self.config.daemon.state_dir)
+            old = self.assembly
             await self._stop_parts()
             try:
-                self.config = new
+                self.assembly = new
                 await self._start_parts(new)
             except RollbackdError as exc:  # e.g. a plugin that cannot be built: keep the old
-                log.error("reload_failed", error=str(exc), kept=old.sha256)
+                log.error("reload_failed", error=str(exc), kept=old.config.sha256)
                 await self._stop_parts()
-                self.config = old
+                self.assembly = old
                 await self._start_parts(old)
                 notify.ready(f"reload failed; watching {len(self.monitors)} monitors")
                 return False
             self.metrics.retain(self.monitors)
-            self.metrics.info(__version__, new.daemon.mode, new.daemon.environment)
-            log.info("config_reloaded", sha256=new.sha256, monitors=len(new.monitors))
-            notify.ready(f"watching {len(self.monitors)} monitors, mode {new.daemon.mode}")
+            daemon = new.config.daemon
+            self.metrics.info(__version__, daemon.mode, daemon.environment)
+            log.info("config_reloaded", sha256=new.config.sha256, monitors=len(self.monitors))
+            notify.ready(f"watching {len(self.monitors)} monitors, mode {daemon.mode}")
             return True
 
     async def _flush(self) -> None:
@@ -428,54 +421,10 @@ class Daemon:
             await asyncio.sleep(interval)
 
 
-def _lock_state_dir(state_dir: Path) -> IO[str]:
-    """Hold an exclusive lock on the state directory: one daemon per state, ever."""
-    path = state_dir / LOCK_FILE
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        handle = path.open("a+", encoding="utf-8")
-    except OSError as exc:
-        raise StateError(
-            f"cannot use state directory {state_dir} (daemon.state_dir): {exc.strerror}"
-        ) from exc
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        handle.seek(0)
-        owner = handle.read().strip() or "unknown"
-        handle.close()
-        raise StateError(
-            f"{state_dir} is in use by another rollbackd (pid {owner}); "
-            "stop it or give this one another daemon.state_dir"
-        ) from exc
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
-
-
-def _alerting_actions(config: Config, monitor: MonitorConfig) -> tuple[str, ...]:
-    """``on_alert`` and the ``alert.*`` steps of ``on_rollback``: whoever told people.
-
-    Only these hear of a re-arm; the plan's other steps (flag, routing) must not run again.
-    """
-    names = [
-        *monitor.on_alert,
-        *(a for a in monitor.on_rollback if config.actions[a].type.startswith("alert.")),
-    ]
-    return tuple(dict.fromkeys(names))
-
-
-def _build_sources(config: Config) -> dict[str, Source]:
-    return {
-        name: SOURCE_TYPES.get(table.type).build(name, config.source_options[name])
-        for name, table in config.sources.items()
-    }
-
-
-def _build_actions(config: Config) -> dict[str, Action]:
-    return {
-        name: ACTION_TYPES.get(table.type).build(name, config.action_options[name])
-        for name, table in config.actions.items()
-    }
+def _keep_state_dir(new: Assembly, state_dir: Path) -> Assembly:
+    """A reload cannot move the state: the running state directory stays."""
+    if new.config.daemon.state_dir == state_dir:
+        return new
+    log.warning("reload_state_dir_ignored", kept=str(state_dir))
+    daemon = new.config.daemon.model_copy(update={"state_dir": state_dir})
+    return dataclasses.replace(new, config=new.config.model_copy(update={"daemon": daemon}))

@@ -16,7 +16,8 @@ from typing import Any, TextIO
 from prometheus_client import CollectorRegistry
 
 from rollbackd import logs
-from rollbackd.config import Config, from_dict
+from rollbackd.assemble import Assembly, from_dict
+from rollbackd.config import Config
 from rollbackd.daemon import Daemon
 from rollbackd.engine import Check, MonitorState, Outcome, Verdict
 from rollbackd.errors import RollbackdError
@@ -26,7 +27,7 @@ DEADLINE_SECONDS = 120.0
 """The demo gives up (exit 1) if no rollback has finished by then."""
 
 
-def demo_config(directory: Path, speed: float = 1.0) -> Config:
+def demo_config(directory: Path, speed: float = 1.0) -> Assembly:
     """The demo's configuration: the seed's thresholds over a synthetic source."""
     interval = f"{round(2000 / speed)}ms"
     seconds = {"healthy": 12 / speed, "degrading": 10 / speed}
@@ -131,10 +132,11 @@ def run_demo(directory: Path | None = None, speed: float = 1.0, out: TextIO | No
             f"demo: cannot write its files in {directory}: {exc.strerror}"
         ) from exc
     logs.configure("console", "info", quiet={"check_failed", "check_inconclusive"})
-    config = demo_config(directory, speed)
+    assembly = demo_config(directory, speed)
+    config = assembly.config
     print(_INTRO.format(dir=directory), file=out, flush=True)
     started = time.monotonic()
-    incident = asyncio.run(_watch(config, out, started))
+    incident = asyncio.run(_watch(assembly, out, started))
     if incident is None:
         print("\nno rollback happened before the deadline: something is wrong", file=out)
         return 1
@@ -142,8 +144,9 @@ def run_demo(directory: Path | None = None, speed: float = 1.0, out: TextIO | No
     return 0
 
 
-async def _watch(config: Config, out: TextIO, started: float) -> str | None:
-    daemon = Daemon(config, registry=CollectorRegistry())
+async def _watch(assembly: Assembly, out: TextIO, started: float) -> str | None:
+    config = assembly.config
+    daemon = Daemon(assembly, registry=CollectorRegistry())
 
     def show(monitor: str, check: Check, state: MonitorState) -> None:
         print(

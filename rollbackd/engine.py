@@ -1,4 +1,4 @@
-"""Pure decisions: readings -> rule results -> check outcome -> monitor state and decisions.
+"""Pure decisions: readings -> rule results -> check outcome -> monitor state and events.
 
 No I/O, no clock, no asyncio: time arrives in the readings and checks, so tests control it.
 """
@@ -9,10 +9,9 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from rollbackd.config import MonitorConfig, RuleConfig
-from rollbackd.readings import Labels, Reading, ReadingStatus, labels_of
+from rollbackd.readings import Labels, Reading, ReadingStatus
 
 
 class Verdict(StrEnum):
@@ -41,39 +40,72 @@ class Phase(StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
-class Decision(StrEnum):
-    """What a transition asks the daemon to do."""
+class Event(StrEnum):
+    """Why an incident opens and its actions fire; the first three are the engine's decisions."""
 
-    ALERT = "alert"
-    BLIND = "blind"
-    ROLLBACK = "rollback"
-
-
-# --- JSON helpers: strict JSON has no Inf/NaN, so they travel as Prometheus spells them ---
-
-_NONFINITE_OUT = {math.inf: "+Inf", -math.inf: "-Inf"}
-_NONFINITE_IN = {"+Inf": math.inf, "-Inf": -math.inf, "Inf": math.inf, "NaN": math.nan}
+    ALERT = "alert"  # alert_after reached: warn before rolling back
+    BLIND = "blind"  # too many inconclusive checks in a row
+    ROLLBACK = "rollback"  # rollback_after (or failure_limit) reached: run the plan
+    REARM = "rearm"  # an operator re-armed the monitor (alerts resolve)
+    TEST = "test"  # fired on purpose by `rollbackd test-action`
 
 
-def _float_out(value: float | None) -> float | str | None:
-    if value is None or math.isfinite(value):
-        return value
-    return _NONFINITE_OUT.get(value, "NaN")
+class RuleSpec(Protocol):
+    """What the engine needs of a rule (``config.RuleConfig`` is one)."""
+
+    @property
+    def name(self) -> str:
+        """The rule's name, unique in its monitor."""
+
+    @property
+    def threshold(self) -> float:
+        """The number a value is compared with."""
+
+    @property
+    def direction(self) -> Literal["above", "below"]:
+        """Which side of the threshold is a breach."""
+
+    @property
+    def unit(self) -> str:
+        """Shown after values ("%", "ms"); may be empty."""
+
+    @property
+    def no_data(self) -> Literal["inconclusive", "breach", "ok"]:
+        """How a series without a value counts."""
 
 
-def _float_in(value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return _NONFINITE_IN[value]
-    assert isinstance(value, int | float)
-    return float(value)
+class LimitsSpec(Protocol):
+    """What the engine needs of a monitor (``config.MonitorConfig`` is one)."""
+
+    @property
+    def rollback_after(self) -> int:
+        """Consecutive failing checks that roll back."""
+
+    @property
+    def alert_after(self) -> int | None:
+        """Consecutive failing checks that alert first."""
+
+    @property
+    def blind_after(self) -> int:
+        """Consecutive inconclusive checks that make the monitor blind."""
+
+    @property
+    def on_blind(self) -> Literal["alert", "rollback"]:
+        """What a blind monitor does."""
+
+    @property
+    def failure_limit(self) -> int | None:
+        """Failing checks within ``failure_window`` that roll back."""
+
+    @property
+    def failure_window(self) -> float:
+        """Seconds over which ``failure_limit`` counts."""
 
 
-def number(value: float) -> str:
+def format_value(value: float) -> str:
     """Format a value as people read it: ``1.0``, ``2.5``, ``0.3``, ``+Inf``."""
     if not math.isfinite(value):
-        return str(_float_out(value))
+        return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
     if value.is_integer() and abs(value) < 1e15:  # beyond this, exponents read better
         return f"{value:.1f}"
     return f"{value:.6g}"
@@ -99,37 +131,6 @@ class RuleResult:
     verdict: Verdict
     reason: str
     at: float
-
-    def to_json(self) -> dict[str, Any]:
-        """Return a strict-JSON-able dict (labels as an object, non-finite values as strings)."""
-        return {
-            "rule": self.rule,
-            "labels": dict(self.labels),
-            "value": _float_out(self.value),
-            "threshold": _float_out(self.threshold),
-            "direction": self.direction,
-            "unit": self.unit,
-            "verdict": self.verdict.value,
-            "reason": self.reason,
-            "at": self.at,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RuleResult:
-        """Rebuild from the output of ``to_json``."""
-        threshold = _float_in(data["threshold"])
-        assert threshold is not None
-        return cls(
-            rule=data["rule"],
-            labels=labels_of(data["labels"]),
-            value=_float_in(data["value"]),
-            threshold=threshold,
-            direction="above" if data["direction"] == "above" else "below",
-            unit=data["unit"],
-            verdict=Verdict(data["verdict"]),
-            reason=data["reason"],
-            at=float(data["at"]),
-        )
 
     def describe(self) -> str:
         """``rule{labels}: reason``, for logs and incident reasons."""
@@ -176,34 +177,13 @@ class Check:
     outcome: Outcome
     results: tuple[RuleResult, ...]
 
-    def to_json(self) -> dict[str, Any]:
-        """Return a strict-JSON-able dict."""
-        return {
-            "monitor": self.monitor,
-            "at": self.at,
-            "outcome": self.outcome.value,
-            "results": [r.to_json() for r in self.results],
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Check:
-        """Rebuild from the output of ``to_json``."""
-        return cls(
-            monitor=data["monitor"],
-            at=float(data["at"]),
-            outcome=Outcome(data["outcome"]),
-            results=tuple(RuleResult.from_json(r) for r in data["results"]),
-        )
-
 
 # --- rule evaluation ------------------------------------------------------------------
 
 _POLICY_VERDICT = {"inconclusive": Verdict.NO_DATA, "breach": Verdict.BREACH, "ok": Verdict.OK}
 
 
-def evaluate_rule(
-    rule: RuleConfig, readings: Sequence[Reading], at: float = 0.0
-) -> list[RuleResult]:
+def evaluate_rule(rule: RuleSpec, readings: Sequence[Reading], at: float = 0.0) -> list[RuleResult]:
     """Judge each series on its own; ``at`` dates the single result of an empty reading list.
 
     A value strictly beyond the threshold breaches (equal is ok); +Inf breaches ``above``
@@ -216,7 +196,7 @@ def evaluate_rule(
     direction_word: str = direction
     not_word = "not " + direction
     sfx = f" {unit}" if unit else ""
-    limit = f"threshold {number(threshold)}{sfx}"
+    limit = f"threshold {format_value(threshold)}{sfx}"
     if not readings:
         return [_no_data(rule, (), "the source returned no series", at)]
     results: list[RuleResult] = []
@@ -228,7 +208,7 @@ def evaluate_rule(
                 verdict, word = Verdict.BREACH, direction_word
             else:
                 verdict, word = Verdict.OK, not_word
-            reason = f"value {number(value)}{sfx} {word} {limit}"
+            reason = f"value {format_value(value)}{sfx} {word} {limit}"
             append(
                 _result(
                     name, reading.labels, value, threshold, direction, unit, verdict, reason,
@@ -249,7 +229,7 @@ def evaluate_rule(
     return results
 
 
-def _no_data(rule: RuleConfig, labels: Labels, why: str, at: float) -> RuleResult:
+def _no_data(rule: RuleSpec, labels: Labels, why: str, at: float) -> RuleResult:
     verdict = _POLICY_VERDICT[rule.no_data]
     if verdict is Verdict.NO_DATA:
         reason = f"no data: {why}"
@@ -288,7 +268,7 @@ class Policy:
     failure_window: float
 
     @classmethod
-    def of(cls, monitor: MonitorConfig) -> Policy:
+    def of(cls, monitor: LimitsSpec) -> Policy:
         """Return the policy of a configured monitor."""
         return cls(
             rollback_after=monitor.rollback_after,
@@ -325,7 +305,7 @@ class Transition:
     """The next state, what to do about it, and why (short text for the log and incident)."""
 
     state: MonitorState
-    decisions: tuple[Decision, ...]
+    events: tuple[Event, ...]
     reason: str
 
 
@@ -352,22 +332,22 @@ def advance(state: MonitorState, check: Check, policy: Policy) -> Transition:
 def _breach(state: MonitorState, check: Check, policy: Policy) -> Transition:
     failures = state.consecutive_failures + 1
     times = _window((*state.failure_times, check.at), check.at, policy)
-    decisions: list[Decision] = []
+    events: list[Event] = []
     alerted = state.alerted
     if policy.alert_after is not None and failures >= policy.alert_after and not alerted:
-        decisions.append(Decision.ALERT)
+        events.append(Event.ALERT)
         alerted = True
     why = _evidence(check, Verdict.BREACH)
     reason = f"{failures} consecutive failing checks (rollback_after {policy.rollback_after})"
     if failures >= policy.rollback_after:
-        decisions.append(Decision.ROLLBACK)
+        events.append(Event.ROLLBACK)
     elif policy.failure_limit is not None and len(times) >= policy.failure_limit:
-        decisions.append(Decision.ROLLBACK)
+        events.append(Event.ROLLBACK)
         reason = (
-            f"{len(times)} failing checks within {number(policy.failure_window)} s "
+            f"{len(times)} failing checks within {format_value(policy.failure_window)} s "
             f"(failure_limit {policy.failure_limit})"
         )
-    latched = Decision.ROLLBACK in decisions
+    latched = Event.ROLLBACK in events
     nxt = replace(
         state,
         phase=Phase.ROLLED_BACK if latched else Phase.FAILING,
@@ -377,14 +357,14 @@ def _breach(state: MonitorState, check: Check, policy: Policy) -> Transition:
         blind_alerted=False,
         failure_times=times,
     )
-    return Transition(nxt, tuple(decisions), f"{reason}: {why}")
+    return Transition(nxt, tuple(events), f"{reason}: {why}")
 
 
 def _inconclusive(state: MonitorState, check: Check, policy: Policy) -> Transition:
     errors = state.consecutive_errors + 1
     why = _evidence(check, Verdict.NO_DATA, Verdict.ERROR)
     reason = f"{errors} consecutive inconclusive checks (blind_after {policy.blind_after})"
-    decisions: tuple[Decision, ...] = ()
+    events: tuple[Event, ...] = ()
     blind_alerted = state.blind_alerted
     phase = Phase.FAILING if state.consecutive_failures > 0 else Phase.OK
     if errors >= policy.blind_after:
@@ -392,13 +372,13 @@ def _inconclusive(state: MonitorState, check: Check, policy: Policy) -> Transiti
         if not blind_alerted:
             blind_alerted = True
             if policy.on_blind == "rollback":
-                decisions, phase = (Decision.ROLLBACK,), Phase.ROLLED_BACK
+                events, phase = (Event.ROLLBACK,), Phase.ROLLED_BACK
                 reason = f"blind, rolling back (on_blind = rollback): {reason}"
             else:
-                decisions = (Decision.BLIND,)
+                events = (Event.BLIND,)
                 reason = f"blind: {reason}"
     nxt = replace(state, phase=phase, consecutive_errors=errors, blind_alerted=blind_alerted)
-    return Transition(nxt, decisions, f"{reason}: {why}")
+    return Transition(nxt, events, f"{reason}: {why}")
 
 
 def _window(times: tuple[float, ...], now: float, policy: Policy) -> tuple[float, ...]:

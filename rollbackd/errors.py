@@ -27,3 +27,33 @@ class ActionError(RollbackdError):
 
 class PluginError(RollbackdError):
     """A source or action type is unknown or its plugin cannot be loaded."""
+
+
+class UnknownMonitorError(RollbackdError):
+    """The monitor named in a request is not configured."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        super().__init__(f"no monitor named {monitor!r}")
+
+
+class MonitorNotLatchedError(RollbackdError):
+    """A re-arm asked for a monitor that is not rolled back."""
+
+    def __init__(self, monitor: str, state: str) -> None:
+        self.monitor, self.state = monitor, state
+        super().__init__(
+            f"monitor {monitor!r} is {state}, not rolled_back: there is nothing to re-arm"
+        )
+
+
+class DaemonUnreachableError(RollbackdError):
+    """The CLI could not talk to the daemon's HTTP surface."""
+
+
+class ApiError(RollbackdError):
+    """The daemon answered a CLI request with an error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)

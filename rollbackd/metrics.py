@@ -13,7 +13,7 @@ from prometheus_client.process_collector import ProcessCollector
 from rollbackd.config import MonitorConfig
 from rollbackd.engine import (
     Check,
-    Decision,
+    Event,
     MonitorState,
     Outcome,
     Phase,
@@ -165,11 +165,11 @@ class Metrics:
         self.monitor_state(monitor, transition.state)
         self._rule_values(check)
         self._source_errors(check)
-        for decision in transition.decisions:
-            if decision is Decision.ROLLBACK:
+        for event in transition.events:
+            if event is Event.ROLLBACK:
                 self.rollbacks.labels(monitor, mode or self._mode).inc()
             else:
-                self.alerts.labels(monitor, decision.value).inc()
+                self.alerts.labels(monitor, event.value).inc()
 
     def action_attempt(self, action: str, result: str) -> None:
         """Count one attempt of a plan step (result: ok, failed, would_run, ...)."""

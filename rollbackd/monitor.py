@@ -14,14 +14,14 @@ from typing import Any
 
 import structlog
 
-from rollbackd import engine
-from rollbackd.actions import Event
+from rollbackd import engine, incidents
+from rollbackd.codec import result_to_json
 from rollbackd.config import MonitorConfig, RuleConfig
-from rollbackd.engine import Check, Decision, MonitorState, Outcome, Phase, Policy, Transition
+from rollbackd.engine import Check, Event, MonitorState, Outcome, Phase, Policy, Transition
 from rollbackd.readings import Reading, ReadingStatus
 from rollbackd.readings import error as error_reading
 from rollbackd.sources import Source
-from rollbackd.state import IncidentDraft, Store
+from rollbackd.state import Store
 
 log = structlog.get_logger("rollbackd.monitor")
 
@@ -167,7 +167,15 @@ class MonitorRunner:
         ]
         check = engine.decide(self.name, results, now)
         transition = engine.advance(self.state, check, self.policy)
-        draft = self._draft(check, transition, now)
+        draft = incidents.for_transition(
+            self.name,
+            self.config,
+            check,
+            transition,
+            lambda n: self.store.recent_checks(self.name, n),
+            mode=self.mode,
+            now=now,
+        )
         incident = self.store.commit_check(check, transition.state, self.history, draft)
         self.state = (
             transition.state
@@ -182,36 +190,6 @@ class MonitorRunner:
             self.on_incident(incident)
         return check
 
-    def _draft(self, check: Check, transition: Transition, now: float) -> IncidentDraft | None:
-        decisions = transition.decisions
-        if Decision.ROLLBACK in decisions:
-            event, actions = Event.ROLLBACK, self.config.on_rollback
-        elif Decision.ALERT in decisions:
-            event, actions = Event.ALERT, self.config.on_alert
-        elif Decision.BLIND in decisions:
-            event, actions = Event.BLIND, self.config.on_alert
-        else:
-            return None
-        streak = max(self.config.rollback_after, self.config.blind_after) - 1
-        previous = self.store.recent_checks(self.name, streak) if streak else []
-        return IncidentDraft(
-            monitor=self.name,
-            event=str(event),
-            reason=transition.reason,
-            mode=self.mode,
-            opened_at=now,
-            actions=tuple(actions),
-            details={
-                "trigger": check.to_json(),
-                "checks": [c.to_json() for c in [*previous, check]],
-                "state": {
-                    "consecutive_failures": transition.state.consecutive_failures,
-                    "consecutive_errors": transition.state.consecutive_errors,
-                    "rollback_after": self.config.rollback_after,
-                },
-            },
-        )
-
     def _log(self, check: Check, transition: Transition, incident: str | None) -> None:
         state = transition.state
         if log.is_enabled_for(logging.DEBUG):  # the results' JSON is built only when shown
@@ -221,7 +199,7 @@ class MonitorRunner:
                 outcome=str(check.outcome),
                 failures=state.consecutive_failures,
                 errors=state.consecutive_errors,
-                results=[r.to_json() for r in check.results],
+                results=[result_to_json(r) for r in check.results],
             )
         if check.outcome is not Outcome.OK and state.phase is not Phase.ROLLED_BACK:
             log.info(
@@ -231,9 +209,9 @@ class MonitorRunner:
                 errors=state.consecutive_errors,
                 reasons=[r.reason for r in check.results if r.verdict != "ok"][:5],
             )
-        for decision in transition.decisions:
+        for event in transition.events:
             log.warning(
-                "rollback_triggered" if decision is Decision.ROLLBACK else f"{decision}_raised",
+                "rollback_triggered" if event is Event.ROLLBACK else f"{event}_raised",
                 monitor=self.name,
                 incident=incident,
                 mode=self.mode,

@@ -16,24 +16,19 @@ from typing import Any
 
 import structlog
 
-from rollbackd.actions import (
-    ACTION_TYPES,
-    Action,
-    ActionContext,
-    Event,
-    Incident,
-    ReadsSources,
-)
+from rollbackd import incidents
+from rollbackd.actions import Action, ActionContext, Incident
 from rollbackd.actions.files import atomic_write
-from rollbackd.config import ActionConfig, Config
+from rollbackd.assemble import Assembly
+from rollbackd.codec import result_to_json
+from rollbackd.config import ActionConfig
 from rollbackd.errors import ActionError, RollbackdError
-from rollbackd.sources import SOURCE_TYPES, Source
-from rollbackd.state import IncidentRecord, StepRecord, Store
+from rollbackd.records import IncidentRecord, StepRecord, StepStatus
+from rollbackd.sources import Source
+from rollbackd.state import Store
 
 log = structlog.get_logger("rollbackd.plan")
 
-DONE = frozenset({"ok", "failed", "skipped", "would_run"})
-"""Step statuses a resumed plan does not touch again."""
 DEFAULT_TIMEOUT: float = ActionConfig.model_fields["timeout"].default
 DEFAULT_RETRIES: int = ActionConfig.model_fields["retries"].default
 DETAIL_CHARS = 2000
@@ -66,8 +61,8 @@ class PlanRunner:
     """Recent checks of the monitor copied into the incident record."""
     clock: Callable[[], float] = time.time
     on_failed_steps: Callable[[IncidentRecord], None] | None = None
-    """Told, before a rollback incident is marked finished, that some of its steps failed
-    (the daemon alerts on it); after a crash right there it is told again: at least once."""
+    """Told of every finished plan just before it is marked finished (the daemon alerts on a
+    rollback with failed steps); after a crash right there it is told again: at least once."""
 
     async def resume(self) -> list[str]:
         """Finish every incident a previous run left unfinished, oldest first; their ids."""
@@ -81,19 +76,10 @@ class PlanRunner:
     async def run(self, incident_id: str) -> None:
         """Run the steps not yet done, write the incident record, mark the incident finished."""
         record = self.store.incident(incident_id)
-        incident = Incident(
-            id=record.id,
-            monitor=record.monitor,
-            event=Event(record.event),
-            reason=record.reason,
-            started_at=record.opened_at,
-            mode=record.mode,
-            environment=self.environment,
-            details=record.details,
-        )
+        incident = incidents.view(record, self.environment)
         # An incident opened in dry-run stays dry-run; a daemon switched to dry-run stops acting.
         armed = record.mode == "armed" and self.mode == "armed"
-        pending = [step for step in record.steps if step.status not in DONE]
+        pending = [step for step in record.steps if not step.status.final]
         log.info(
             "plan_started" if len(pending) == len(record.steps) else "plan_continued",
             incident=incident.id,
@@ -107,19 +93,25 @@ class PlanRunner:
             if armed:
                 await self._run_step(incident, step)
             else:
-                self._finish(incident, step, "would_run", f"dry-run: would run {step.action}")
+                self._finish(
+                    incident, step, StepStatus.WOULD_RUN, f"dry-run: would run {step.action}"
+                )
         await self._close(incident_id)
 
     async def _run_step(self, incident: Incident, step: StepRecord) -> None:
         action = self.actions.get(step.action)
         if action is None:
-            self._finish(incident, step, "failed", f"action {step.action!r} is not configured")
+            self._finish(
+                incident, step, StepStatus.FAILED, f"action {step.action!r} is not configured"
+            )
             return
         config = self.action_configs.get(step.action)
         timeout = config.timeout if config else DEFAULT_TIMEOUT
         allowed = (config.retries if config else DEFAULT_RETRIES) + 1
         if step.attempts >= allowed:  # interrupted attempts count: no endless crash loop
-            self._finish(incident, step, "failed", f"gave up after {step.attempts} attempts")
+            self._finish(
+                incident, step, StepStatus.FAILED, f"gave up after {step.attempts} attempts"
+            )
             return
         while True:
             attempt = self.store.step_started(incident.id, step.step, self.clock())
@@ -133,10 +125,10 @@ class PlanRunner:
             ok, detail = await attempt_once(action, ctx, timeout)
             self._count(step.action, "ok" if ok else "failed")
             if ok:
-                self._finish(incident, step, "ok", detail, attempt=attempt)
+                self._finish(incident, step, StepStatus.OK, detail, attempt=attempt)
                 return
             if attempt >= allowed:
-                self._finish(incident, step, "failed", detail, attempt=attempt)
+                self._finish(incident, step, StepStatus.FAILED, detail, attempt=attempt)
                 return
             delay = self._backoff(attempt)
             log.warning(
@@ -155,14 +147,19 @@ class PlanRunner:
         return ceiling * random.uniform(0.5, 1.0)  # noqa: S311 -- jitter, not cryptography
 
     def _finish(
-        self, incident: Incident, step: StepRecord, status: str, detail: str, attempt: int = 0
+        self,
+        incident: Incident,
+        step: StepRecord,
+        status: StepStatus,
+        detail: str,
+        attempt: int = 0,
     ) -> None:
         detail = detail[:DETAIL_CHARS]
         self.store.step_finished(incident.id, step.step, status, detail, self.clock())
         fields = {"action": step.action, "incident": incident.id, "step": step.step}
-        if status == "failed":
+        if status is StepStatus.FAILED:
             log.error("action_failed", **fields, attempts=attempt or step.attempts, error=detail)
-        elif status == "would_run":
+        elif status is StepStatus.WOULD_RUN:
             self._count(step.action, status)
             log.info("action_would_run", **fields)
         else:
@@ -183,8 +180,8 @@ class PlanRunner:
             log.exception(
                 "incident_record_failed", incident=incident_id, path=str(path), error=str(exc)
             )
-        failed = [s.action for s in record.steps if s.status == "failed"]
-        if failed and record.event == Event.ROLLBACK and self.on_failed_steps is not None:
+        failed = [s.action for s in record.failed_steps()]
+        if self.on_failed_steps is not None:
             self.on_failed_steps(record)
         self.store.finish_incident(incident_id, now)
         (log.error if failed else log.info)(
@@ -200,7 +197,7 @@ class PlanRunner:
         samples: dict[str, list[dict[str, Any]]] = {}
         for check in self.store.recent_checks(record.monitor, self.samples):
             for result in check.results:
-                sample = result.to_json()
+                sample = result_to_json(result)
                 samples.setdefault(sample.pop("rule"), []).append(sample)
         return {
             "id": record.id,
@@ -303,33 +300,25 @@ def _write_json(path: Path, document: dict[str, Any]) -> None:
     atomic_write(path, text.encode("utf-8"))
 
 
-async def fire_action(config: Config, name: str, *, clock: Callable[[], float] = time.time) -> str:
+async def fire_action(
+    assembly: Assembly, name: str, *, clock: Callable[[], float] = time.time
+) -> str:
     """``rollbackd test-action NAME``: run one action once (event ``test``); its detail.
 
     Raises ActionError when the attempt fails or times out.
     """
-    table = config.actions.get(name)
-    if table is None:
-        raise RollbackdError(f"no action named {name!r} in [actions]")
-    action = ACTION_TYPES.get(table.type).build(name, config.action_options[name])
-    sources = _sources_for(config, action, name)
-    now = clock()
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-    incident = Incident(
-        id=f"{stamp}-test-{name}",
-        monitor="test",
-        event=Event.TEST,
-        reason=f"fired on purpose by rollbackd test-action {name}",
-        started_at=now,
-        mode=config.daemon.mode,
-        environment=config.daemon.environment,
+    config = assembly.config
+    action = assembly.build_action(name)
+    sources = assembly.sources_for(action)
+    incident = incidents.for_test(
+        name, mode=config.daemon.mode, environment=config.daemon.environment, now=clock()
     )
     ctx = ActionContext(incident, 0, 1, idempotency_key(incident.id, 0), sources)
-    log.info("action_fired", action=name, type=table.type, incident=incident.id)
+    log.info("action_fired", action=name, type=config.actions[name].type, incident=incident.id)
     try:
         for source in sources.values():
             await source.start()
-        ok, detail = await attempt_once(action, ctx, table.timeout)
+        ok, detail = await attempt_once(action, ctx, config.actions[name].timeout)
     finally:
         await action.aclose()
         for source in sources.values():
@@ -337,19 +326,3 @@ async def fire_action(config: Config, name: str, *, clock: Callable[[], float] =
     if not ok:
         raise ActionError(f"action {name} failed: {detail}")
     return detail
-
-
-def _sources_for(config: Config, action: Action, name: str) -> dict[str, Source]:
-    """Build the sources an action reads (``wait``), each told what to watch; most read none."""
-    sources: dict[str, Source] = {}
-    for read in action.watches() if isinstance(action, ReadsSources) else ():
-        table = config.sources.get(read.source)
-        if table is None:
-            raise ActionError(
-                f"action {name} reads source {read.source!r}, which is not configured"
-            )
-        if read.source not in sources:
-            options = config.source_options[read.source]
-            sources[read.source] = SOURCE_TYPES.get(table.type).build(read.source, options)
-        sources[read.source].watch(f"action:{name}", read)
-    return sources

@@ -5,13 +5,18 @@ A database from a newer rollbackd, or one that is not a rollbackd store, is refu
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
+from rollbackd.codec import compact
+from rollbackd.engine import MonitorState, Outcome, Phase
 from rollbackd.errors import StateError
+from rollbackd.records import StepRecord, StepStatus
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    # 1: the first schema. Check results are compact JSON rows (see _encode_results).
+    # 1: the first schema. Check results are compact JSON rows (see codec.encode_results).
     (
         """CREATE TABLE monitors (
             name TEXT PRIMARY KEY, phase TEXT NOT NULL,
@@ -33,7 +38,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             incident_id TEXT NOT NULL REFERENCES incidents (id), step INTEGER NOT NULL,
             action TEXT NOT NULL,
             status TEXT NOT NULL CHECK (status IN
-                ('pending', 'running', 'ok', 'failed', 'skipped', 'would_run')),
+                ('pending', 'running', 'ok', 'failed', 'skipped', 'would_run')),  -- StepStatus
             attempts INTEGER NOT NULL DEFAULT 0, started_at REAL, finished_at REAL,
             detail TEXT NOT NULL DEFAULT '',
             PRIMARY KEY (incident_id, step)) WITHOUT ROWID""",
@@ -42,6 +47,69 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 """``MIGRATIONS[i]`` takes the schema from version ``i`` to ``i + 1``; append, never edit."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+SAVE_STATE = "INSERT OR REPLACE INTO monitors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+def state_row(monitor: str, state: MonitorState) -> tuple[Any, ...]:
+    """The ``monitors`` row of a monitor's state (``SAVE_STATE``'s parameters)."""
+    return (
+        monitor,
+        state.phase.value,
+        state.consecutive_failures,
+        state.consecutive_errors,
+        int(state.alerted),
+        int(state.blind_alerted),
+        compact(state.failure_times),
+        state.incident_id,
+        state.checks,
+        state.last_check_at,
+        None if state.last_outcome is None else state.last_outcome.value,
+    )
+
+
+def state_from_row(row: tuple[Any, ...]) -> MonitorState:
+    """The monitor state ``state_row`` wrote (``SELECT *`` of ``monitors``)."""
+    return MonitorState(
+        phase=Phase(row[1]),
+        consecutive_failures=row[2],
+        consecutive_errors=row[3],
+        alerted=bool(row[4]),
+        blind_alerted=bool(row[5]),
+        failure_times=tuple(json.loads(row[6])),
+        incident_id=row[7],
+        checks=row[8],
+        last_check_at=row[9],
+        last_outcome=None if row[10] is None else Outcome(row[10]),
+    )
+
+
+def step_from_row(*row: Any) -> StepRecord:
+    """A ``steps`` row (in column order) as a StepRecord."""
+    incident_id, step, action, status, attempts, started_at, finished_at, detail = row
+    return StepRecord(
+        incident_id, step, action, StepStatus(status), attempts, started_at, finished_at, detail
+    )
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) the database at ``path``, configured and migrated."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"cannot create state directory {path.parent}: {exc.strerror}") from exc
+    conn: sqlite3.Connection | None = None
+    try:
+        conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        configure(conn, path)
+        migrate(conn, path)
+    except (sqlite3.Error, StateError) as exc:
+        if conn is not None:
+            conn.close()
+        if isinstance(exc, StateError):
+            raise
+        raise _open_error(path, exc) from exc
+    return conn
 
 
 def configure(conn: sqlite3.Connection, path: Path) -> None:
@@ -97,3 +165,16 @@ def _migrate_one(conn: sqlite3.Connection, path: Path) -> bool:
         conn.execute(statement)
     conn.execute("UPDATE schema_version SET version = ?", (version + 1,))
     return False
+
+
+def _open_error(path: Path, exc: sqlite3.Error) -> StateError:
+    """Say what to do: permissions and disk for an unopenable file, a backup for a damaged one."""
+    if isinstance(exc, sqlite3.OperationalError):  # the file itself may be fine
+        return StateError(
+            f"state database {path} cannot be opened ({exc}): check that the daemon's user "
+            "can read and write it and its directory, and that the disk is not full"
+        )
+    return StateError(
+        f"state database {path} cannot be read ({exc}); it is not overwritten: move it "
+        "aside to start with empty state, or restore it from a backup"
+    )

@@ -6,106 +6,30 @@ committed state; a database the code cannot read is an error, never a silent res
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any
 
-from rollbackd.engine import Check, MonitorState, Outcome, Phase, RuleResult, Verdict
+from rollbackd.codec import decode_results, encode_results
+from rollbackd.engine import Check, Event, MonitorState, Outcome
 from rollbackd.errors import StateError
-from rollbackd.schema import configure, migrate
-
-StepStatus = Literal["pending", "running", "ok", "failed", "skipped", "would_run"]
-FINAL_STATUSES: frozenset[str] = frozenset({"ok", "failed", "skipped", "would_run"})
+from rollbackd.records import IncidentDraft, IncidentRecord, StepRecord, StepStatus
+from rollbackd.schema import SAVE_STATE, connect, state_from_row, state_row, step_from_row
 
 DB_NAME = "state.db"
-
-
-@dataclass(frozen=True, slots=True)
-class StepRecord:
-    """Progress of one step of an incident's plan."""
-
-    incident_id: str
-    step: int
-    action: str
-    status: StepStatus
-    attempts: int
-    started_at: float | None
-    finished_at: float | None
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class IncidentRecord:
-    """An incident as stored, with its steps in plan order."""
-
-    id: str
-    monitor: str
-    event: str
-    reason: str
-    mode: str
-    opened_at: float
-    finished_at: float | None
-    details: dict[str, Any]
-    steps: tuple[StepRecord, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class IncidentDraft:
-    """An incident to open: its actions become steps 0..n-1, all pending."""
-
-    monitor: str
-    event: str
-    reason: str
-    mode: str
-    opened_at: float
-    actions: tuple[str, ...]
-    details: dict[str, Any]
-
-
-_ROW = attrgetter(*RuleResult.__dataclass_fields__)  # the field order of the JSON rows
-_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+LOCK_FILE = "rollbackd.lock"
 _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-def _encode_results(results: tuple[RuleResult, ...]) -> str:
-    """Encode results as JSON rows; several times cheaper than ``to_json`` dicts."""
-    return _ENCODE(list(map(_ROW, results)))
-
-
-def _decode_results(text: str) -> tuple[RuleResult, ...]:
-    return tuple(
-        RuleResult(rule, tuple(map(tuple, labels)), value, threshold, direction, unit,
-                   Verdict(verdict), reason, at)
-        for rule, labels, value, threshold, direction, unit, verdict, reason, at in json.loads(text)
-    )  # fmt: skip
-
-
-def _state_row(monitor: str, state: MonitorState) -> tuple[Any, ...]:
-    return (
-        monitor,
-        state.phase.value,
-        state.consecutive_failures,
-        state.consecutive_errors,
-        int(state.alerted),
-        int(state.blind_alerted),
-        _ENCODE(state.failure_times),
-        state.incident_id,
-        state.checks,
-        state.last_check_at,
-        None if state.last_outcome is None else state.last_outcome.value,
-    )
-
-
-_SAVE_STATE = "INSERT OR REPLACE INTO monitors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 GROUP_COMMIT_SECONDS = 1.0
@@ -140,39 +64,31 @@ class Store:
     committed before ``commit_check`` returns.
     """
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        """Use ``Store.open``; this only wraps an already migrated connection."""
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Use ``Store.open``; this only wraps an already migrated connection.
+
+        ``clock`` times the group-commit window (monotonic seconds).
+        """
         self._conn = conn
         self.path = path
+        self._clock = clock
         self._lock = threading.RLock()
         self._quiet: dict[str, _Quiet] = {}
         self._quiet_since: float | None = None
         self._saved: dict[str, MonitorState] = {}
 
     @classmethod
-    def open(cls, state_dir: Path) -> Store:
+    def open(cls, state_dir: Path, *, clock: Callable[[], float] = time.monotonic) -> Store:
         """Open (creating if needed) ``state_dir/state.db`` and bring its schema up to date."""
         path = Path(state_dir) / DB_NAME
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StateError(
-                f"cannot create state directory {path.parent}: {exc.strerror}"
-            ) from exc
-        conn: sqlite3.Connection | None = None
-        try:
-            conn = sqlite3.connect(
-                path, timeout=10.0, isolation_level=None, check_same_thread=False
-            )
-            configure(conn, path)
-            migrate(conn, path)
-        except (sqlite3.Error, StateError) as exc:
-            if conn is not None:
-                conn.close()
-            if isinstance(exc, StateError):
-                raise
-            raise _open_error(path, exc) from exc
-        return cls(conn, path)
+        conn = connect(path)
+        return cls(conn, path, clock=clock)
 
     def close(self) -> None:
         """Write the waiting quiet checks and close the database (later calls raise StateError)."""
@@ -221,20 +137,7 @@ class Store:
         """Return the saved state of ``monitor``, or None if it never committed a check."""
         with self._tx("reading monitor state") as conn:
             row = conn.execute("SELECT * FROM monitors WHERE name = ?", (monitor,)).fetchone()
-        if row is None:
-            return None
-        return MonitorState(
-            phase=Phase(row[1]),
-            consecutive_failures=row[2],
-            consecutive_errors=row[3],
-            alerted=bool(row[4]),
-            blind_alerted=bool(row[5]),
-            failure_times=tuple(json.loads(row[6])),
-            incident_id=row[7],
-            checks=row[8],
-            last_check_at=row[9],
-            last_outcome=None if row[10] is None else Outcome(row[10]),
-        )
+        return None if row is None else state_from_row(row)
 
     def monitor_names(self) -> list[str]:
         """Return every monitor with saved state, sorted."""
@@ -254,7 +157,7 @@ class Store:
         ``incident_id``, so a latch never exists without its incident or the other way round.
         """
         monitor = check.monitor
-        row = (monitor, check.at, check.outcome.value, _encode_results(check.results))
+        row = (monitor, check.at, check.outcome.value, encode_results(check.results))
         with self._lock:
             previous = self._saved.get(monitor)
             if incident is None and previous is not None and _durable(previous) == _durable(state):
@@ -266,7 +169,7 @@ class Store:
                 if incident is not None:
                     incident_id = _insert_incident(conn, incident)
                     state = replace(state, incident_id=incident_id)
-                conn.execute(_SAVE_STATE, _state_row(monitor, state))
+                conn.execute(SAVE_STATE, state_row(monitor, state))
             self._saved[monitor] = state
         return incident_id
 
@@ -280,7 +183,7 @@ class Store:
             waiting.rows.append(row)
             waiting.state, waiting.history = state, history
         self._saved[monitor] = state
-        now = time.monotonic()
+        now = self._clock()
         if self._quiet_since is None:
             self._quiet_since = now
         elif now - self._quiet_since >= GROUP_COMMIT_SECONDS:
@@ -295,7 +198,7 @@ class Store:
                 (monitor, max(limit, 0)),
             ).fetchall()
         return [
-            Check(monitor, at, Outcome(outcome), _decode_results(results))
+            Check(monitor, at, Outcome(outcome), decode_results(results))
             for at, outcome, results in reversed(rows)
         ]
 
@@ -303,7 +206,7 @@ class Store:
         """Replace the saved state of ``monitor`` (e.g. after a re-arm)."""
         with self._lock:
             with self._tx("saving monitor state", write=True) as conn:
-                conn.execute(_SAVE_STATE, _state_row(monitor, state))
+                conn.execute(SAVE_STATE, state_row(monitor, state))
             self._saved[monitor] = state
 
     # --- incidents and plan progress ------------------------------------------------------
@@ -329,10 +232,8 @@ class Store:
         self, incident_id: str, step: int, status: str, detail: str, now: float
     ) -> None:
         """Record a step's final status (ok, failed, skipped, would_run) and its detail."""
-        if status not in FINAL_STATUSES:
-            raise StateError(
-                f"step status {status!r} is not final: use one of {sorted(FINAL_STATUSES)}"
-            )
+        if not StepStatus(status).final:
+            raise StateError(f"step status {status!r} is not final")
         with self._tx("finishing a step", write=True) as conn:
             updated = conn.execute(
                 "UPDATE steps SET status = ?, detail = ?, finished_at = ? "
@@ -375,12 +276,12 @@ class Store:
             rows = conn.execute(query, args).fetchall()
             steps: dict[str, list[StepRecord]] = {row[0]: [] for row in rows}
             for incident_id, found in steps.items():
-                found.extend(StepRecord(*s) for s in conn.execute(_STEPS, (incident_id,)))
+                found.extend(step_from_row(*s) for s in conn.execute(_STEPS, (incident_id,)))
         return [
             IncidentRecord(
                 id=row[0],
                 monitor=row[1],
-                event=row[2],
+                event=Event(row[2]),
                 reason=row[3],
                 mode=row[4],
                 opened_at=row[5],
@@ -418,7 +319,7 @@ def _write_quiet(conn: sqlite3.Connection, quiet: dict[str, _Quiet]) -> None:
     """Write the held quiet checks and each monitor's latest state."""
     for monitor, waiting in quiet.items():
         _insert_checks(conn, monitor, waiting.rows, waiting.history)
-        conn.execute(_SAVE_STATE, _state_row(monitor, waiting.state))
+        conn.execute(SAVE_STATE, state_row(monitor, waiting.state))
 
 
 def _insert_incident(conn: sqlite3.Connection, draft: IncidentDraft) -> str:
@@ -437,8 +338,8 @@ def _insert_incident(conn: sqlite3.Connection, draft: IncidentDraft) -> str:
         ),
     )
     conn.executemany(
-        "INSERT INTO steps (incident_id, step, action, status) VALUES (?, ?, ?, 'pending')",
-        [(incident_id, i, action) for i, action in enumerate(draft.actions)],
+        "INSERT INTO steps (incident_id, step, action, status) VALUES (?, ?, ?, ?)",
+        [(incident_id, i, action, StepStatus.PENDING) for i, action in enumerate(draft.actions)],
     )
     return incident_id
 
@@ -455,14 +356,28 @@ def _new_id(conn: sqlite3.Connection, monitor: str, opened_at: float) -> str:
         size += 1
 
 
-def _open_error(path: Path, exc: sqlite3.Error) -> StateError:
-    """Say what to do: permissions and disk for an unopenable file, a backup for a damaged one."""
-    if isinstance(exc, sqlite3.OperationalError):  # the file itself may be fine
-        return StateError(
-            f"state database {path} cannot be opened ({exc}): check that the daemon's user "
-            "can read and write it and its directory, and that the disk is not full"
-        )
-    return StateError(
-        f"state database {path} cannot be read ({exc}); it is not overwritten: move it "
-        "aside to start with empty state, or restore it from a backup"
-    )
+def lock_state_dir(state_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on the state directory: one daemon per state, ever."""
+    path = state_dir / LOCK_FILE
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+", encoding="utf-8")
+    except OSError as exc:
+        raise StateError(
+            f"cannot use state directory {state_dir} (daemon.state_dir): {exc.strerror}"
+        ) from exc
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise StateError(
+            f"{state_dir} is in use by another rollbackd (pid {owner}); "
+            "stop it or give this one another daemon.state_dir"
+        ) from exc
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle

@@ -25,7 +25,7 @@ from rollbackd.actions.web import (
     HttpRequestOptions,
     WebhookOptions,
 )
-from rollbackd.config import from_dict
+from rollbackd.assemble import from_dict
 from rollbackd.errors import ActionError, ConfigError
 from rollbackd.plan import attempt_once
 from tests.servers import Alertmanager, free_port, wait_for

@@ -11,10 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rollbackd import cli
-from rollbackd.config import Config, Frozen, SecretRef, from_dict, load, parse_duration
+from rollbackd import assemble, cli
+from rollbackd.assemble import Assembly, Registries, from_dict
+from rollbackd.config import Config, Frozen, SecretRef, parse_duration
 from rollbackd.errors import ConfigError, SecretError
-from rollbackd.sources import SOURCE_TYPES, SourceType
+from rollbackd.sources import SourceType
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.toml"
@@ -51,10 +52,21 @@ class _SecretOptions(Frozen):
     token: SecretRef
 
 
-SOURCE_TYPES.register(
+REGISTRIES = Registries()
+REGISTRIES.sources.register(
     "test.secret",
     SourceType(options=_SecretOptions, rule_keys=frozenset({"query"}), build=lambda n, o: o),
 )
+
+
+def assembled(path: Path, *, secrets: bool = True) -> Assembly:
+    """Load and assemble ``path`` with the installed types and this file's test types."""
+    return assemble.load(path, secrets=secrets, registries=REGISTRIES)
+
+
+def load(path: Path, *, secrets: bool = True) -> Config:
+    """The checked Config of ``path`` (every check, plugin options included)."""
+    return assembled(path, secrets=secrets).config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -97,10 +109,10 @@ def test_example_config_loads_with_every_seed_threshold() -> None:
 
 def test_minimal_config_loads(tmp_path: Path) -> None:
     """A small valid file loads with typed durations and validated plugin options."""
-    config = load(write(tmp_path, MINIMAL))
-    assert config.monitors["payments"].interval == 30.0
-    assert set(config.source_options) == {"prom"}
-    assert set(config.action_options) == {"route-legacy"}
+    assembly = assembled(write(tmp_path, MINIMAL))
+    assert assembly.config.monitors["payments"].interval == 30.0
+    assert set(assembly.sources) == {"prom"}
+    assert set(assembly.actions) == {"route-legacy"}
 
 
 @pytest.mark.parametrize(

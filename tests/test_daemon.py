@@ -13,15 +13,16 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from rollbackd import assemble, readings
 from rollbackd import daemon as daemon_module
-from rollbackd import readings
-from rollbackd.config import Config, Frozen, RuleConfig, from_dict, load
+from rollbackd.assemble import Assembly, Registries
+from rollbackd.config import Frozen, RuleConfig
 from rollbackd.daemon import Daemon
 from rollbackd.demo import prepare
 from rollbackd.engine import Phase
 from rollbackd.errors import RollbackdError, StateError
 from rollbackd.readings import Reading
-from rollbackd.sources import SOURCE_TYPES, ArrivalListener, SourceType
+from rollbackd.sources import ArrivalListener, SourceType
 
 
 class ScriptedOptions(Frozen):
@@ -70,9 +71,23 @@ class ScriptedSource:
         return [readings.ok(SCRIPT.value, now)]
 
 
+REGISTRIES = Registries()
+"""The installed types and this file's test source types."""
+
+
 def register(kind: str, build: Callable[[str, Any], Any], key: str = "query") -> None:
     """Register a test source type whose rules use ``key``."""
-    SOURCE_TYPES.register(kind, SourceType(ScriptedOptions, frozenset({key}), build))
+    REGISTRIES.sources.register(kind, SourceType(ScriptedOptions, frozenset({key}), build))
+
+
+def from_dict(raw: dict[str, Any]) -> Assembly:
+    """Assemble a config document with this file's registries."""
+    return assemble.from_dict(raw, registries=REGISTRIES)
+
+
+def load(path: Path) -> Assembly:
+    """Load and assemble a config file with this file's registries."""
+    return assemble.load(path, registries=REGISTRIES)
 
 
 register("test.scripted", lambda name, options: ScriptedSource(name))
@@ -138,9 +153,9 @@ async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def running(config: Config, body: Callable[[Daemon], Awaitable[None]]) -> None:
+async def running(config: Assembly, body: Callable[[Daemon], Awaitable[None]]) -> None:
     """Serve a daemon, run body against it, stop it."""
-    daemon = Daemon(config, registry=CollectorRegistry())
+    daemon = Daemon(config, registry=CollectorRegistry(), registries=REGISTRIES)
     serving = asyncio.create_task(daemon.serve())
     try:
         await asyncio.wait_for(daemon.ready.wait(), 10)
@@ -359,7 +374,7 @@ async def test_second_daemon_on_same_state_dir_is_refused(tmp_path: Path) -> Non
 
     async def body(daemon: Daemon) -> None:
         with pytest.raises(StateError, match="in use by another rollbackd"):
-            await Daemon(config, registry=CollectorRegistry()).serve()
+            await Daemon(config, registry=CollectorRegistry(), registries=REGISTRIES).serve()
 
     await running(config, body)
 
@@ -418,7 +433,7 @@ def publish(value: float) -> None:
         listener("payments")
 
 
-def push_config(tmp_path: Path, interval: str) -> Config:
+def push_config(tmp_path: Path, interval: str) -> Assembly:
     """The scripted monitor, reading a push source instead."""
     raw = config_dict(tmp_path, interval=interval)
     raw["sources"] = {"bus": {"type": "test.pushed"}}
@@ -533,7 +548,7 @@ async def test_reload_that_cannot_start_keeps_the_old_config(tmp_path: Path) -> 
         raw["sources"]["extra"] = {"type": "test.fragile"}
         path.write_text(to_toml(raw))
         assert not await daemon.reload()
-        assert daemon.config.sha256 == config.sha256
+        assert daemon.config.sha256 == config.config.sha256
         runner = daemon.monitors["payments"]
         checks = runner.state.checks
         await wait_until(lambda: runner.state.checks > checks + 2)

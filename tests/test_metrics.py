@@ -9,7 +9,7 @@ from rollbackd import metrics as metrics_module
 from rollbackd.config import MonitorConfig
 from rollbackd.engine import (
     Check,
-    Decision,
+    Event,
     MonitorState,
     Outcome,
     Phase,
@@ -165,8 +165,8 @@ def test_decisions_count_rollbacks_and_alerts(
     """ROLLBACK counts under the current mode; ALERT and BLIND count as alert events."""
     latched = MonitorState(phase=Phase.ROLLED_BACK, consecutive_failures=5)
     check = _check(Outcome.BREACH, _result("error-rate", 3.0, Verdict.BREACH))
-    metrics.observe_check(check, Transition(latched, (Decision.ALERT, Decision.ROLLBACK), "r"), 0.0)
-    metrics.observe_check(check, Transition(latched, (Decision.BLIND,), "r"), 0.0)
+    metrics.observe_check(check, Transition(latched, (Event.ALERT, Event.ROLLBACK), "r"), 0.0)
+    metrics.observe_check(check, Transition(latched, (Event.BLIND,), "r"), 0.0)
     assert _sample(registry, "rollbackd_rollbacks_total", monitor="payments", mode="armed") == 1
     assert _sample(registry, "rollbackd_alerts_total", monitor="payments", event="alert") == 1
     assert _sample(registry, "rollbackd_alerts_total", monitor="payments", event="blind") == 1

@@ -14,13 +14,16 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from rollbackd.actions import ACTION_TYPES, ActionContext, ActionType
-from rollbackd.config import ActionConfig, Frozen, RuleConfig, from_dict
+from rollbackd.actions import ActionContext, ActionType
+from rollbackd.assemble import Registries, from_dict
+from rollbackd.codec import check_to_json
+from rollbackd.config import ActionConfig, Frozen, RuleConfig
 from rollbackd.engine import Check, MonitorState, Outcome, RuleResult, Verdict
 from rollbackd.errors import ActionError
 from rollbackd.plan import PlanRunner, fire_action
 from rollbackd.readings import Reading, ok
-from rollbackd.state import IncidentDraft, Store
+from rollbackd.records import IncidentDraft
+from rollbackd.state import Store
 from tests.test_actions_web import HookServer
 
 FLAGS = {
@@ -84,7 +87,8 @@ class CrashAction:
         """Nothing to release."""
 
 
-ACTION_TYPES.register("test.crash", ActionType(options=CrashOptions, build=CrashAction))
+REGISTRIES = Registries()
+REGISTRIES.actions.register("test.crash", ActionType(options=CrashOptions, build=CrashAction))
 
 
 @pytest.fixture
@@ -159,7 +163,7 @@ def build(
     for name, table in tables.items():
         common = {k: table[k] for k in ("type", "timeout", "retries") if k in table}
         options = {k: v for k, v in table.items() if k not in common}
-        kind = ACTION_TYPES.get(table["type"])
+        kind = REGISTRIES.actions.get(table["type"])
         actions[name] = kind.build(name, kind.options.model_validate(options))
         configs[name] = ActionConfig.model_validate(common)
     BUILT.extend(actions.values())
@@ -197,7 +201,10 @@ def open_incident(store: Store, actions: Sequence[str], mode: str = "armed") -> 
         mode=mode,
         opened_at=130.0,
         actions=tuple(actions),
-        details={"trigger": checks[-1].to_json(), "checks": [c.to_json() for c in checks]},
+        details={
+            "trigger": check_to_json(checks[-1]),
+            "checks": [check_to_json(c) for c in checks],
+        },
     )
     return store.open_incident(draft)
 
@@ -445,7 +452,8 @@ def _config(tmp_path: Path, actions: dict[str, Any]) -> Any:
         {
             "daemon": {"mode": "dry-run", "environment": "staging", "state_dir": str(tmp_path)},
             "actions": actions,
-        }
+        },
+        registries=REGISTRIES,
     )
 
 
@@ -475,7 +483,7 @@ async def test_fire_action_failure_raises_with_the_reason(
 CHILD = """
 import asyncio, json, os, signal, sys
 from pathlib import Path
-from rollbackd.actions import ACTION_TYPES
+from rollbackd.actions import action_types
 from rollbackd.config import ActionConfig
 from rollbackd.plan import PlanRunner
 from rollbackd.readings import ok
@@ -530,7 +538,7 @@ class Drained:
 actions, configs = {}, {}
 for name, table in json.loads(tables_json).items():
     common = {k: table.pop(k) for k in ("type", "timeout", "retries") if k in table}
-    kind_ = ACTION_TYPES.get(common["type"])
+    kind_ = action_types().get(common["type"])
     actions[name] = Counted(kind_.build(name, kind_.options.model_validate(table)))
     configs[name] = ActionConfig.model_validate(common)
 

@@ -11,7 +11,7 @@ import pytest
 
 from rollbackd.config import RuleConfig
 from rollbackd.readings import Reading, ReadingStatus
-from rollbackd.sources import SOURCE_TYPES
+from rollbackd.sources import source_types
 from rollbackd.sources.mqtt import MQTT, MqttOptions, MqttSource, parse_payload
 from tests.servers import Mosquitto, free_port
 
@@ -26,7 +26,7 @@ def rule(topic: str, json_field: str | None = None, name: str = "r") -> RuleConf
 
 def make_source(port: int, **extra: object) -> MqttSource:
     """Build a source for a loopback broker through the registry, with fast reconnects."""
-    kind = SOURCE_TYPES.get("mqtt")
+    kind = source_types().get("mqtt")
     raw = {
         "host": "127.0.0.1",
         "port": port,
@@ -101,7 +101,7 @@ async def started(mosquitto: Mosquitto) -> AsyncIterator[Start]:
 
 def test_entry_point_is_registered() -> None:
     """The ``mqtt`` entry point resolves to this module's SourceType needing ``topic``."""
-    assert SOURCE_TYPES.get("mqtt") is MQTT
+    assert source_types().get("mqtt") is MQTT
     assert MQTT.rule_keys == {"topic"}
 
 

@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 from rollbackd.config import RuleConfig, SecretRef
 from rollbackd.readings import Reading, ReadingStatus
-from rollbackd.sources import SOURCE_TYPES
+from rollbackd.sources import source_types
 from rollbackd.sources.prometheus import (
     PROMETHEUS,
     PrometheusOptions,
@@ -32,7 +32,7 @@ def rule(query: str) -> RuleConfig:
 
 def make_source(url: str, timeout: float = 2.0) -> PrometheusSource:
     """Build a source for ``url`` through the registry, as the daemon does."""
-    kind = SOURCE_TYPES.get("prometheus")
+    kind = source_types().get("prometheus")
     options = kind.options.model_validate({"url": url, "timeout": f"{timeout}s"})
     source = kind.build("prom", options)
     assert isinstance(source, PrometheusSource)
@@ -74,7 +74,7 @@ def silent_port() -> Iterator[int]:
 
 def test_entry_point_is_registered() -> None:
     """The ``prometheus`` entry point resolves to this module's SourceType needing ``query``."""
-    assert SOURCE_TYPES.get("prometheus") is PROMETHEUS
+    assert source_types().get("prometheus") is PROMETHEUS
     assert PROMETHEUS.rule_keys == {"query"}
 
 

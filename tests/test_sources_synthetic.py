@@ -6,7 +6,7 @@ import pytest
 
 from rollbackd.config import RuleConfig
 from rollbackd.readings import ReadingStatus
-from rollbackd.sources import SOURCE_TYPES
+from rollbackd.sources import source_types
 from rollbackd.sources.synthetic import (
     METRICS,
     SYNTHETIC,
@@ -51,7 +51,7 @@ def rule(metric: str) -> RuleConfig:
 
 def make_source(**raw: object) -> SyntheticSource:
     """Build a synthetic source through the registry, as the daemon does."""
-    kind = SOURCE_TYPES.get("synthetic")
+    kind = source_types().get("synthetic")
     source = kind.build("sim", kind.options.model_validate(raw))
     assert isinstance(source, SyntheticSource)
     return source
@@ -59,7 +59,7 @@ def make_source(**raw: object) -> SyntheticSource:
 
 def test_entry_point_is_registered() -> None:
     """The ``synthetic`` entry point resolves to this module's SourceType needing ``query``."""
-    assert SOURCE_TYPES.get("synthetic") is SYNTHETIC
+    assert source_types().get("synthetic") is SYNTHETIC
     assert SYNTHETIC.rule_keys == {"query"}
 
 

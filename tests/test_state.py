@@ -18,7 +18,7 @@ import pytest
 from rollbackd.config import RuleConfig
 from rollbackd.engine import (
     Check,
-    Decision,
+    Event,
     MonitorState,
     Outcome,
     Phase,
@@ -29,8 +29,9 @@ from rollbackd.engine import (
 )
 from rollbackd.errors import StateError
 from rollbackd.readings import error, labels_of, no_data, ok
+from rollbackd.records import IncidentDraft
 from rollbackd.schema import SCHEMA_VERSION
-from rollbackd.state import IncidentDraft, Store
+from rollbackd.state import Store
 
 POLICY = Policy(
     rollback_after=5,
@@ -68,7 +69,7 @@ def feed(store: Store, monitor: str, state: MonitorState, outcomes: str, at: flo
     for i, letter in enumerate(outcomes):
         c = check(monitor, at + i, 2.5 if letter == "b" else 0.5)
         transition = advance(state, c, POLICY)
-        incident = draft(monitor, at + i) if Decision.ROLLBACK in transition.decisions else None
+        incident = draft(monitor, at + i) if Event.ROLLBACK in transition.events else None
         new_id = store.commit_check(c, transition.state, 100, incident)
         state = (
             transition.state if new_id is None else replace(transition.state, incident_id=new_id)
@@ -316,9 +317,10 @@ CHILD = textwrap.dedent(
     from dataclasses import replace
     from pathlib import Path
     from rollbackd.config import RuleConfig
-    from rollbackd.engine import Decision, MonitorState, Policy, advance, decide, evaluate_rule
+    from rollbackd.engine import Event, MonitorState, Policy, advance, decide, evaluate_rule
     from rollbackd.readings import labels_of, ok
-    from rollbackd.state import IncidentDraft, Store
+    from rollbackd.records import IncidentDraft
+    from rollbackd.state import Store
 
     store = Store.open(Path(sys.argv[1]))
     rule = RuleConfig(name="err", source="prom", query="q", above=1.0)
@@ -336,8 +338,8 @@ CHILD = textwrap.dedent(
             check = decide(name, evaluate_rule(rule, readings), at)
             t = advance(state, check, policy)
             draft = None
-            if t.decisions:
-                draft = IncidentDraft(name, str(t.decisions[-1]), t.reason, "armed", at,
+            if t.events:
+                draft = IncidentDraft(name, str(t.events[-1]), t.reason, "armed", at,
                                       ("a", "b"), {"at": at})
             new = store.commit_check(check, t.state, 100000, draft)
             states[name] = t.state if new is None else replace(t.state, incident_id=new)
@@ -370,7 +372,7 @@ def test_sigkill_mid_commits_leaves_a_consistent_store(tmp_path: Path) -> None:
             for c in store.recent_checks(name, 100_000):
                 transition = advance(replayed, c, policy)
                 replayed = transition.state
-                if transition.decisions:
+                if transition.events:
                     opened.append(c.at)
             assert replace(saved, incident_id=None) == replace(replayed, incident_id=None)
             phases.add(saved.phase)

@@ -4,26 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
+from rollbackd.engine import Event
 from rollbackd.plugins import Registry
 
 if TYPE_CHECKING:
     from rollbackd.config import RuleConfig
     from rollbackd.sources import Source
-
-
-class Event(StrEnum):
-    """Why an action fires."""
-
-    ALERT = "alert"  # alert_after reached: warn before rolling back
-    BLIND = "blind"  # too many inconclusive checks in a row
-    ROLLBACK = "rollback"  # a step of the rollback plan
-    REARM = "rearm"  # an operator re-armed the monitor (alerts resolve)
-    TEST = "test"  # fired on purpose by `rollbackd test-action`
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,4 +76,17 @@ class ActionType:
     """It tells people (an alert): it hears of a re-arm, so the alert it raised resolves."""
 
 
-ACTION_TYPES: Registry[ActionType] = Registry("rollbackd.actions")
+def action_types() -> Registry[ActionType]:
+    """A fresh registry of the installed action types (entry points ``rollbackd.actions``)."""
+    return Registry("rollbackd.actions")
+
+
+__all__ = [
+    "Action",
+    "ActionContext",
+    "ActionType",
+    "Event",
+    "Incident",
+    "ReadsSources",
+    "action_types",
+]

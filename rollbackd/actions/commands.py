@@ -185,5 +185,5 @@ def _build_exec(name: str, options: Any) -> ExecAction:
     return ExecAction(name, options)
 
 
-ALERT_LOG = ActionType(options=AlertLogOptions, build=_build_log)
+ALERT_LOG = ActionType(options=AlertLogOptions, build=_build_log, resolves=True)
 EXEC = ActionType(options=ExecOptions, build=_build_exec)

@@ -189,4 +189,4 @@ def _build_alert(name: str, options: Any) -> AlertMqttAction:
 
 
 FLAG_MQTT = ActionType(options=FlagMqttOptions, build=_build_flag)
-ALERT_MQTT = ActionType(options=AlertMqttOptions, build=_build_alert)
+ALERT_MQTT = ActionType(options=AlertMqttOptions, build=_build_alert, resolves=True)

@@ -385,5 +385,7 @@ def _build_alertmanager(name: str, options: Any) -> AlertmanagerAction:
 
 FLAG_HTTP = ActionType(options=HttpRequestOptions, build=_build_request)
 ROUTE_HTTP = ActionType(options=HttpRequestOptions, build=_build_request)
-ALERT_WEBHOOK = ActionType(options=WebhookOptions, build=_build_webhook)
-ALERT_ALERTMANAGER = ActionType(options=AlertmanagerOptions, build=_build_alertmanager)
+ALERT_WEBHOOK = ActionType(options=WebhookOptions, build=_build_webhook, resolves=True)
+ALERT_ALERTMANAGER = ActionType(
+    options=AlertmanagerOptions, build=_build_alertmanager, resolves=True
+)

@@ -53,4 +53,6 @@ class SourceType:
     """``build(name, validated_options)`` -> Source; no I/O until ``start``."""
 
 
-SOURCE_TYPES: Registry[SourceType] = Registry("rollbackd.sources")
+def source_types() -> Registry[SourceType]:
+    """A fresh registry of the installed source types (entry points ``rollbackd.sources``)."""
+    return Registry("rollbackd.sources")
