@@ -106,11 +106,11 @@ def _listen(config: Config) -> str:
 
 def _status(args: argparse.Namespace) -> int:
     from rollbackd.api import get_status
-    from rollbackd.report import status_table
+    from rollbackd.status import table
 
     config = load(args.config, secrets=False).config
     status = asyncio.run(get_status(_listen(config), timeout=5.0))
-    print(json.dumps(status, indent=2) if args.json else status_table(status))
+    print(json.dumps(status, indent=2) if args.json else table(status))
     return EXIT_OK
 
 

@@ -8,18 +8,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime as dt
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import structlog
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from prometheus_client import CollectorRegistry
 
-from rollbackd import __version__, incidents, logs, notify
+from rollbackd import __version__, incidents, logs, notify, status
 from rollbackd.actions import Action, ReadsSources
 from rollbackd.api import ApiServer, ensure_control_token
 from rollbackd.assemble import Assembly, Registries, load
@@ -36,6 +34,7 @@ from rollbackd.metrics import Metrics
 from rollbackd.monitor import MonitorRunner
 from rollbackd.plan import PlanRunner, PlanTasks
 from rollbackd.records import IncidentRecord
+from rollbackd.schedule import Schedule
 from rollbackd.sources import Source
 from rollbackd.state import GROUP_COMMIT_SECONDS, Store, lock_state_dir
 
@@ -79,12 +78,10 @@ class Daemon:
         self.check_listener: Callable[[str, Check, MonitorState], None] | None = None
         """Told of every committed check (the demo prints them)."""
         self._store: Store | None = None
-        self._scheduler: AsyncIOScheduler | None = None
+        self._schedule: Schedule | None = None
         self._stop = asyncio.Event()
         self.plans = PlanTasks(self._runner)
-        self._last_tick: dict[str, float] = {}
         self._reloading = asyncio.Lock()
-        self._arrivals: set[asyncio.Task[None]] = set()
         self._closers: set[asyncio.Task[None]] = set()
 
     @property
@@ -182,34 +179,14 @@ class Daemon:
         for source in self.sources.values():
             source.add_listener(self._on_arrival)
             await source.start()
-        self._scheduler = AsyncIOScheduler(timezone=dt.UTC)
-        now = dt.datetime.now(dt.UTC)
-        for name, runner in self.monitors.items():
-            self._last_tick[name] = time.monotonic()
-            self._scheduler.add_job(
-                self._tick,
-                "interval",
-                seconds=runner.config.interval,
-                args=[name],
-                id=name,
-                max_instances=1,
-                coalesce=True,
-                misfire_grace_time=max(1, int(runner.config.interval)),
-                next_run_time=now,
-            )
-        self._scheduler.start()
+        self._schedule = Schedule(self.monitors)
+        self._schedule.start()
 
     async def _stop_checks(self) -> None:
         """Stop scheduling checks; a check in flight finishes and commits."""
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
-            self._scheduler = None
-        for task in list(self._arrivals):
-            task.cancel()
-        if self._arrivals:
-            await asyncio.wait(self._arrivals)
-        for runner in self.monitors.values():
-            await runner.idle()
+        if self._schedule is not None:
+            await self._schedule.stop()
+            self._schedule = None
 
     async def _stop_parts(self) -> None:
         await self._stop_checks()
@@ -234,26 +211,9 @@ class Daemon:
 
     # --- checks -------------------------------------------------------------------------
 
-    async def _tick(self, name: str) -> None:
-        self._last_tick[name] = time.monotonic()
-        runner = self.monitors.get(name)
-        if runner is not None:
-            await self._guarded(runner.tick(), name)
-
     def _on_arrival(self, monitor: str) -> None:
-        runner = self.monitors.get(monitor)
-        if runner is not None and not self._stop.is_set():
-            task = asyncio.get_running_loop().create_task(self._guarded(runner.arrival(), monitor))
-            self._arrivals.add(task)
-            task.add_done_callback(self._arrivals.discard)
-
-    async def _guarded(self, check: Awaitable[object], monitor: str) -> None:
-        try:
-            await check
-        except RollbackdError as exc:
-            log.error("check_failed_to_run", monitor=monitor, error=str(exc))
-        except Exception:  # a bug must cost one check, never the daemon (logged with traceback)
-            log.exception("check_crashed", monitor=monitor)
+        if self._schedule is not None and not self._stop.is_set():
+            self._schedule.arrival(monitor)
 
     def _observe(self, name: str) -> Callable[[Check, Transition, float], None]:
         def observe(check: Check, transition: Transition, seconds: float) -> None:
@@ -294,38 +254,13 @@ class Daemon:
 
     def health(self) -> tuple[bool, str]:
         """Unhealthy when some monitor's scheduled check is long overdue (stuck scheduler)."""
-        now = time.monotonic()
-        for name, runner in self.monitors.items():
-            late = now - self._last_tick.get(name, now)
-            if late > 3 * runner.config.interval + 30:
-                return False, f"monitor {name} has not been checked for {late:.0f}s"
-        return True, "ok"
+        overdue = self._schedule.overdue() if self._schedule is not None else None
+        return (False, overdue) if overdue else (True, "ok")
 
     def status(self) -> dict[str, Any]:
         """The ``/status`` document."""
-        daemon = self.config.daemon
-        return {
-            "version": __version__,
-            "mode": daemon.mode,
-            "environment": daemon.environment,
-            "config_sha256": self.config.sha256,
-            "monitors": {name: runner.status() for name, runner in self.monitors.items()},
-            "incidents": [
-                {
-                    "id": inc.id,
-                    "monitor": inc.monitor,
-                    "event": inc.event,
-                    "mode": inc.mode,
-                    "opened_at": inc.opened_at,
-                    "finished_at": inc.finished_at,
-                    "steps": [
-                        {"step": s.step, "action": s.action, "status": s.status, "detail": s.detail}
-                        for s in inc.steps
-                    ],
-                }
-                for inc in self.store.incidents(limit=10)
-            ],
-        }
+        monitors = {name: runner.status() for name, runner in self.monitors.items()}
+        return status.document(__version__, self.config, monitors, self.store.incidents(limit=10))
 
     async def rearm(self, monitor: str) -> dict[str, Any]:
         """Clear a monitor's latch and tell the actions that alerted people (alerts resolve)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Literal, Protocol
 
-from rollbackd.readings import Labels, Reading, ReadingStatus
+from rollbackd.readings import Labels, Reading, ReadingStatus, format_value, labels_text
 
 
 class Verdict(StrEnum):
@@ -100,22 +100,6 @@ class LimitsSpec(Protocol):
     @property
     def failure_window(self) -> float:
         """Seconds over which ``failure_limit`` counts."""
-
-
-def format_value(value: float) -> str:
-    """Format a value as people read it: ``1.0``, ``2.5``, ``0.3``, ``+Inf``."""
-    if not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
-    if value.is_integer() and abs(value) < 1e15:  # beyond this, exponents read better
-        return f"{value:.1f}"
-    return f"{value:.6g}"
-
-
-def labels_text(labels: Labels) -> str:
-    """``{region="eu",service="pay"}``, or ``""`` for a series without labels."""
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}"
 
 
 @dataclass(frozen=True, slots=True)

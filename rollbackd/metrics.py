@@ -19,8 +19,8 @@ from rollbackd.engine import (
     Phase,
     Transition,
     Verdict,
-    labels_text,
 )
+from rollbackd.readings import labels_text
 
 MAX_SERIES_PER_RULE = 100
 """Series of one rule exported as ``rollbackd_rule_value``; more are left out (cardinality)."""

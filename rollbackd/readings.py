@@ -48,3 +48,19 @@ def no_data(reason: str, at: float, labels: Labels = ()) -> Reading:
 def error(reason: str, at: float, labels: Labels = ()) -> Reading:
     """The source failed (unreachable, timeout, bad payload)."""
     return Reading(ReadingStatus.ERROR, at, None, labels, reason)
+
+
+def format_value(value: float) -> str:
+    """Format a value as people read it: ``1.0``, ``2.5``, ``0.3``, ``+Inf``."""
+    if not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+    if value.is_integer() and abs(value) < 1e15:  # beyond this, exponents read better
+        return f"{value:.1f}"
+    return f"{value:.6g}"
+
+
+def labels_text(labels: Labels) -> str:
+    """``{region="eu",service="pay"}``, or ``""`` for a series without labels."""
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}"

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from rollbackd import assemble, readings
 from rollbackd import daemon as daemon_module
+from rollbackd.actions import ActionContext, ActionType
 from rollbackd.assemble import Assembly, Registries
 from rollbackd.config import Frozen, RuleConfig
 from rollbackd.daemon import Daemon
@@ -270,6 +271,55 @@ async def test_rearm_clears_latch_and_next_streak_rolls_back_again(tmp_path: Pat
         assert any(i.event == "rearm" for i in daemon.store.incidents())
 
     await running(config, body)
+
+
+class PagerOptions(Frozen):
+    """acme.pager takes no options."""
+
+
+PAGED: list[tuple[str, str]] = []
+"""(event, incident) of every page the third-party pager sent."""
+
+
+@dataclass
+class AcmePager:
+    """A third-party alert type: it pages, and its registration says it resolves."""
+
+    name: str
+    options: PagerOptions
+
+    async def run(self, ctx: ActionContext) -> str:
+        """Record the page."""
+        PAGED.append((str(ctx.incident.event), ctx.incident.id))
+        return "paged"
+
+    async def aclose(self) -> None:
+        """Nothing to close."""
+
+
+REGISTRIES.actions.register("acme.pager", ActionType(PagerOptions, AcmePager, resolves=True))
+
+
+async def test_third_party_alert_that_resolves_hears_the_rearm(tmp_path: Path) -> None:
+    """A rollback step of a third-party type declaring ``resolves`` is told of the re-arm."""
+    prepare(tmp_path)
+    raw = config_dict(tmp_path, on_alert=[], on_rollback=["stop-traffic", "pager"])
+    raw["actions"]["pager"] = {"type": "acme.pager"}
+    PAGED.clear()
+    SCRIPT.value = 5.0
+
+    async def body(daemon: Daemon) -> None:
+        await wait_until(lambda: plan_done(daemon))
+        SCRIPT.value = 0.1
+        await daemon.rearm("payments")
+        await wait_until(lambda: len(PAGED) == 2)
+        (rollback,) = [i for i in daemon.store.incidents() if i.event == "rollback"]
+        (rearm,) = [i for i in daemon.store.incidents() if i.event == "rearm"]
+        assert [s.action for s in rearm.steps] == ["pager"], "flag steps never run again"
+        assert [("rollback", rollback.id), ("rearm", rearm.id)] == PAGED
+        assert rearm.details["resolves"] == rollback.id
+
+    await running(from_dict(raw), body)
 
 
 async def test_dry_run_records_but_touches_nothing(tmp_path: Path) -> None:

@@ -1,12 +1,48 @@
-"""Human-readable renderings of the daemon's ``/status`` document for the terminal."""
+"""The status of a running daemon: the ``/status`` document, and its table for the terminal."""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from rollbackd.config import Config
+from rollbackd.records import IncidentRecord
 
-def status_table(status: dict[str, Any]) -> str:
+
+def document(
+    version: str,
+    config: Config,
+    monitors: Mapping[str, dict[str, Any]],
+    incidents: Sequence[IncidentRecord],
+) -> dict[str, Any]:
+    """The ``/status`` document: mode, every monitor's part, the recent incidents."""
+    daemon = config.daemon
+    return {
+        "version": version,
+        "mode": daemon.mode,
+        "environment": daemon.environment,
+        "config_sha256": config.sha256,
+        "monitors": dict(monitors),
+        "incidents": [
+            {
+                "id": inc.id,
+                "monitor": inc.monitor,
+                "event": inc.event,
+                "mode": inc.mode,
+                "opened_at": inc.opened_at,
+                "finished_at": inc.finished_at,
+                "steps": [
+                    {"step": s.step, "action": s.action, "status": s.status, "detail": s.detail}
+                    for s in inc.steps
+                ],
+            }
+            for inc in incidents
+        ],
+    }
+
+
+def table(status: dict[str, Any]) -> str:
     """A table of monitors (state, counters, last check) and their rules' latest values."""
     lines = [
         f"rollbackd {status.get('version', '?')}  mode={status.get('mode')}  "

@@ -1,0 +1,101 @@
+"""When checks run: each monitor on its interval (APScheduler), push monitors also on arrival.
+
+A monitor's check never overlaps itself (its runner's lock); a crash costs one check, never
+the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from rollbackd.errors import RollbackdError
+from rollbackd.monitor import MonitorRunner
+
+log = structlog.get_logger("rollbackd.schedule")
+
+
+class Schedule:
+    """Runs the checks of a set of monitors between ``start()`` and ``stop()``."""
+
+    def __init__(
+        self,
+        monitors: Mapping[str, MonitorRunner],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.monitors = monitors
+        self._clock = clock
+        self._scheduler: AsyncIOScheduler | None = None
+        self._last_tick: dict[str, float] = {}
+        self._arrivals: set[asyncio.Task[None]] = set()
+        self._stopped = False
+
+    def start(self) -> None:
+        """Schedule every monitor's first check now, then one per interval."""
+        self._scheduler = AsyncIOScheduler(timezone=dt.UTC)
+        now = dt.datetime.now(dt.UTC)
+        for name, runner in self.monitors.items():
+            self._last_tick[name] = self._clock()
+            self._scheduler.add_job(
+                self._tick,
+                "interval",
+                seconds=runner.config.interval,
+                args=[name],
+                id=name,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=max(1, int(runner.config.interval)),
+                next_run_time=now,
+            )
+        self._scheduler.start()
+
+    def arrival(self, monitor: str) -> None:
+        """A push source has a new value for ``monitor``: check it now (in a task)."""
+        runner = self.monitors.get(monitor)
+        if runner is not None and not self._stopped:
+            task = asyncio.get_running_loop().create_task(_guarded(runner.arrival(), monitor))
+            self._arrivals.add(task)
+            task.add_done_callback(self._arrivals.discard)
+
+    async def stop(self) -> None:
+        """Stop scheduling checks; a check in flight finishes and commits."""
+        self._stopped = True
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        for task in list(self._arrivals):
+            task.cancel()
+        if self._arrivals:
+            await asyncio.wait(self._arrivals)
+        for runner in self.monitors.values():
+            await runner.idle()
+
+    def overdue(self) -> str | None:
+        """Why checks are not running (a monitor's scheduled check long overdue), or None."""
+        now = self._clock()
+        for name, runner in self.monitors.items():
+            late = now - self._last_tick.get(name, now)
+            if late > 3 * runner.config.interval + 30:
+                return f"monitor {name} has not been checked for {late:.0f}s"
+        return None
+
+    async def _tick(self, name: str) -> None:
+        self._last_tick[name] = self._clock()
+        runner = self.monitors.get(name)
+        if runner is not None:
+            await _guarded(runner.tick(), name)
+
+
+async def _guarded(check: Awaitable[object], monitor: str) -> None:
+    try:
+        await check
+    except RollbackdError as exc:
+        log.error("check_failed_to_run", monitor=monitor, error=str(exc))
+    except Exception:  # a bug must cost one check, never the daemon (logged with traceback)
+        log.exception("check_crashed", monitor=monitor)
