@@ -36,7 +36,8 @@ from rollbackd.plan import PlanRunner, PlanTasks
 from rollbackd.records import IncidentRecord
 from rollbackd.schedule import Schedule
 from rollbackd.sources import Source
-from rollbackd.state import GROUP_COMMIT_SECONDS, Store, lock_state_dir
+from rollbackd.state import GROUP_COMMIT_SECONDS, Store
+from rollbackd.statedir import StateDirLock
 
 log = structlog.get_logger("rollbackd.daemon")
 
@@ -99,7 +100,7 @@ class Daemon:
     async def serve(self) -> int:
         """Run until asked to stop; return the exit code."""
         daemon = self.config.daemon
-        lock = lock_state_dir(daemon.state_dir)
+        lock = StateDirLock(daemon.state_dir)
         try:
             self._store = Store.open(daemon.state_dir)
         except BaseException:

@@ -6,9 +6,7 @@ committed state; a database the code cannot read is an error, never a silent res
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import re
 import secrets
 import sqlite3
@@ -19,8 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from operator import attrgetter
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from rollbackd import statedir
 from rollbackd.codec import decode_results, encode_results
 from rollbackd.engine import Check, Event, MonitorState, Outcome
 from rollbackd.errors import StateError
@@ -28,7 +27,6 @@ from rollbackd.records import IncidentDraft, IncidentRecord, StepRecord, StepSta
 from rollbackd.schema import SAVE_STATE, connect, state_from_row, state_row, step_from_row
 
 DB_NAME = "state.db"
-LOCK_FILE = "rollbackd.lock"
 _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -78,6 +76,7 @@ class Store:
         self._conn = conn
         self.path = path
         self._clock = clock
+        self._identity = _identity(path)
         self._lock = threading.RLock()
         self._quiet: dict[str, _Quiet] = {}
         self._quiet_since: float | None = None
@@ -87,7 +86,9 @@ class Store:
     def open(cls, state_dir: Path, *, clock: Callable[[], float] = time.monotonic) -> Store:
         """Open (creating if needed) ``state_dir/state.db`` and bring its schema up to date."""
         path = Path(state_dir) / DB_NAME
+        statedir.refuse_lost_database(path)
         conn = connect(path)
+        statedir.mark_database(path)
         return cls(conn, path, clock=clock)
 
     def close(self) -> None:
@@ -118,6 +119,8 @@ class Store:
         with self._lock:
             conn = self._conn
             quiet = self._quiet
+            if write or quiet:
+                self._check_identity(what)
             try:
                 conn.execute("BEGIN IMMEDIATE" if write or quiet else "BEGIN")
                 try:
@@ -130,6 +133,20 @@ class Store:
             except sqlite3.Error as exc:
                 raise StateError(f"state database {self.path}: {what} failed: {exc}") from exc
             self._quiet, self._quiet_since = {}, None
+
+    def _check_identity(self, what: str) -> None:
+        """Refuse to write into a database file that was deleted or replaced under us."""
+        try:
+            now = _identity(self.path)
+        except FileNotFoundError:
+            now = None
+        if now != self._identity:
+            change = "deleted" if now is None else "replaced by another file"
+            raise StateError(
+                f"state database {self.path}: {what} refused: the file was {change} while "
+                "rollbackd ran, so nothing more can be recorded; stop rollbackd and restore "
+                "state.db (the running daemon's state since then is lost)"
+            )
 
     # --- monitors and checks --------------------------------------------------------------
 
@@ -356,28 +373,6 @@ def _new_id(conn: sqlite3.Connection, monitor: str, opened_at: float) -> str:
         size += 1
 
 
-def lock_state_dir(state_dir: Path) -> IO[str]:
-    """Hold an exclusive lock on the state directory: one daemon per state, ever."""
-    path = state_dir / LOCK_FILE
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        handle = path.open("a+", encoding="utf-8")
-    except OSError as exc:
-        raise StateError(
-            f"cannot use state directory {state_dir} (daemon.state_dir): {exc.strerror}"
-        ) from exc
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        handle.seek(0)
-        owner = handle.read().strip() or "unknown"
-        handle.close()
-        raise StateError(
-            f"{state_dir} is in use by another rollbackd (pid {owner}); "
-            "stop it or give this one another daemon.state_dir"
-        ) from exc
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
+def _identity(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_dev, info.st_ino
