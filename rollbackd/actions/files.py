@@ -6,12 +6,9 @@ Both rewrite their file atomically with ``atomic_write``, so a reader never sees
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
-import stat
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,53 +18,17 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from rollbackd.actions import ActionContext, ActionType
+
+# Explicit re-export: plan.py imports atomic_write from here until the merge moves it over.
+from rollbackd.atomic import atomic_write as atomic_write  # noqa: PLC0414
 from rollbackd.config import Frozen
 from rollbackd.errors import ActionError
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9_./:@%+,=-]*")
-_DEFAULT_MODE = 0o644
 
 _path_locks: dict[Path, threading.Lock] = {}
 _path_locks_guard = threading.Lock()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path``'s content at once: temp file beside it, fsync, rename, fsync the directory.
-
-    The file keeps its mode (and owner, when running as root); a symlink is followed so the
-    link stays a link. Blocking: call it from a thread.
-    """
-    target = Path(os.path.realpath(path))
-    try:
-        previous: os.stat_result | None = target.stat()
-    except FileNotFoundError:
-        previous = None
-    mode = stat.S_IMODE(previous.st_mode) if previous else _DEFAULT_MODE
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.chmod(mode)
-        if previous is not None and os.geteuid() == 0:
-            os.chown(tmp, previous.st_uid, previous.st_gid)
-        tmp.replace(target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _lock_for(path: Path) -> threading.Lock:
