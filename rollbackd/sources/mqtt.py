@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 
 from rollbackd.config import CaFile, Duration, Frozen, RuleConfig, SecretRef
 from rollbackd.errors import SecretError
-from rollbackd.readings import Reading, error, labels_of, no_data, ok
+from rollbackd.readings import Reading, error, labels_of, no_data, ok, parse_number
 from rollbackd.sources import ArrivalListener, SourceType
 
 log = structlog.get_logger(__name__)
@@ -250,7 +250,7 @@ def parse_payload(payload: bytes, json_field: str | None) -> tuple[float | None,
     except UnicodeDecodeError:
         return None, f"payload is not UTF-8 text: {preview!r}"
     if json_field is None:
-        value = _number(text)
+        value = parse_number(text)
         return value, "" if value is not None else f"payload is not a number: {preview!r}"
     try:
         document: object = json.loads(text)
@@ -259,7 +259,7 @@ def parse_payload(payload: bytes, json_field: str | None) -> tuple[float | None,
     found, document = _field(document, json_field)
     if not found:
         return None, f"payload has no field {json_field!r}: {preview!r}"
-    value = _number(document)
+    value = parse_number(document)
     if value is None:
         return None, f"field {json_field!r} is not a number: {str(document)[:60]!r}"
     return value, ""
@@ -275,15 +275,6 @@ def _field(document: object, dotted: str) -> tuple[bool, object]:
         else:
             return False, None
     return True, document
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None
 
 
 def _build(name: str, options: MqttOptions) -> MqttSource:
