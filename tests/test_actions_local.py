@@ -11,7 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from rollbackd.actions import ActionContext, Event, Incident
-from rollbackd.actions.commands import ALERT_LOG, EXEC
+from rollbackd.actions.local import ALERT_LOG, EXEC
 from rollbackd.errors import ActionError
 from rollbackd.plan import attempt_once
 from tests.servers import wait_for
