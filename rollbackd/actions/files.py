@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from rollbackd.actions import ActionContext, ActionType
+from rollbackd.actions.base import OptionsAction
 
 # Explicit re-export: plan.py imports atomic_write from here until the merge moves it over.
 from rollbackd.atomic import atomic_write as atomic_write  # noqa: PLC0414
@@ -99,11 +100,8 @@ def set_default_variant(text: str | None, path: Path, flag: str, variant: str) -
 
 
 @dataclass(slots=True)
-class FlagFileAction:
+class FlagFileAction(OptionsAction[FlagFileOptions]):
     """Switches one flag's default variant in a flagd flag file."""
-
-    name: str
-    options: FlagFileOptions
 
     async def run(self, ctx: ActionContext) -> str:
         """Set the variant (a no-op if already set, so a repeated attempt changes nothing)."""
@@ -111,9 +109,6 @@ class FlagFileAction:
         return await _edit(
             o.path, lambda text: set_default_variant(text, o.path, o.flag, o.variant)
         )
-
-    async def aclose(self) -> None:
-        """Nothing to release."""
 
 
 # --- route.file --------------------------------------------------------------------------
@@ -171,11 +166,8 @@ def set_env_value(text: str | None, path: Path, key: str, value: str) -> tuple[s
 
 
 @dataclass(slots=True)
-class RouteFileAction:
+class RouteFileAction(OptionsAction[RouteFileOptions]):
     """Sets one variable in an env-style file, keeping every other line and comment."""
-
-    name: str
-    options: RouteFileOptions
 
     async def run(self, ctx: ActionContext) -> str:
         """Write ``KEY=VALUE`` (a no-op if already so); the file is created if missing."""
@@ -184,17 +176,6 @@ class RouteFileAction:
             raise ActionError(f"directory {o.path.parent} of {o.path} does not exist")
         return await _edit(o.path, lambda text: set_env_value(text, o.path, o.key, o.value))
 
-    async def aclose(self) -> None:
-        """Nothing to release."""
 
-
-def _build_flag_file(name: str, options: Any) -> FlagFileAction:
-    return FlagFileAction(name, options)
-
-
-def _build_route_file(name: str, options: Any) -> RouteFileAction:
-    return RouteFileAction(name, options)
-
-
-FLAG_FILE = ActionType(options=FlagFileOptions, build=_build_flag_file)
-ROUTE_FILE = ActionType(options=RouteFileOptions, build=_build_route_file)
+FLAG_FILE = ActionType(options=FlagFileOptions, build=FlagFileAction)
+ROUTE_FILE = ActionType(options=RouteFileOptions, build=RouteFileAction)
