@@ -259,11 +259,7 @@ def _field(document: object, dotted: str) -> tuple[bool, object]:
     return True, document
 
 
-def _build(name: str, options: MqttOptions) -> MqttSource:
-    return MqttSource(name, options)
-
-
-MQTT = SourceType(options=MqttOptions, rule_keys=frozenset({"topic"}), build=_build)
+MQTT = SourceType(options=MqttOptions, rule_keys=frozenset({"topic"}), build=MqttSource)
 """Entry point ``mqtt`` of ``rollbackd.sources``."""
 
 __all__ = ["MQTT", "MqttOptions", "MqttSource", "Sample", "client_factory", "parse_payload"]

@@ -231,11 +231,9 @@ def _short(exc: BaseException) -> str:
     return text[:200]
 
 
-def _build(name: str, options: PrometheusOptions) -> PrometheusSource:
-    return PrometheusSource(name, options)
-
-
-PROMETHEUS = SourceType(options=PrometheusOptions, rule_keys=frozenset({"query"}), build=_build)
+PROMETHEUS = SourceType(
+    options=PrometheusOptions, rule_keys=frozenset({"query"}), build=PrometheusSource
+)
 """Entry point ``prometheus`` of ``rollbackd.sources``."""
 
 __all__ = ["PROMETHEUS", "BasicAuth", "PrometheusOptions", "PrometheusSource", "parse_result"]

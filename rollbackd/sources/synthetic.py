@@ -177,11 +177,9 @@ class SyntheticSource:
         return [ok(value, now)]
 
 
-def _build(name: str, options: SyntheticOptions) -> SyntheticSource:
-    return SyntheticSource(name, options)
-
-
-SYNTHETIC = SourceType(options=SyntheticOptions, rule_keys=frozenset({"query"}), build=_build)
+SYNTHETIC = SourceType(
+    options=SyntheticOptions, rule_keys=frozenset({"query"}), build=SyntheticSource
+)
 """Entry point ``synthetic`` of ``rollbackd.sources``."""
 
 __all__ = [
