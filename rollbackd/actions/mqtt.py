@@ -1,7 +1,8 @@
 """MQTT actions (aiomqtt): ``flag.mqtt`` publishes a retained flag value, ``alert.mqtt`` alerts.
 
 Each attempt opens its own connection and waits for the broker's acknowledgement (QoS 1 by
-default), so a success means the broker holds the message. TLS is as in the mqtt source.
+default), so a success means the broker holds the message. Broker options and TLS are
+``rollbackd.broker``'s, shared with the mqtt source.
 """
 
 from __future__ import annotations
