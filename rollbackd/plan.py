@@ -18,8 +18,8 @@ import structlog
 
 from rollbackd import incidents
 from rollbackd.actions import Action, ActionContext, Incident
-from rollbackd.actions.files import atomic_write
 from rollbackd.assemble import Assembly
+from rollbackd.atomic import atomic_write
 from rollbackd.codec import result_to_json
 from rollbackd.config import ActionConfig
 from rollbackd.errors import ActionError, RollbackdError

@@ -33,6 +33,16 @@ class Reading:
     reason: str = ""
 
 
+def parse_number(value: object) -> float | None:
+    """``value`` as a float if it is a number or a numeric string (JSON booleans are not)."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
 def ok(value: float, at: float, labels: Labels = ()) -> Reading:
     """A series with a value; NaN is not a value, so it reads as no data with a reason."""
     if math.isnan(value):

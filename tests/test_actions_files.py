@@ -18,7 +18,6 @@ from rollbackd.actions.files import (
     FlagFileOptions,
     RouteFileAction,
     RouteFileOptions,
-    atomic_write,
 )
 from rollbackd.errors import ActionError
 
@@ -177,20 +176,6 @@ def test_route_file_options_reject_bad_key_and_multiline_value() -> None:
         RouteFileOptions(path=Path("/x"), key="K", value="0\nEVIL=1")
     with pytest.raises(ValidationError, match="Extra inputs"):
         FlagFileOptions.model_validate({"path": "/x", "flag": "f", "variant": "v", "extra": 1})
-
-
-def test_atomic_write_keeps_mode_and_symlink(tmp_path: Path) -> None:
-    """The rewritten file keeps its permissions, a symlink stays a link, no temp file is left."""
-    real = tmp_path / "real.env"
-    real.write_text("A=1\n")
-    real.chmod(0o640)
-    link = tmp_path / "link.env"
-    link.symlink_to(real)
-    atomic_write(link, b"A=2\n")
-    assert link.is_symlink()
-    assert real.read_text() == "A=2\n"
-    assert real.stat().st_mode & 0o777 == 0o640
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.env", "real.env"]
 
 
 async def test_readers_never_see_a_partial_file(tmp_path: Path) -> None:

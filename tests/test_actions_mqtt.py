@@ -85,6 +85,11 @@ async def test_alert_mqtt_publishes_the_incident(mosquitto: Mosquitto) -> None:
     assert document["idempotency_key"] == "20261125T120000Z-payments-ab12:0"
 
 
+def test_alert_mqtt_resolves_and_flag_mqtt_does_not() -> None:
+    """alert.mqtt tells people, so it declares resolves; flag.mqtt does not."""
+    assert (ALERT_MQTT.resolves, FLAG_MQTT.resolves) == (True, False)
+
+
 async def test_broker_down_is_an_action_error() -> None:
     """Nothing listening on the broker port fails the attempt with the reason."""
     port = free_port()

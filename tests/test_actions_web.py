@@ -22,6 +22,7 @@ from rollbackd.actions.web import (
     ALERT_WEBHOOK,
     FLAG_HTTP,
     ROUTE_HTTP,
+    AlertmanagerAction,
     HttpRequestOptions,
     WebhookOptions,
 )
@@ -463,3 +464,23 @@ def test_ca_file_and_tls_verify_false_conflict(certificate: Certificate) -> None
     [error] = caught.value.errors()
     assert error["loc"] == ("tls_verify",)
     assert "ignores ca_file" in error["msg"]
+
+
+async def test_alertmanager_stamps_alerts_with_the_injected_clock(hooks: HookServer) -> None:
+    """A rollback alert ends a week after the action's clock says; it starts with the incident."""
+    options = ALERT_ALERTMANAGER.options.model_validate({"url": hooks.url("/am")})
+    action = AlertmanagerAction("page-oncall", options, clock=lambda: 1_795_000_060.0)
+    try:
+        await action.run(context())
+    finally:
+        await action.aclose()
+    [received] = hooks.at("/am/api/v2/alerts")
+    [alert] = json.loads(received.body)
+    assert alert["startsAt"] == "2026-11-18T11:06:40Z"
+    assert alert["endsAt"] == "2026-11-25T11:07:40Z"
+
+
+def test_only_the_alerts_resolve() -> None:
+    """alert.webhook and alert.alertmanager declare resolves; flag.http and route.http do not."""
+    assert (ALERT_WEBHOOK.resolves, ALERT_ALERTMANAGER.resolves) == (True, True)
+    assert (FLAG_HTTP.resolves, ROUTE_HTTP.resolves) == (False, False)

@@ -10,11 +10,11 @@ from rollbackd.sources import source_types
 from rollbackd.sources.synthetic import (
     METRICS,
     SYNTHETIC,
-    Phase,
+    Stage,
     SyntheticOptions,
     SyntheticSource,
-    phase_at,
     sample,
+    stage_at,
 )
 
 T0 = 1_700_000_000.0
@@ -38,10 +38,10 @@ def breaches(metric: str, value: float) -> bool:
     return value > threshold if direction == "above" else value < threshold
 
 
-def phase(kind: str, duration: str | None = None) -> Phase:
-    """Build a phase as the TOML would write it."""
+def stage(kind: str, duration: str | None = None) -> Stage:
+    """Build a stage as the TOML would write it (an item of ``phases``)."""
     raw = {"kind": kind} if duration is None else {"kind": kind, "duration": duration}
-    return Phase.model_validate(raw)
+    return Stage.model_validate(raw)
 
 
 def rule(metric: str) -> RuleConfig:
@@ -68,20 +68,20 @@ def test_phases_parse_from_toml_shapes() -> None:
     options = SyntheticOptions.model_validate(
         {"seed": 3, "phases": [{"kind": "healthy", "duration": "5s"}, {"kind": "outage"}]}
     )
-    assert options.phases == (phase("healthy", "5s"), phase("outage"))
+    assert options.phases == (stage("healthy", "5s"), stage("outage"))
     with pytest.raises(ValueError, match="only the last phase"):
         SyntheticOptions.model_validate({"phases": [{"kind": "healthy"}, {"kind": "outage"}]})
     with pytest.raises(ValueError, match="Extra inputs"):
         SyntheticOptions.model_validate({"sead": 3})
 
 
-def test_phase_at_walks_the_scenario() -> None:
-    """Offsets map to the running phase and the time spent in it; the last phase holds."""
-    phases = (phase("healthy", "10s"), phase("outage", "5s"))
-    assert phase_at(phases, -3.0) == (phases[0], 0.0)
-    assert phase_at(phases, 9.5) == (phases[0], 9.5)
-    assert phase_at(phases, 12.0) == (phases[1], 2.0)
-    assert phase_at(phases, 100.0) == (phases[1], 90.0)
+def test_stage_at_walks_the_scenario() -> None:
+    """Offsets map to the running stage and the time spent in it; the last stage holds."""
+    stages = (stage("healthy", "10s"), stage("outage", "5s"))
+    assert stage_at(stages, -3.0) == (stages[0], 0.0)
+    assert stage_at(stages, 9.5) == (stages[0], 9.5)
+    assert stage_at(stages, 12.0) == (stages[1], 2.0)
+    assert stage_at(stages, 100.0) == (stages[1], 90.0)
 
 
 def test_same_seed_and_offset_give_the_same_values() -> None:
@@ -107,7 +107,7 @@ def test_default_scenario_is_healthy_then_breaching() -> None:
 
 def test_degrading_moves_from_healthy_to_broken() -> None:
     """Without noise, a degrading phase is a straight line from the healthy to the broken level."""
-    options = SyntheticOptions(noise=0, phases=(phase("degrading", "10s"),))
+    options = SyntheticOptions(noise=0, phases=(stage("degrading", "10s"),))
     profile = METRICS["auth_error_rate"]
     assert sample(options, "auth_error_rate", 0.0) == profile.healthy
     assert sample(options, "auth_error_rate", 5.0) == pytest.approx(
@@ -118,7 +118,7 @@ def test_degrading_moves_from_healthy_to_broken() -> None:
 
 def test_inflight_transactions_drain_to_zero_in_an_outage() -> None:
     """In-flight transactions are whole numbers that reach exactly 0 during an outage."""
-    options = SyntheticOptions(phases=(phase("healthy", "5s"), phase("outage")))
+    options = SyntheticOptions(phases=(stage("healthy", "5s"), stage("outage")))
     healthy = sample(options, "inflight_transactions", 1.0)
     assert healthy is not None
     assert healthy > 0

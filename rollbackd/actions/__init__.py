@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -76,6 +76,23 @@ class ActionType:
     """It tells people (an alert): it hears of a re-arm, so the alert it raised resolves."""
 
 
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+
+
+@dataclass(slots=True)
+class OptionsAction(Generic[OptionsT]):
+    """The shape most actions share: a name, validated options, nothing to release.
+
+    Built as ``Cls(name, options)``, so the class itself can be its ``ActionType.build``.
+    """
+
+    name: str
+    options: OptionsT
+
+    async def aclose(self) -> None:
+        """Nothing to release: each attempt owns what it opens."""
+
+
 def action_types() -> Registry[ActionType]:
     """A fresh registry of the installed action types (entry points ``rollbackd.actions``)."""
     return Registry("rollbackd.actions")
@@ -87,6 +104,7 @@ __all__ = [
     "ActionType",
     "Event",
     "Incident",
+    "OptionsAction",
     "ReadsSources",
     "action_types",
 ]

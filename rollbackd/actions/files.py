@@ -6,12 +6,9 @@ Both rewrite their file atomically with ``atomic_write``, so a reader never sees
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
-import stat
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,54 +17,16 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from rollbackd.actions import ActionContext, ActionType
+from rollbackd.actions import ActionContext, ActionType, OptionsAction
+from rollbackd.atomic import atomic_write
 from rollbackd.config import Frozen
 from rollbackd.errors import ActionError
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9_./:@%+,=-]*")
-_DEFAULT_MODE = 0o644
 
 _path_locks: dict[Path, threading.Lock] = {}
 _path_locks_guard = threading.Lock()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path``'s content at once: temp file beside it, fsync, rename, fsync the directory.
-
-    The file keeps its mode (and owner, when running as root); a symlink is followed so the
-    link stays a link. Blocking: call it from a thread.
-    """
-    target = Path(os.path.realpath(path))
-    try:
-        previous: os.stat_result | None = target.stat()
-    except FileNotFoundError:
-        previous = None
-    mode = stat.S_IMODE(previous.st_mode) if previous else _DEFAULT_MODE
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.chmod(mode)
-        if previous is not None and os.geteuid() == 0:
-            os.chown(tmp, previous.st_uid, previous.st_gid)
-        tmp.replace(target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _lock_for(path: Path) -> threading.Lock:
@@ -138,11 +97,8 @@ def set_default_variant(text: str | None, path: Path, flag: str, variant: str) -
 
 
 @dataclass(slots=True)
-class FlagFileAction:
+class FlagFileAction(OptionsAction[FlagFileOptions]):
     """Switches one flag's default variant in a flagd flag file."""
-
-    name: str
-    options: FlagFileOptions
 
     async def run(self, ctx: ActionContext) -> str:
         """Set the variant (a no-op if already set, so a repeated attempt changes nothing)."""
@@ -150,9 +106,6 @@ class FlagFileAction:
         return await _edit(
             o.path, lambda text: set_default_variant(text, o.path, o.flag, o.variant)
         )
-
-    async def aclose(self) -> None:
-        """Nothing to release."""
 
 
 # --- route.file --------------------------------------------------------------------------
@@ -210,11 +163,8 @@ def set_env_value(text: str | None, path: Path, key: str, value: str) -> tuple[s
 
 
 @dataclass(slots=True)
-class RouteFileAction:
+class RouteFileAction(OptionsAction[RouteFileOptions]):
     """Sets one variable in an env-style file, keeping every other line and comment."""
-
-    name: str
-    options: RouteFileOptions
 
     async def run(self, ctx: ActionContext) -> str:
         """Write ``KEY=VALUE`` (a no-op if already so); the file is created if missing."""
@@ -223,17 +173,6 @@ class RouteFileAction:
             raise ActionError(f"directory {o.path.parent} of {o.path} does not exist")
         return await _edit(o.path, lambda text: set_env_value(text, o.path, o.key, o.value))
 
-    async def aclose(self) -> None:
-        """Nothing to release."""
 
-
-def _build_flag_file(name: str, options: Any) -> FlagFileAction:
-    return FlagFileAction(name, options)
-
-
-def _build_route_file(name: str, options: Any) -> RouteFileAction:
-    return RouteFileAction(name, options)
-
-
-FLAG_FILE = ActionType(options=FlagFileOptions, build=_build_flag_file)
-ROUTE_FILE = ActionType(options=RouteFileOptions, build=_build_route_file)
+FLAG_FILE = ActionType(options=FlagFileOptions, build=FlagFileAction)
+ROUTE_FILE = ActionType(options=RouteFileOptions, build=RouteFileAction)

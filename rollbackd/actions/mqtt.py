@@ -1,7 +1,8 @@
 """MQTT actions (aiomqtt): ``flag.mqtt`` publishes a retained flag value, ``alert.mqtt`` alerts.
 
 Each attempt opens its own connection and waits for the broker's acknowledgement (QoS 1 by
-default), so a success means the broker holds the message. TLS is as in the mqtt source.
+default), so a success means the broker holds the message. Broker options and TLS are
+``rollbackd.broker``'s, shared with the mqtt source.
 """
 
 from __future__ import annotations
@@ -9,44 +10,30 @@ from __future__ import annotations
 import json
 import ssl
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal, TypeVar
 
 import aiomqtt
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import field_validator
 
-from rollbackd.actions import ActionContext, ActionType
+from rollbackd import broker
+from rollbackd.actions import ActionContext, ActionType, OptionsAction
 from rollbackd.actions.templates import (
     Template,
-    check_tree,
+    TemplateTree,
     fields,
     incident_payload,
     render,
     render_tree,
 )
-from rollbackd.config import CaFile, Frozen, SecretRef
+from rollbackd.broker import BrokerOptions
 from rollbackd.errors import ActionError, SecretError
 
 
-class BrokerOptions(Frozen):
-    """Where the broker is and how to log in; the password is a secret reference."""
+class PublishOptions(BrokerOptions):
+    """The broker, and the topic and QoS every message of the action is published with."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
-    username: str | None = None
-    password: SecretRef | None = None
-    tls: bool = False
-    ca_file: CaFile | None = None
-    """PEM bundle to verify the broker with (implies ``tls``); default: the system's."""
-    client_id: str | None = None
     topic: Template
     qos: Literal[0, 1, 2] = 1
-
-    @field_validator("password")
-    @classmethod
-    def _needs_username(cls, password: SecretRef | None, info: ValidationInfo) -> SecretRef | None:
-        if password is not None and "username" in info.data and info.data["username"] is None:
-            raise ValueError("password needs username")
-        return password
 
     @field_validator("topic")
     @classmethod
@@ -56,43 +43,30 @@ class BrokerOptions(Frozen):
         return topic
 
 
-class FlagMqttOptions(BrokerOptions):
+class FlagMqttOptions(PublishOptions):
     """``flag.mqtt``: publish ``payload`` retained on ``topic`` (a table is sent as JSON)."""
 
-    payload: Template | dict[str, Any]
-
-    @field_validator("payload")
-    @classmethod
-    def _templates(cls, payload: str | dict[str, Any]) -> str | dict[str, Any]:
-        check_tree(payload)
-        return payload
+    payload: TemplateTree
 
 
-class AlertMqttOptions(BrokerOptions):
+class AlertMqttOptions(PublishOptions):
     """``alert.mqtt``: publish the incident as JSON on ``topic``."""
 
     retain: bool = False
 
 
-def tls_context(options: BrokerOptions) -> ssl.SSLContext | None:
-    """The broker's TLS context, like the mqtt source's; OSError if ``ca_file`` is unreadable."""
-    if not options.tls and options.ca_file is None:
-        return None
-    return ssl.create_default_context(cafile=options.ca_file)
-
-
 @dataclass(slots=True)
-class Broker:
+class Publisher:
     """Publishes to the configured broker; its TLS context is built once, at the first publish."""
 
-    options: BrokerOptions
+    options: PublishOptions
     _tls: ssl.SSLContext | None = field(default=None, init=False)
     _tls_built: bool = field(default=False, init=False)
 
     def _tls_context(self) -> ssl.SSLContext | None:
         if not self._tls_built:
             try:
-                self._tls = tls_context(self.options)
+                self._tls = broker.tls_context(self.options)
             except OSError as exc:
                 raise ActionError(f"ca_file {self.options.ca_file}: {exc.strerror or exc}") from exc
             self._tls_built = True
@@ -100,49 +74,36 @@ class Broker:
 
     async def publish(self, topic: str, payload: str, *, retain: bool) -> str:
         """Connect, publish one message, wait for the acknowledgement, disconnect."""
-        return await publish(self.options, topic, payload, retain=retain, tls=self._tls_context())
+        options = self.options
+        tls = self._tls_context()
+        where = f"mqtt://{options.host}:{options.port}/{topic}"
+        try:
+            async with broker.client(options, tls=tls) as client:
+                await client.publish(topic, payload.encode("utf-8"), qos=options.qos, retain=retain)
+        except SecretError as exc:
+            raise ActionError(f"mqtt password: {exc}") from exc
+        except (aiomqtt.MqttError, OSError) as exc:
+            raise ActionError(f"publish to {where} failed: {exc}") from exc
+        kind = "retained" if retain else "published"
+        return f"{kind} {len(payload)} bytes on {where}"
 
 
-async def publish(
-    options: BrokerOptions,
-    topic: str,
-    payload: str,
-    *,
-    retain: bool,
-    tls: ssl.SSLContext | None = None,
-) -> str:
-    """Connect (with ``tls`` if given), publish one message, wait for the ack, disconnect."""
-    try:
-        password = options.password.reveal() if options.password is not None else None
-    except SecretError as exc:
-        raise ActionError(f"mqtt password: {exc}") from exc
-    where = f"mqtt://{options.host}:{options.port}/{topic}"
-    try:
-        async with aiomqtt.Client(
-            options.host,
-            options.port,
-            username=options.username,
-            password=password,
-            identifier=options.client_id,
-            tls_context=tls,
-        ) as client:
-            await client.publish(topic, payload.encode("utf-8"), qos=options.qos, retain=retain)
-    except (aiomqtt.MqttError, OSError) as exc:
-        raise ActionError(f"publish to {where} failed: {exc}") from exc
-    kind = "retained" if retain else "published"
-    return f"{kind} {len(payload)} bytes on {where}"
+PublishT = TypeVar("PublishT", bound=PublishOptions)
 
 
 @dataclass(slots=True)
-class FlagMqttAction:
-    """Sets a flag by publishing its value as a retained message."""
+class MqttAction(OptionsAction[PublishT]):
+    """An action that publishes; each attempt owns its connection, so nothing stays open."""
 
-    name: str
-    options: FlagMqttOptions
-    broker: Broker = field(init=False)
+    publisher: Publisher = field(init=False)
 
     def __post_init__(self) -> None:
-        self.broker = Broker(self.options)
+        self.publisher = Publisher(self.options)
+
+
+@dataclass(slots=True)
+class FlagMqttAction(MqttAction[FlagMqttOptions]):
+    """Sets a flag by publishing its value as a retained message."""
 
     async def run(self, ctx: ActionContext) -> str:
         """Publish the rendered payload, retained."""
@@ -153,40 +114,19 @@ class FlagMqttAction:
             if isinstance(o.payload, str)
             else json.dumps(render_tree(o.payload, values))
         )
-        return await self.broker.publish(render(o.topic, values), payload, retain=True)
-
-    async def aclose(self) -> None:
-        """Nothing to release: each attempt owns its connection."""
+        return await self.publisher.publish(render(o.topic, values), payload, retain=True)
 
 
 @dataclass(slots=True)
-class AlertMqttAction:
+class AlertMqttAction(MqttAction[AlertMqttOptions]):
     """Publishes the incident document (``templates.incident_payload``) as JSON."""
-
-    name: str
-    options: AlertMqttOptions
-    broker: Broker = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.broker = Broker(self.options)
 
     async def run(self, ctx: ActionContext) -> str:
         """Publish the incident."""
         o = self.options
         payload = json.dumps(incident_payload(ctx))
-        return await self.broker.publish(render(o.topic, fields(ctx)), payload, retain=o.retain)
-
-    async def aclose(self) -> None:
-        """Nothing to release: each attempt owns its connection."""
+        return await self.publisher.publish(render(o.topic, fields(ctx)), payload, retain=o.retain)
 
 
-def _build_flag(name: str, options: Any) -> FlagMqttAction:
-    return FlagMqttAction(name, options)
-
-
-def _build_alert(name: str, options: Any) -> AlertMqttAction:
-    return AlertMqttAction(name, options)
-
-
-FLAG_MQTT = ActionType(options=FlagMqttOptions, build=_build_flag)
-ALERT_MQTT = ActionType(options=AlertMqttOptions, build=_build_alert, resolves=True)
+FLAG_MQTT = ActionType(options=FlagMqttOptions, build=FlagMqttAction)
+ALERT_MQTT = ActionType(options=AlertMqttOptions, build=AlertMqttAction, resolves=True)

@@ -33,6 +33,23 @@ Template = Annotated[str, AfterValidator(check_template)]
 """A string that may contain ``{field}`` placeholders, checked when the config loads."""
 
 
+def check_tree(value: Any) -> Any:
+    """Check every string of a table as a template (a pydantic validator)."""
+    if isinstance(value, str):
+        check_template(value)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            check_tree(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            check_tree(item)
+    return value
+
+
+TemplateTree = Annotated[Template | dict[str, Any], AfterValidator(check_tree)]
+"""A template, or a table whose strings are templates (sent as JSON), checked on load."""
+
+
 def fields(ctx: ActionContext) -> dict[str, str]:
     """Return the values of the template fields for this attempt."""
     incident = ctx.incident
@@ -65,19 +82,6 @@ def render_tree(value: Any, values: Mapping[str, str]) -> Any:
         return {key: render_tree(item, values) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [render_tree(item, values) for item in value]
-    return value
-
-
-def check_tree(value: Any) -> Any:
-    """Check every string of a table as a template (a pydantic validator)."""
-    if isinstance(value, str):
-        check_template(value)
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            check_tree(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            check_tree(item)
     return value
 
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import model_validator
 
-from rollbackd.actions import ActionContext, ActionType
+from rollbackd.actions import ActionContext, ActionType, OptionsAction
 from rollbackd.config import Duration, Frozen, RuleConfig
 from rollbackd.errors import ActionError
 from rollbackd.readings import Reading, ReadingStatus
@@ -57,11 +56,14 @@ def in_flight(readings: Sequence[Reading]) -> tuple[float | None, str]:
 
 
 @dataclass(slots=True)
-class WaitAction:
-    """Polls a source until every series reads 0 (or less), or the step's time is nearly up."""
+class WaitAction(OptionsAction[WaitOptions]):
+    """Polls a source until every series reads 0 (or less), or the step's time is nearly up.
 
-    name: str
-    options: WaitOptions
+    ``clock`` stamps each read (unix seconds); the wait itself is timed on the event loop's
+    clock, the one ``ctx.deadline`` is given in. The source belongs to the daemon.
+    """
+
+    clock: Callable[[], float] = time.time
 
     def watches(self) -> list[RuleConfig]:
         """The reads this action makes, so the daemon can have push sources subscribe."""
@@ -94,7 +96,7 @@ class WaitAction:
         while (remaining := end - loop.time()) > 0:
             try:
                 async with asyncio.timeout(remaining):
-                    readings = await source.read(rule, time.time())
+                    readings = await source.read(rule, self.clock())
             except TimeoutError:
                 break
             polls += 1
@@ -106,12 +108,5 @@ class WaitAction:
         took = loop.time() - started
         return f"timed out with {last} in flight after {polls} polls ({took:.1f}s)"
 
-    async def aclose(self) -> None:
-        """Nothing to release: the source belongs to the daemon."""
 
-
-def _build(name: str, options: Any) -> WaitAction:
-    return WaitAction(name, options)
-
-
-WAIT = ActionType(options=WaitOptions, build=_build)
+WAIT = ActionType(options=WaitOptions, build=WaitAction)

@@ -11,9 +11,9 @@ import datetime as dt
 import re
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -24,7 +24,7 @@ from yarl import URL
 from rollbackd.actions import ActionContext, ActionType, Event
 from rollbackd.actions.templates import (
     Template,
-    check_tree,
+    TemplateTree,
     fields,
     incident_payload,
     render,
@@ -149,6 +149,40 @@ class HttpClient:
             self._session = None
 
 
+def http_client(name: str, options: TlsOptions) -> HttpClient:
+    """The client of action ``name``; warns once here if it will not verify certificates."""
+    if not options.tls_verify:
+        log.warning("tls_verify_disabled", action=name)
+    return HttpClient(options)
+
+
+HttpOptionsT = TypeVar("HttpOptionsT", bound=TlsOptions)
+
+
+class HttpAction(Generic[HttpOptionsT]):
+    """What the HTTP actions share: their options, one client (closed by ``aclose``), a clock.
+
+    ``client`` defaults to one built from the options; ``clock`` gives the wall-clock time
+    (unix seconds) of what the action stamps, e.g. an Alertmanager alert's ``startsAt``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        options: HttpOptionsT,
+        client: HttpClient | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self.options = options
+        self.client = client if client is not None else http_client(name, options)
+        self.clock = clock
+
+    async def aclose(self) -> None:
+        """Close the HTTP session."""
+        await self.client.aclose()
+
+
 def _headers(configured: Headers, ctx: ActionContext) -> dict[str, str]:
     """Reveal the configured headers' secrets and add the attempt's Idempotency-Key."""
     out: dict[str, str] = {}
@@ -171,7 +205,7 @@ class HttpRequestOptions(TlsOptions):
     url: Template
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
     headers: Headers = Field(default_factory=dict)
-    body: Template | dict[str, Any] | None = None
+    body: TemplateTree | None = None
     """A string is sent as written (after templating); a table is sent as JSON."""
 
     @field_validator("url")
@@ -179,20 +213,9 @@ class HttpRequestOptions(TlsOptions):
     def _http(cls, url: str) -> str:
         return _http_url(url)
 
-    @field_validator("body")
-    @classmethod
-    def _templates(cls, body: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        check_tree(body)
-        return body
 
-
-@dataclass(slots=True)
-class HttpRequestAction:
+class HttpRequestAction(HttpAction[HttpRequestOptions]):
     """Sends the configured request; success is any 2xx answer."""
-
-    name: str
-    options: HttpRequestOptions
-    client: HttpClient
 
     async def run(self, ctx: ActionContext) -> str:
         """Render url/body with the incident's fields and send the request."""
@@ -207,10 +230,6 @@ class HttpRequestAction:
         body = None if o.body is None else render_tree(o.body, values)
         return await self.client.send(o.method, url, headers, json_body=body)
 
-    async def aclose(self) -> None:
-        """Close the HTTP session."""
-        await self.client.aclose()
-
 
 # --- alert.webhook -----------------------------------------------------------------------
 
@@ -222,23 +241,14 @@ class WebhookOptions(TlsOptions):
     headers: Headers = Field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class WebhookAction:
+class WebhookAction(HttpAction[WebhookOptions]):
     """POSTs the incident as JSON (see ``templates.incident_payload``)."""
-
-    name: str
-    options: WebhookOptions
-    client: HttpClient
 
     async def run(self, ctx: ActionContext) -> str:
         """POST the incident document."""
         headers = _headers(self.options.headers, ctx)
         url = str(self.options.url)
         return await self.client.send("POST", url, headers, json_body=incident_payload(ctx))
-
-    async def aclose(self) -> None:
-        """Close the HTTP session."""
-        await self.client.aclose()
 
 
 # --- alert.alertmanager ------------------------------------------------------------------
@@ -342,50 +352,22 @@ def alertmanager_alert(
     return alert
 
 
-@dataclass(slots=True)
-class AlertmanagerAction:
-    """Posts one alert per incident to ``{url}/api/v2/alerts``."""
-
-    name: str
-    options: AlertmanagerOptions
-    client: HttpClient
+class AlertmanagerAction(HttpAction[AlertmanagerOptions]):
+    """Posts one alert per incident to ``{url}/api/v2/alerts``, stamped by ``clock``."""
 
     async def run(self, ctx: ActionContext) -> str:
         """Post (or, on re-arm, resolve) the alert."""
         url = str(self.options.url).rstrip("/") + "/api/v2/alerts"
-        alert = alertmanager_alert(self.options, ctx, time.time())
+        alert = alertmanager_alert(self.options, ctx, self.clock())
         headers = _headers(self.options.headers, ctx)
         detail = await self.client.send("POST", url, headers, json_body=[alert])
         verb = "resolved" if ctx.incident.event is Event.REARM else "posted"
         return f"{alert['labels']['alertname']} {verb}: {detail}"
 
-    async def aclose(self) -> None:
-        """Close the HTTP session."""
-        await self.client.aclose()
 
-
-def http_client(name: str, options: TlsOptions) -> HttpClient:
-    """The client of action ``name``; warns once here if it will not verify certificates."""
-    if not options.tls_verify:
-        log.warning("tls_verify_disabled", action=name)
-    return HttpClient(options)
-
-
-def _build_request(name: str, options: Any) -> HttpRequestAction:
-    return HttpRequestAction(name, options, http_client(name, options))
-
-
-def _build_webhook(name: str, options: Any) -> WebhookAction:
-    return WebhookAction(name, options, http_client(name, options))
-
-
-def _build_alertmanager(name: str, options: Any) -> AlertmanagerAction:
-    return AlertmanagerAction(name, options, http_client(name, options))
-
-
-FLAG_HTTP = ActionType(options=HttpRequestOptions, build=_build_request)
-ROUTE_HTTP = ActionType(options=HttpRequestOptions, build=_build_request)
-ALERT_WEBHOOK = ActionType(options=WebhookOptions, build=_build_webhook, resolves=True)
+FLAG_HTTP = ActionType(options=HttpRequestOptions, build=HttpRequestAction)
+ROUTE_HTTP = ActionType(options=HttpRequestOptions, build=HttpRequestAction)
+ALERT_WEBHOOK = ActionType(options=WebhookOptions, build=WebhookAction, resolves=True)
 ALERT_ALERTMANAGER = ActionType(
-    options=AlertmanagerOptions, build=_build_alertmanager, resolves=True
+    options=AlertmanagerOptions, build=AlertmanagerAction, resolves=True
 )

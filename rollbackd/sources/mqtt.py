@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,9 +18,11 @@ import aiomqtt
 import structlog
 from pydantic import Field, model_validator
 
-from rollbackd.config import CaFile, Duration, Frozen, RuleConfig, SecretRef
+from rollbackd import broker
+from rollbackd.broker import BrokerOptions
+from rollbackd.config import Duration, RuleConfig
 from rollbackd.errors import SecretError
-from rollbackd.readings import Reading, error, labels_of, no_data, ok
+from rollbackd.readings import Reading, error, labels_of, no_data, ok, parse_number
 from rollbackd.sources import ArrivalListener, SourceType
 
 log = structlog.get_logger(__name__)
@@ -30,19 +31,12 @@ ClientFactory = Callable[[], aiomqtt.Client]
 """Makes a fresh, not yet connected client; one per connection attempt."""
 
 
-class MqttOptions(Frozen):
-    """``[sources.NAME]`` keys of ``type = "mqtt"``."""
+class MqttOptions(BrokerOptions):
+    """``[sources.NAME]`` keys of ``type = "mqtt"``: the broker's, then how to subscribe."""
 
     host: str = Field(min_length=1)
-    port: int = Field(default=1883, ge=1, le=65535)
     stale_after: Duration = 60.0
     """A value older than this reads as no data (the sender has gone quiet)."""
-    username: str | None = None
-    password: SecretRef | None = None
-    tls: bool = False
-    ca_file: CaFile | None = None
-    """PEM bundle to verify the broker with (implies ``tls``); default: the system's."""
-    client_id: str | None = None
     keepalive: int = Field(default=30, ge=5, le=65535)
     """Seconds between MQTT pings; a dead broker is noticed within about 1.5 times this."""
     qos: Literal[0, 1, 2] = 0
@@ -52,9 +46,7 @@ class MqttOptions(Frozen):
     reconnect_max: Duration = 30.0
 
     @model_validator(mode="after")
-    def _consistent(self) -> MqttOptions:
-        if self.password is not None and self.username is None:
-            raise ValueError("password needs username")
+    def _backoff(self) -> MqttOptions:
         if self.reconnect_initial > self.reconnect_max:
             raise ValueError("reconnect_initial must not be greater than reconnect_max")
         return self
@@ -64,21 +56,11 @@ def client_factory(options: MqttOptions) -> ClientFactory:
     """Return a factory of aiomqtt clients for ``options`` (secrets revealed per connection)."""
 
     def make() -> aiomqtt.Client:
-        password = options.password.reveal() if options.password is not None else None
-        context = None
-        if options.tls or options.ca_file is not None:
-            context = ssl.create_default_context(
-                cafile=str(options.ca_file) if options.ca_file else None
-            )
-        return aiomqtt.Client(
-            options.host,
-            options.port,
-            username=options.username,
-            password=password,
-            identifier=options.client_id,
+        return broker.client(
+            options,
+            tls=broker.tls_context(options),
             keepalive=options.keepalive,
             timeout=options.connect_timeout,
-            tls_context=context,
         )
 
     return make
@@ -250,7 +232,7 @@ def parse_payload(payload: bytes, json_field: str | None) -> tuple[float | None,
     except UnicodeDecodeError:
         return None, f"payload is not UTF-8 text: {preview!r}"
     if json_field is None:
-        value = _number(text)
+        value = parse_number(text)
         return value, "" if value is not None else f"payload is not a number: {preview!r}"
     try:
         document: object = json.loads(text)
@@ -259,7 +241,7 @@ def parse_payload(payload: bytes, json_field: str | None) -> tuple[float | None,
     found, document = _field(document, json_field)
     if not found:
         return None, f"payload has no field {json_field!r}: {preview!r}"
-    value = _number(document)
+    value = parse_number(document)
     if value is None:
         return None, f"field {json_field!r} is not a number: {str(document)[:60]!r}"
     return value, ""
@@ -277,20 +259,7 @@ def _field(document: object, dotted: str) -> tuple[bool, object]:
     return True, document
 
 
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None
-
-
-def _build(name: str, options: MqttOptions) -> MqttSource:
-    return MqttSource(name, options)
-
-
-MQTT = SourceType(options=MqttOptions, rule_keys=frozenset({"topic"}), build=_build)
+MQTT = SourceType(options=MqttOptions, rule_keys=frozenset({"topic"}), build=MqttSource)
 """Entry point ``mqtt`` of ``rollbackd.sources``."""
 
 __all__ = ["MQTT", "MqttOptions", "MqttSource", "Sample", "client_factory", "parse_payload"]

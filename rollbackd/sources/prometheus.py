@@ -21,7 +21,7 @@ from urllib3.util.retry import Retry
 
 from rollbackd.config import CaFile, Duration, Frozen, RuleConfig, SecretRef
 from rollbackd.errors import SecretError
-from rollbackd.readings import Reading, error, labels_of, no_data, ok
+from rollbackd.readings import Reading, error, labels_of, no_data, ok, parse_number
 from rollbackd.sources import ArrivalListener, SourceType
 
 log = structlog.get_logger(__name__)
@@ -183,7 +183,7 @@ def parse_result(result: object, now: float) -> tuple[list[Reading], str]:
     if not result:
         return [no_data("empty result", now)], ""
     if len(result) == _PAIR and not isinstance(result[0], dict):
-        value = _number(result[1])
+        value = parse_number(result[1])
         if value is None:
             return [], f"result is a string, not a number: {str(result[1])[:80]!r}"
         return [ok(value, now)], ""
@@ -203,19 +203,10 @@ def _series(series: object, now: float) -> tuple[Reading | None, str]:
         return None, "unexpected result: not a vector"
     labels = labels_of({str(k): str(v) for k, v in dict(series.get("metric", {})).items()})
     pair = series["value"]
-    value = _number(pair[1]) if isinstance(pair, list) and len(pair) == _PAIR else None
+    value = parse_number(pair[1]) if isinstance(pair, list) and len(pair) == _PAIR else None
     if value is None:
         return None, f"series {dict(labels)} has no numeric value"
     return ok(value, now, labels), ""
-
-
-def _number(text: object) -> float | None:
-    if isinstance(text, bool) or not isinstance(text, str | int | float):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        return None
 
 
 def _api_problem(message: str) -> str:
@@ -240,11 +231,9 @@ def _short(exc: BaseException) -> str:
     return text[:200]
 
 
-def _build(name: str, options: PrometheusOptions) -> PrometheusSource:
-    return PrometheusSource(name, options)
-
-
-PROMETHEUS = SourceType(options=PrometheusOptions, rule_keys=frozenset({"query"}), build=_build)
+PROMETHEUS = SourceType(
+    options=PrometheusOptions, rule_keys=frozenset({"query"}), build=PrometheusSource
+)
 """Entry point ``prometheus`` of ``rollbackd.sources``."""
 
 __all__ = ["PROMETHEUS", "BasicAuth", "PrometheusOptions", "PrometheusSource", "parse_result"]

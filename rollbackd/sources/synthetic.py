@@ -1,4 +1,4 @@
-"""The ``synthetic`` source: seeded BOOP-like traffic following a scripted scenario of phases.
+"""The ``synthetic`` source: seeded BOOP-like traffic following a scripted scenario of stages.
 
 Values are a pure function of (seed, metric, offset), where the offset is ``now`` minus the
 scenario's start: the ``start`` option (unix seconds) or, without it, the ``now`` of the
@@ -19,7 +19,7 @@ from rollbackd.config import Duration, Frozen, RuleConfig
 from rollbackd.readings import Reading, error, no_data, ok
 from rollbackd.sources import ArrivalListener, SourceType
 
-PhaseKind = Literal["healthy", "degrading", "outage", "silent"]
+StageKind = Literal["healthy", "degrading", "outage", "silent"]
 
 DRAIN_SECONDS = 10.0
 """In an outage, in-flight transactions fall linearly to exactly 0 over this many seconds."""
@@ -55,20 +55,21 @@ METRICS: dict[str, Profile] = {
 """Every metric a synthetic rule's ``query`` can name."""
 
 
-class Phase(Frozen):
-    """One step of the scenario: ``{ kind = "degrading", duration = "20s" }``.
+class Stage(Frozen):
+    """One stage of the scenario, an item of ``phases``: ``{ kind = "outage", duration = "20s" }``.
 
-    healthy: healthy levels; degrading: a straight line from healthy to broken over the phase;
-    outage: broken levels; silent: every metric reads no data. The last phase may omit its
-    duration and then lasts forever; every other phase needs one.
+    healthy: healthy levels; degrading: a straight line from healthy to broken over the stage;
+    outage: broken levels; silent: every metric reads no data. The last stage may omit its
+    duration and then lasts forever; every other stage needs one. (Not ``engine.Phase``, a
+    monitor's state.)
     """
 
-    kind: PhaseKind
+    kind: StageKind
     duration: Duration | None = None
 
 
-DEFAULT_PHASES = tuple(
-    Phase.model_validate(raw)
+DEFAULT_STAGES = tuple(
+    Stage.model_validate(raw)
     for raw in (
         {"kind": "healthy", "duration": "20s"},
         {"kind": "degrading", "duration": "20s"},
@@ -86,38 +87,39 @@ class SyntheticOptions(Frozen):
     """Unix time of the scenario's offset 0; default: the ``now`` of the first read."""
     noise: float = Field(default=1.0, ge=0.0, le=10.0)
     """Scale of the random noise; 0 gives the exact profile levels."""
-    phases: tuple[Phase, ...] = Field(default=DEFAULT_PHASES, min_length=1)
+    phases: tuple[Stage, ...] = Field(default=DEFAULT_STAGES, min_length=1)
+    """The scenario's stages, in order (the TOML key keeps its name)."""
 
     @model_validator(mode="after")
     def _durations(self) -> SyntheticOptions:
-        for i, phase in enumerate(self.phases[:-1]):
-            if phase.duration is None:
+        for i, stage in enumerate(self.phases[:-1]):
+            if stage.duration is None:
                 raise ValueError(f"phases[{i}] needs a duration: only the last phase may omit it")
         return self
 
 
-def phase_at(phases: Sequence[Phase], offset: float) -> tuple[Phase, float]:
-    """Return the phase running at ``offset`` seconds and the seconds spent in it so far."""
+def stage_at(stages: Sequence[Stage], offset: float) -> tuple[Stage, float]:
+    """Return the stage running at ``offset`` seconds and the seconds spent in it so far."""
     offset = max(offset, 0.0)
-    for phase in phases:
-        if phase.duration is None or offset < phase.duration:
-            return phase, offset
-        offset -= phase.duration
-    last = phases[-1]
-    return last, offset + (last.duration or 0.0)  # a finite last phase holds at its end
+    for stage in stages:
+        if stage.duration is None or offset < stage.duration:
+            return stage, offset
+        offset -= stage.duration
+    last = stages[-1]
+    return last, offset + (last.duration or 0.0)  # a finite last stage holds at its end
 
 
 def sample(options: SyntheticOptions, metric: str, offset: float) -> float | None:
-    """Return ``metric``'s value at ``offset``, None in a silent phase; KeyError if unknown."""
+    """Return ``metric``'s value at ``offset``, None in a silent stage; KeyError if unknown."""
     profile = METRICS[metric]
-    phase, elapsed = phase_at(options.phases, offset)
-    if phase.kind == "silent":
+    stage, elapsed = stage_at(options.phases, offset)
+    if stage.kind == "silent":
         return None
     jitter = options.noise * profile.spread * _noise(options.seed, metric, offset)
-    if phase.kind == "healthy":
+    if stage.kind == "healthy":
         level = profile.healthy
-    elif phase.kind == "degrading":
-        progress = min(elapsed / phase.duration, 1.0) if phase.duration else 1.0
+    elif stage.kind == "degrading":
+        progress = min(elapsed / stage.duration, 1.0) if stage.duration else 1.0
         level = profile.healthy + (profile.broken - profile.healthy) * progress
     elif profile.drains:
         remaining = max(0.0, 1.0 - elapsed / DRAIN_SECONDS)
@@ -177,21 +179,19 @@ class SyntheticSource:
         return [ok(value, now)]
 
 
-def _build(name: str, options: SyntheticOptions) -> SyntheticSource:
-    return SyntheticSource(name, options)
-
-
-SYNTHETIC = SourceType(options=SyntheticOptions, rule_keys=frozenset({"query"}), build=_build)
+SYNTHETIC = SourceType(
+    options=SyntheticOptions, rule_keys=frozenset({"query"}), build=SyntheticSource
+)
 """Entry point ``synthetic`` of ``rollbackd.sources``."""
 
 __all__ = [
-    "DEFAULT_PHASES",
+    "DEFAULT_STAGES",
     "METRICS",
     "SYNTHETIC",
-    "Phase",
     "Profile",
+    "Stage",
     "SyntheticOptions",
     "SyntheticSource",
-    "phase_at",
     "sample",
+    "stage_at",
 ]

@@ -12,12 +12,12 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import structlog
 from pydantic import Field, field_validator
 
-from rollbackd.actions import ActionContext, ActionType
+from rollbackd.actions import ActionContext, ActionType, OptionsAction
 from rollbackd.actions.templates import Template, fields, render
 from rollbackd.config import Frozen, SecretRef
 from rollbackd.errors import ActionError, SecretError
@@ -38,11 +38,8 @@ class AlertLogOptions(Frozen):
 
 
 @dataclass(slots=True)
-class AlertLogAction:
+class AlertLogAction(OptionsAction[AlertLogOptions]):
     """Logs the incident; journald / the log shipper carries it on."""
-
-    name: str
-    options: AlertLogOptions
 
     async def run(self, ctx: ActionContext) -> str:
         """Log the incident at the configured level."""
@@ -61,9 +58,6 @@ class AlertLogAction:
             reason=incident.reason,
         )
         return f"logged at {self.options.level}: {message}"
-
-    async def aclose(self) -> None:
-        """Nothing to release."""
 
 
 # --- exec ----------------------------------------------------------------------------------
@@ -118,11 +112,8 @@ def _tail(output: bytes, limit: int) -> str:
 
 
 @dataclass(slots=True)
-class ExecAction:
-    """Runs one command per attempt; exit status 0 is success."""
-
-    name: str
-    options: ExecOptions
+class ExecAction(OptionsAction[ExecOptions]):
+    """Runs one command per attempt (which owns its process); exit status 0 is success."""
 
     async def run(self, ctx: ActionContext) -> str:
         """Run the command to completion; cancellation (the step's timeout) kills its group."""
@@ -153,9 +144,6 @@ class ExecAction:
             raise ActionError(f"{argv[0]}: {status}" + (f": {shown}" if shown else ""))
         return f"{argv[0]}: exit status 0" + (f": {shown}" if shown else "")
 
-    async def aclose(self) -> None:
-        """Nothing to release: each attempt owns its process."""
-
 
 async def _read_tail(process: asyncio.subprocess.Process, keep: int) -> bytes:
     """Read the child's output to the end, keeping only the last ``keep`` bytes."""
@@ -177,13 +165,5 @@ async def _kill(process: asyncio.subprocess.Process) -> None:
         await asyncio.shield(process.wait())
 
 
-def _build_log(name: str, options: Any) -> AlertLogAction:
-    return AlertLogAction(name, options)
-
-
-def _build_exec(name: str, options: Any) -> ExecAction:
-    return ExecAction(name, options)
-
-
-ALERT_LOG = ActionType(options=AlertLogOptions, build=_build_log, resolves=True)
-EXEC = ActionType(options=ExecOptions, build=_build_exec)
+ALERT_LOG = ActionType(options=AlertLogOptions, build=AlertLogAction, resolves=True)
+EXEC = ActionType(options=ExecOptions, build=ExecAction)

@@ -11,7 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from rollbackd.actions import ActionContext, Event, Incident
-from rollbackd.actions.commands import ALERT_LOG, EXEC
+from rollbackd.actions.local import ALERT_LOG, EXEC
 from rollbackd.errors import ActionError
 from rollbackd.plan import attempt_once
 from tests.servers import wait_for
@@ -143,3 +143,8 @@ async def test_exec_timeout_kills_the_process_and_its_children(tmp_path: Path) -
     parent, child = (int(p) for p in pids.read_text().split())
     assert _gone(parent)
     wait_for(lambda: _gone(child), 5.0, what="grandchild killed")
+
+
+def test_alert_log_resolves_and_exec_does_not() -> None:
+    """alert.log tells people, so it declares resolves; exec does not."""
+    assert (ALERT_LOG.resolves, EXEC.resolves) == (True, False)
