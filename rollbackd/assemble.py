@@ -13,9 +13,10 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from rollbackd.actions import Action, ActionType, ReadsSources, action_types
-from rollbackd.config import Config, PluginTable, cross_check, dotted, lines, parse, secret_refs
+from rollbackd.config import Config, PluginTable, cross_check, dotted, lines, parse
 from rollbackd.config import from_dict as parse_dict
 from rollbackd.errors import ActionError, ConfigError, PluginError, SecretError
+from rollbackd.options import secret_refs
 from rollbackd.plugins import Registry
 from rollbackd.sources import Source, SourceType, source_types
 
@@ -116,6 +117,7 @@ def assemble(
     problems += _resolve(config.actions, "actions", registries.actions, actions)
     assembly = Assembly(config, sources, actions)
     problems += _check_reads(assembly)
+    problems += _verify(assembly)
     if secrets:
         problems += _check_secrets(assembly)
     if problems:
@@ -174,6 +176,14 @@ def _check_read(assembly: Assembly, at: str, read: object) -> Iterator[str]:
             yield f"{at}.{key}: not used by {kind} sources"
     if getattr(read, "json_field", None) is not None and "topic" not in required:
         yield f"{at}.json_field: only used with topic-based sources"
+
+
+def _verify(assembly: Assembly) -> Iterator[str]:
+    """Each action type's own look at the world (a flag file that lacks the flag)."""
+    for name, part in assembly.actions.items():
+        if part.kind.verify is not None:
+            for line in part.kind.verify(part.options):
+                yield f"actions.{name}.{line}"
 
 
 def _check_secrets(assembly: Assembly) -> Iterator[str]:

@@ -7,7 +7,7 @@ import ssl
 import aiomqtt
 from pydantic import Field, ValidationInfo, field_validator
 
-from rollbackd.config import CaFile, Frozen, SecretRef
+from rollbackd.options import CaFile, Frozen, SecretRef
 
 DEFAULT_KEEPALIVE = 60
 """aiomqtt's own default: seconds between pings when the caller does not choose."""

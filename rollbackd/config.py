@@ -9,17 +9,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
-import ssl
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -27,115 +23,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from rollbackd.errors import ConfigError, SecretError
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(text: object) -> float:
-    """Seconds in a duration string such as ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h30m"``."""
-    if isinstance(text, bool) or not isinstance(text, str):
-        raise ValueError(f'a duration is a string such as "30s" or "5m", not {text!r}')  # noqa: TRY004 - pydantic reports ValueError
-    spec = text.strip()
-    pos, total = 0, 0.0
-    for match in _DURATION_PART.finditer(spec):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        pos = match.end()
-    if pos == 0 or pos != len(spec):
-        raise ValueError(
-            f'invalid duration {text!r}: use a number and a unit (ms, s, m, h, d), e.g. "30s"'
-        )
-    return total
-
-
-def _positive_duration(text: object) -> float:
-    seconds = parse_duration(text)
-    if seconds <= 0:
-        raise ValueError(f"duration {text!r} must be greater than zero")
-    return seconds
-
-
-Duration = Annotated[float, BeforeValidator(_positive_duration)]
-"""Seconds, written in TOML as a string like ``"30s"``; must be > 0."""
-
-
-def _readable_ca_file(path: Path) -> Path:
-    # Checked when the config loads: a typo is a check-config error, not a failed connection
-    # or a failed step during an incident.
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
-    except ssl.SSLError as exc:  # an OSError too: caught first
-        raise ValueError(f"{path} holds no PEM certificate ({exc.reason})") from exc
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    return path
-
-
-CaFile = Annotated[Path, AfterValidator(_readable_ca_file)]
-"""Path of a PEM CA bundle that exists, is readable and holds a certificate (checked on load)."""
-
-
-class Frozen(BaseModel):
-    """Base of the config models: immutable, unknown keys are errors."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class SecretRef(Frozen):
-    """Where a secret lives: an environment variable, a file, or a systemd credential.
-
-    The TOML holds only the reference (``{ env = "PROM_TOKEN" }``), never the secret.
-    """
-
-    env: str | None = None
-    file: Path | None = None
-    credential: str | None = Field(
-        default=None, description="name of a file in $CREDENTIALS_DIRECTORY (LoadCredential=)"
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _not_inline(cls, data: object) -> object:
-        if isinstance(data, str):
-            raise ValueError(  # noqa: TRY004 - pydantic turns ValueError into a key's error
-                'secrets are never written in the config: use { env = "VAR" }, '
-                '{ file = "/path" } or { credential = "name" }'
-            )
-        return data
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> SecretRef:
-        given = [k for k in ("env", "file", "credential") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of env, file, credential")
-        return self
-
-    def reveal(self) -> str:
-        """The secret's value (trailing newline stripped); SecretError if it cannot be read."""
-        if self.env is not None:
-            value = os.environ.get(self.env)
-            if value is None:
-                raise SecretError(f"environment variable {self.env} is not set")
-            return value
-        path = self._path()
-        try:
-            return path.read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise SecretError(f"cannot read secret file {path}: {exc.strerror}") from exc
-
-    def _path(self) -> Path:
-        if self.file is not None:
-            return self.file
-        directory = os.environ.get("CREDENTIALS_DIRECTORY")
-        if directory is None:
-            raise SecretError(
-                f"credential {self.credential!r} needs $CREDENTIALS_DIRECTORY "
-                "(set by systemd's LoadCredential=)"
-            )
-        return Path(directory) / str(self.credential)
+from rollbackd.errors import ConfigError
+from rollbackd.options import Duration, Frozen
 
 
 class DaemonConfig(BaseSettings):
@@ -381,20 +270,3 @@ def cross_check(config: Config) -> Iterator[str]:
             "daemon.mode: armed in production needs daemon.confirm_production = true "
             "(or ROLLBACKD_CONFIRM_PRODUCTION=true): acting on production must be explicit"
         )
-
-
-def secret_refs(
-    value: object, loc: tuple[str | int, ...]
-) -> Iterator[tuple[tuple[str | int, ...], SecretRef]]:
-    """Every SecretRef inside a validated options model, with its dotted location."""
-    if isinstance(value, SecretRef):
-        yield loc, value
-    elif isinstance(value, BaseModel):
-        for key in type(value).model_fields:
-            yield from secret_refs(getattr(value, key), (*loc, key))
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from secret_refs(item, (*loc, str(key)))
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            yield from secret_refs(item, (*loc, i))

@@ -254,14 +254,11 @@ class Policy:
     @classmethod
     def of(cls, monitor: LimitsSpec) -> Policy:
         """Return the policy of a configured monitor."""
+        m = monitor
         return cls(
-            rollback_after=monitor.rollback_after,
-            alert_after=monitor.alert_after,
-            blind_after=monitor.blind_after,
-            on_blind=monitor.on_blind,
-            failure_limit=monitor.failure_limit,
-            failure_window=monitor.failure_window,
-        )
+            m.rollback_after, m.alert_after, m.blind_after, m.on_blind, m.failure_limit,
+            m.failure_window,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from rollbackd import assemble, cli
 from rollbackd.assemble import Assembly, Registries, from_dict
-from rollbackd.config import Config, Frozen, SecretRef, parse_duration
+from rollbackd.config import Config
 from rollbackd.errors import ConfigError, SecretError
+from rollbackd.options import Frozen, SecretRef, parse_duration
 from rollbackd.sources import SourceType
 
 ROOT = Path(__file__).resolve().parent.parent

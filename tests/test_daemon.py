@@ -17,11 +17,12 @@ from rollbackd import assemble, readings
 from rollbackd import daemon as daemon_module
 from rollbackd.actions import ActionContext, ActionType
 from rollbackd.assemble import Assembly, Registries
-from rollbackd.config import Frozen, RuleConfig
+from rollbackd.config import RuleConfig
 from rollbackd.daemon import Daemon
 from rollbackd.demo import prepare
 from rollbackd.engine import Phase
 from rollbackd.errors import RollbackdError, StateError
+from rollbackd.options import Frozen
 from rollbackd.readings import Reading
 from rollbackd.sources import ArrivalListener, SourceType
 

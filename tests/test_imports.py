@@ -78,6 +78,7 @@ def test_cycle_finder_finds_a_cycle() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
-def test_config_depends_on_errors_only() -> None:
-    """config.py, the layer every plugin imports, imports nothing of the package but errors."""
-    assert graph()["rollbackd.config"] == {"rollbackd.errors"}
+def test_config_and_options_know_no_plugin() -> None:
+    """config.py and options.py (what plugins import) import nothing but errors and options."""
+    assert graph()["rollbackd.options"] == {"rollbackd.errors"}
+    assert graph()["rollbackd.config"] == {"rollbackd.errors", "rollbackd.options"}

@@ -17,9 +17,10 @@ from structlog.testing import capture_logs
 from rollbackd.actions import ActionContext, ActionType
 from rollbackd.assemble import Registries, from_dict
 from rollbackd.codec import check_to_json
-from rollbackd.config import ActionConfig, Frozen, RuleConfig
+from rollbackd.config import ActionConfig, RuleConfig
 from rollbackd.engine import Check, MonitorState, Outcome, RuleResult, Verdict
 from rollbackd.errors import ActionError
+from rollbackd.options import Frozen
 from rollbackd.plan import PlanRunner, fire_action
 from rollbackd.readings import Reading, ok
 from rollbackd.records import IncidentDraft

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel
@@ -42,6 +43,9 @@ class ActionContext:
     sources: Mapping[str, Source] = field(default_factory=dict)
     deadline: float | None = None
     """Event-loop time (``loop.time()``) at which the plan runner cancels this attempt."""
+    state_dir: Path | None = None
+    """The daemon's state directory, for an action that must leave a note that outlives the
+    process (e.g. the pid of a command still running); None outside the daemon."""
 
 
 class Action(Protocol):
@@ -74,6 +78,10 @@ class ActionType:
     """``build(name, validated_options)`` -> Action; no I/O until ``run``."""
     resolves: bool = False
     """It tells people (an alert): it hears of a re-arm, so the alert it raised resolves."""
+    verify: Callable[[Any], Iterator[str]] | None = None
+    """Optional ``check-config`` look at the world: ``verify(options)`` yields one problem per
+    line as ``key: reason`` (e.g. ``flag: no flag 'x' in /etc/boop/flags.json``); it may read
+    files but must not change anything."""
 
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)

@@ -19,8 +19,8 @@ from pydantic import Field, field_validator
 
 from rollbackd.actions import ActionContext, ActionType, OptionsAction
 from rollbackd.atomic import atomic_write
-from rollbackd.config import Frozen
 from rollbackd.errors import ActionError
+from rollbackd.options import Frozen
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9_./:@%+,=-]*")

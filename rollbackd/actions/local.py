@@ -19,8 +19,8 @@ from pydantic import Field, field_validator
 
 from rollbackd.actions import ActionContext, ActionType, OptionsAction
 from rollbackd.actions.templates import Template, fields, render
-from rollbackd.config import Frozen, SecretRef
 from rollbackd.errors import ActionError, SecretError
+from rollbackd.options import Frozen, SecretRef
 
 log = structlog.get_logger("rollbackd.actions")
 

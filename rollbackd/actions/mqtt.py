@@ -16,15 +16,8 @@ import aiomqtt
 from pydantic import field_validator
 
 from rollbackd import broker
-from rollbackd.actions import ActionContext, ActionType, OptionsAction
-from rollbackd.actions.templates import (
-    Template,
-    TemplateTree,
-    fields,
-    incident_payload,
-    render,
-    render_tree,
-)
+from rollbackd.actions import ActionContext, ActionType, OptionsAction, templates
+from rollbackd.actions.templates import Template, TemplateTree
 from rollbackd.broker import BrokerOptions
 from rollbackd.errors import ActionError, SecretError
 
@@ -108,13 +101,13 @@ class FlagMqttAction(MqttAction[FlagMqttOptions]):
     async def run(self, ctx: ActionContext) -> str:
         """Publish the rendered payload, retained."""
         o = self.options
-        values = fields(ctx)
+        values = templates.fields(ctx)
         payload = (
-            render(o.payload, values)
+            templates.render(o.payload, values)
             if isinstance(o.payload, str)
-            else json.dumps(render_tree(o.payload, values))
+            else json.dumps(templates.render_tree(o.payload, values))
         )
-        return await self.publisher.publish(render(o.topic, values), payload, retain=True)
+        return await self.publisher.publish(templates.render(o.topic, values), payload, retain=True)
 
 
 @dataclass(slots=True)
@@ -124,8 +117,10 @@ class AlertMqttAction(MqttAction[AlertMqttOptions]):
     async def run(self, ctx: ActionContext) -> str:
         """Publish the incident."""
         o = self.options
-        payload = json.dumps(incident_payload(ctx))
-        return await self.publisher.publish(render(o.topic, fields(ctx)), payload, retain=o.retain)
+        payload = json.dumps(templates.incident_payload(ctx))
+        return await self.publisher.publish(
+            templates.render(o.topic, templates.fields(ctx)), payload, retain=o.retain
+        )
 
 
 FLAG_MQTT = ActionType(options=FlagMqttOptions, build=FlagMqttAction)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pydantic import model_validator
 
 from rollbackd.actions import ActionContext, ActionType, OptionsAction
-from rollbackd.config import Duration, Frozen, RuleConfig
+from rollbackd.config import RuleConfig
 from rollbackd.errors import ActionError
+from rollbackd.options import Duration, Frozen
 from rollbackd.readings import Reading, ReadingStatus
 
 DEFAULT_LIMIT = 120.0

@@ -30,8 +30,8 @@ from rollbackd.actions.templates import (
     render,
     render_tree,
 )
-from rollbackd.config import CaFile, Duration, Frozen, SecretRef
 from rollbackd.errors import ActionError, SecretError
+from rollbackd.options import CaFile, Duration, Frozen, SecretRef
 
 log = structlog.get_logger(__name__)
 

@@ -20,8 +20,9 @@ from pydantic import Field, model_validator
 
 from rollbackd import broker
 from rollbackd.broker import BrokerOptions
-from rollbackd.config import Duration, RuleConfig
+from rollbackd.config import RuleConfig
 from rollbackd.errors import SecretError
+from rollbackd.options import Duration
 from rollbackd.readings import Reading, error, labels_of, no_data, ok, parse_number
 from rollbackd.sources import ArrivalListener, SourceType
 

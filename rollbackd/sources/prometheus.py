@@ -19,8 +19,9 @@ from prometheus_api_client.exceptions import PrometheusApiClientException
 from pydantic import Field, field_validator, model_validator
 from urllib3.util.retry import Retry
 
-from rollbackd.config import CaFile, Duration, Frozen, RuleConfig, SecretRef
+from rollbackd.config import RuleConfig
 from rollbackd.errors import SecretError
+from rollbackd.options import CaFile, Duration, Frozen, SecretRef
 from rollbackd.readings import Reading, error, labels_of, no_data, ok, parse_number
 from rollbackd.sources import ArrivalListener, SourceType
 

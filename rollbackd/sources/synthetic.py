@@ -15,7 +15,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rollbackd.config import Duration, Frozen, RuleConfig
+from rollbackd.config import RuleConfig
+from rollbackd.options import Duration, Frozen
 from rollbackd.readings import Reading, error, no_data, ok
 from rollbackd.sources import ArrivalListener, SourceType
 

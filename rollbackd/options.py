@@ -1,0 +1,158 @@
+"""Building blocks of option models, for config.py and every plugin.
+
+Frozen models, durations, secret references, CA files, URLs without credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from rollbackd.errors import SecretError
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: object) -> float:
+    """Seconds in a duration string such as ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h30m"``."""
+    if isinstance(text, bool) or not isinstance(text, str):
+        raise ValueError(f'a duration is a string such as "30s" or "5m", not {text!r}')  # noqa: TRY004 - pydantic reports ValueError
+    spec = text.strip()
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(spec):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if pos == 0 or pos != len(spec):
+        raise ValueError(
+            f'invalid duration {text!r}: use a number and a unit (ms, s, m, h, d), e.g. "30s"'
+        )
+    return total
+
+
+def _positive_duration(text: object) -> float:
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError(f"duration {text!r} must be greater than zero")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(_positive_duration)]
+"""Seconds, written in TOML as a string like ``"30s"``; must be > 0."""
+
+
+def _readable_ca_file(path: Path) -> Path:
+    # Checked when the config loads: a typo is a check-config error, not a failed connection
+    # or a failed step during an incident.
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:  # an OSError too: caught first
+        raise ValueError(f"{path} holds no PEM certificate ({exc.reason})") from exc
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+CaFile = Annotated[Path, AfterValidator(_readable_ca_file)]
+"""Path of a PEM CA bundle that exists, is readable and holds a certificate (checked on load)."""
+
+
+def _no_userinfo(url: str) -> str:
+    # A password in a URL lands wherever the URL is shown (logs, /status, records).
+    if "@" in urlsplit(url).netloc:
+        raise ValueError(
+            "credentials in a URL are refused (they would be shown wherever the URL is): "
+            'remove "user:password@" and give them as a secret reference, e.g. '
+            'basic_auth = { username = "u", password = { env = "VAR" } }'
+        )
+    return url
+
+
+NoUserinfo = AfterValidator(_no_userinfo)
+"""Validator for URL fields: ``user:password@host`` is a config error naming the key."""
+
+
+class Frozen(BaseModel):
+    """Base of the config models: immutable, unknown keys are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SecretRef(Frozen):
+    """Where a secret lives: an environment variable, a file, or a systemd credential.
+
+    The TOML holds only the reference (``{ env = "PROM_TOKEN" }``), never the secret.
+    """
+
+    env: str | None = None
+    file: Path | None = None
+    credential: str | None = Field(
+        default=None, description="name of a file in $CREDENTIALS_DIRECTORY (LoadCredential=)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_inline(cls, data: object) -> object:
+        if isinstance(data, str):
+            raise ValueError(  # noqa: TRY004 - pydantic turns ValueError into a key's error
+                'secrets are never written in the config: use { env = "VAR" }, '
+                '{ file = "/path" } or { credential = "name" }'
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        given = [k for k in ("env", "file", "credential") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of env, file, credential")
+        return self
+
+    def reveal(self) -> str:
+        """The secret's value (trailing newline stripped); SecretError if it cannot be read."""
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise SecretError(f"environment variable {self.env} is not set")
+            return value
+        path = self._path()
+        try:
+            return path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise SecretError(f"cannot read secret file {path}: {exc.strerror}") from exc
+
+    def _path(self) -> Path:
+        if self.file is not None:
+            return self.file
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if directory is None:
+            raise SecretError(
+                f"credential {self.credential!r} needs $CREDENTIALS_DIRECTORY "
+                "(set by systemd's LoadCredential=)"
+            )
+        return Path(directory) / str(self.credential)
+
+
+def secret_refs(
+    value: object, loc: tuple[str | int, ...]
+) -> Iterator[tuple[tuple[str | int, ...], SecretRef]]:
+    """Every SecretRef inside a validated options model, with its dotted location."""
+    if isinstance(value, SecretRef):
+        yield loc, value
+    elif isinstance(value, BaseModel):
+        for key in type(value).model_fields:
+            yield from secret_refs(getattr(value, key), (*loc, key))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from secret_refs(item, (*loc, str(key)))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from secret_refs(item, (*loc, i))
