@@ -162,6 +162,9 @@ class ActionConfig(PluginTable):
 
     timeout: Duration = 30.0
     retries: int = Field(default=2, ge=0, le=20)
+    """Attempts after the first that a lasting failure (bad request, 4xx) may use."""
+    give_up_after: Duration = 600.0
+    """How long transient failures (refused, timed out, 5xx, EMFILE) keep being retried."""
 
 
 class Config(Frozen):

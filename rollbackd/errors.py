@@ -22,7 +22,16 @@ class StateError(RollbackdError):
 
 
 class ActionError(RollbackdError):
-    """An action attempt failed; the plan runner records it and may retry."""
+    """An action attempt failed; the plan runner records it and may retry.
+
+    ``transient`` says whether the same attempt may well succeed later (a 503, a refused
+    connection): such failures are retried until ``give_up_after`` without using up
+    ``retries``. None lets the runner judge by the exception's cause.
+    """
+
+    def __init__(self, message: str, *, transient: bool | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class PluginError(RollbackdError):
@@ -57,3 +66,15 @@ class ApiError(RollbackdError):
     def __init__(self, status: int, message: str) -> None:
         self.status = status
         super().__init__(message)
+
+
+class UnknownIncidentError(RollbackdError):
+    """The incident named in a request does not exist."""
+
+    def __init__(self, incident: str) -> None:
+        self.incident = incident
+        super().__init__(f"no incident {incident!r}")
+
+
+class IncidentNotRetryableError(RollbackdError):
+    """A retry asked for an incident that is still running or has no failed step."""

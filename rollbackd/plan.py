@@ -6,6 +6,7 @@ Each finished plan leaves an incident record in ``state_dir/incidents/<id>.json`
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import random
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import structlog
 
 from rollbackd import incidents
@@ -29,8 +31,10 @@ from rollbackd.state import Store
 
 log = structlog.get_logger("rollbackd.plan")
 
-DEFAULT_TIMEOUT: float = ActionConfig.model_fields["timeout"].default
-DEFAULT_RETRIES: int = ActionConfig.model_fields["retries"].default
+DEFAULT = ActionConfig(type="")
+"""Limits of a step whose action is not configured (it fails at once anyway)."""
+MAX_INTERRUPTIONS = 5
+"""A step the daemon died in this many times is failed: no endless crash loop."""
 DETAIL_CHARS = 2000
 AttemptObserver = Callable[[str, str], None]
 """Told ``(action, result)`` for every attempt: result is ok, failed or would_run."""
@@ -99,19 +103,21 @@ class PlanRunner:
         await self._close(incident_id)
 
     async def _run_step(self, incident: Incident, step: StepRecord) -> None:
+        """Attempt until ok, or ``retries`` lasting failures, or ``give_up_after`` has passed.
+
+        A transient failure (refused, timed out, 5xx, out of file descriptors) does not use up
+        ``retries``: it is retried with backoff for as long as ``give_up_after`` allows.
+        """
         action = self.actions.get(step.action)
         if action is None:
-            self._finish(
-                incident, step, StepStatus.FAILED, f"action {step.action!r} is not configured"
-            )
+            detail = f"action {step.action!r} is not configured"
+            self._finish(incident, step, StepStatus.FAILED, detail)
             return
-        config = self.action_configs.get(step.action)
-        timeout = config.timeout if config else DEFAULT_TIMEOUT
-        allowed = (config.retries if config else DEFAULT_RETRIES) + 1
-        if step.attempts >= allowed:  # interrupted attempts count: no endless crash loop
-            self._finish(
-                incident, step, StepStatus.FAILED, f"gave up after {step.attempts} attempts"
-            )
+        config = self.action_configs.get(step.action, DEFAULT)
+        died = step.status is StepStatus.RUNNING  # the daemon died during an attempt
+        if died and self.store.step_interrupted(incident.id, step.step) >= MAX_INTERRUPTIONS:
+            detail = f"gave up: the daemon died during this step {MAX_INTERRUPTIONS} times"
+            self._finish(incident, step, StepStatus.FAILED, detail)
             return
         while True:
             attempt = self.store.step_started(incident.id, step.step, self.clock())
@@ -121,22 +127,32 @@ class PlanRunner:
                 attempt=attempt,
                 idempotency_key=idempotency_key(incident.id, step.step),
                 sources=self.sources,
+                state_dir=self.state_dir,
             )
-            ok, detail = await attempt_once(action, ctx, timeout)
+            ok, detail, transient = await attempt_once(action, ctx, config.timeout)
             self._count(step.action, "ok" if ok else "failed")
             if ok:
                 self._finish(incident, step, StepStatus.OK, detail, attempt=attempt)
                 return
-            if attempt >= allowed:
+            failures = self.store.step_failed(incident.id, step.step, lasting=not transient)
+            if failures > config.retries:
                 self._finish(incident, step, StepStatus.FAILED, detail, attempt=attempt)
                 return
+            first = self.store.incident(incident.id).steps[step.step].first_started_at
             delay = self._backoff(attempt)
+            if first is not None and self.clock() + delay - first > config.give_up_after:
+                detail = (
+                    f"gave up after {attempt} attempts over {config.give_up_after:g}s: {detail}"
+                )
+                self._finish(incident, step, StepStatus.FAILED, detail, attempt=attempt)
+                return
             log.warning(
                 "action_retry",
                 action=step.action,
                 incident=incident.id,
                 step=step.step,
                 attempt=attempt,
+                transient=transient,
                 error=detail,
                 retry_in=round(delay, 3),
             )
@@ -278,20 +294,50 @@ class PlanTasks:
             log.error("plan_aborted", incident=incident_id, error=str(exc), resume="at next start")
 
 
-async def attempt_once(action: Action, ctx: ActionContext, seconds: float) -> tuple[bool, str]:
-    """Run one attempt, cancelled after ``seconds``; return (succeeded, detail or reason)."""
+async def attempt_once(
+    action: Action, ctx: ActionContext, seconds: float
+) -> tuple[bool, str, bool]:
+    """Run one attempt, cancelled after ``seconds``; (succeeded, detail or reason, transient)."""
     ctx = replace(ctx, deadline=asyncio.get_running_loop().time() + seconds)
     try:
         async with asyncio.timeout(seconds):
             detail = await action.run(ctx)
     except ActionError as exc:
-        return False, str(exc)
+        return False, str(exc), transient(exc)
     except TimeoutError:
-        return False, f"timed out after {seconds:g}s"
+        return False, f"timed out after {seconds:g}s", True
     except Exception as exc:  # a plugin's bug fails its step, not the whole plan
         log.error("action_crashed", action=action.name, exc_info=True)
-        return False, f"{type(exc).__name__}: {exc}"
-    return True, str(detail)
+        return False, f"{type(exc).__name__}: {exc}", transient(exc)
+    return True, str(detail), False
+
+
+_TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN, errno.EINTR,
+        errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
+        errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EPIPE,
+    }
+)  # fmt: skip
+
+
+def transient(exc: BaseException) -> bool:
+    """Tell whether the same attempt may well succeed later (timeout, refused, 5xx, EMFILE).
+
+    An ActionError says so itself when it knows (``transient=``); otherwise its cause decides.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ActionError) and current.transient is not None:
+            return current.transient
+        if isinstance(current, TimeoutError | ConnectionError | aiohttp.ClientConnectionError):
+            return True
+        if isinstance(current, OSError) and current.errno in _TRANSIENT_ERRNOS:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
@@ -318,7 +364,7 @@ async def fire_action(
     try:
         for source in sources.values():
             await source.start()
-        ok, detail = await attempt_once(action, ctx, config.actions[name].timeout)
+        ok, detail, _ = await attempt_once(action, ctx, config.actions[name].timeout)
     finally:
         await action.aclose()
         for source in sources.values():

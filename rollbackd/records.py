@@ -40,6 +40,12 @@ class StepRecord:
     started_at: float | None
     finished_at: float | None
     detail: str
+    failures: int = 0
+    """Attempts that failed for a lasting cause (these use up ``retries``)."""
+    interruptions: int = 0
+    """Attempts cut short by the daemon dying (they use up nothing, up to a bound)."""
+    first_started_at: float | None = None
+    """When the first attempt started (``give_up_after`` counts from here)."""
 
 
 @dataclass(frozen=True, slots=True)

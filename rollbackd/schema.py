@@ -43,6 +43,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             detail TEXT NOT NULL DEFAULT '',
             PRIMARY KEY (incident_id, step)) WITHOUT ROWID""",
     ),
+    # 2: retries bounded by time for transient failures, and interrupted attempts counted apart
+    # from failed ones (a daemon killed mid-step must not use up the step's retries).
+    (
+        "ALTER TABLE steps ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE steps ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE steps ADD COLUMN first_started_at REAL",
+    ),
 )
 """``MIGRATIONS[i]`` takes the schema from version ``i`` to ``i + 1``; append, never edit."""
 
@@ -86,10 +93,12 @@ def state_from_row(row: tuple[Any, ...]) -> MonitorState:
 
 def step_from_row(*row: Any) -> StepRecord:
     """A ``steps`` row (in column order) as a StepRecord."""
-    incident_id, step, action, status, attempts, started_at, finished_at, detail = row
+    (incident_id, step, action, status, attempts, started_at, finished_at, detail, failures,
+     interruptions, first_started_at) = row  # fmt: skip
     return StepRecord(
-        incident_id, step, action, StepStatus(status), attempts, started_at, finished_at, detail
-    )
+        incident_id, step, action, StepStatus(status), attempts, started_at, finished_at, detail,
+        failures, interruptions, first_started_at,
+    )  # fmt: skip
 
 
 def connect(path: Path) -> sqlite3.Connection:

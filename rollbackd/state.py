@@ -238,12 +238,58 @@ class Store:
         with self._tx("starting a step", write=True) as conn:
             row = conn.execute(
                 "UPDATE steps SET status = 'running', attempts = attempts + 1, started_at = ?, "
-                "finished_at = NULL WHERE incident_id = ? AND step = ? RETURNING attempts",
-                (now, incident_id, step),
+                "first_started_at = COALESCE(first_started_at, ?), finished_at = NULL "
+                "WHERE incident_id = ? AND step = ? RETURNING attempts",
+                (now, now, incident_id, step),
             ).fetchone()
         if row is None:
             raise StateError(f"incident {incident_id!r} has no step {step}")
         return int(row[0])
+
+    def step_failed(self, incident_id: str, step: int, *, lasting: bool) -> int:
+        """Count a failed attempt (``lasting``: one that uses up retries); the lasting count."""
+        with self._tx("counting a failed attempt", write=True) as conn:
+            row = conn.execute(
+                "UPDATE steps SET failures = failures + ? WHERE incident_id = ? AND step = ? "
+                "RETURNING failures",
+                (int(lasting), incident_id, step),
+            ).fetchone()
+        if row is None:
+            raise StateError(f"incident {incident_id!r} has no step {step}")
+        return int(row[0])
+
+    def step_interrupted(self, incident_id: str, step: int) -> int:
+        """A step found running at resume: count the interruption, make it pending; the count."""
+        with self._tx("counting an interrupted attempt", write=True) as conn:
+            row = conn.execute(
+                "UPDATE steps SET interruptions = interruptions + 1, status = 'pending' "
+                "WHERE incident_id = ? AND step = ? AND status = 'running' "
+                "RETURNING interruptions",
+                (incident_id, step),
+            ).fetchone()
+        if row is None:
+            raise StateError(f"incident {incident_id!r} has no running step {step}")
+        return int(row[0])
+
+    def reopen_failed_steps(self, incident_id: str) -> list[int]:
+        """``rollbackd retry``: a finished incident's failed steps become pending; their numbers.
+
+        The incident becomes unfinished, so its plan runs (only those steps) again, also after
+        a crash; each step's counters start afresh.
+        """
+        with self._tx("reopening failed steps", write=True) as conn:
+            steps = [
+                int(r[0])
+                for r in conn.execute(
+                    "UPDATE steps SET status = 'pending', failures = 0, interruptions = 0, "
+                    "first_started_at = NULL WHERE incident_id = ? AND status = 'failed' "
+                    "RETURNING step",
+                    (incident_id,),
+                )
+            ]
+            if steps:
+                conn.execute("UPDATE incidents SET finished_at = NULL WHERE id = ?", (incident_id,))
+        return sorted(steps)
 
     def step_finished(
         self, incident_id: str, step: int, status: str, detail: str, now: float
@@ -315,8 +361,8 @@ _INCIDENT = (
 )
 _NEWEST = "ORDER BY opened_at DESC, rowid DESC LIMIT ?"
 _STEPS = (
-    "SELECT incident_id, step, action, status, attempts, started_at, finished_at, detail "
-    "FROM steps WHERE incident_id = ? ORDER BY step"
+    "SELECT incident_id, step, action, status, attempts, started_at, finished_at, detail, "
+    "failures, interruptions, first_started_at FROM steps WHERE incident_id = ? ORDER BY step"
 )
 
 

@@ -138,7 +138,7 @@ async def test_exec_timeout_kills_the_process_and_its_children(tmp_path: Path) -
         "time.sleep(60)\n"
     )
     action = exec_action([PY, "-c", script])
-    ok, detail = await attempt_once(action, context(), 1.0)  # type: ignore[arg-type]
+    ok, detail, _ = await attempt_once(action, context(), 1.0)  # type: ignore[arg-type]
     assert (ok, detail) == (False, "timed out after 1s")
     parent, child = (int(p) for p in pids.read_text().split())
     assert _gone(parent)

@@ -277,10 +277,10 @@ async def test_hanging_endpoint_times_out(hooks: HookServer) -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
-        ok, detail = await attempt_once(action, context(), 0.3)
+        ok, detail, transient = await attempt_once(action, context(), 0.3)
     finally:
         await action.aclose()
-    assert (ok, detail) == (False, "timed out after 0.3s")
+    assert (ok, detail, transient) == (False, "timed out after 0.3s", True)
     assert 0.3 <= loop.time() - started < 2.0
     assert len(hooks.at("/slow")) == 1
 

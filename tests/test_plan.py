@@ -21,7 +21,7 @@ from rollbackd.config import ActionConfig, RuleConfig
 from rollbackd.engine import Check, MonitorState, Outcome, RuleResult, Verdict
 from rollbackd.errors import ActionError
 from rollbackd.options import Frozen
-from rollbackd.plan import PlanRunner, fire_action
+from rollbackd.plan import MAX_INTERRUPTIONS, PlanRunner, fire_action
 from rollbackd.readings import Reading, ok
 from rollbackd.records import IncidentDraft
 from rollbackd.state import Store
@@ -150,6 +150,10 @@ async def close_actions() -> AsyncIterator[None]:
         await BUILT.pop().aclose()
 
 
+COMMON = ("type", "timeout", "retries", "give_up_after")
+"""Keys of [actions.NAME] that every action has (the rest are the type's options)."""
+
+
 def build(
     store: Store,
     tables: dict[str, dict[str, Any]],
@@ -162,7 +166,7 @@ def build(
     actions: dict[str, Any] = {}
     configs = {}
     for name, table in tables.items():
-        common = {k: table[k] for k in ("type", "timeout", "retries") if k in table}
+        common = {k: table[k] for k in COMMON if k in table}
         options = {k: v for k, v in table.items() if k not in common}
         kind = REGISTRIES.actions.get(table["type"])
         actions[name] = kind.build(name, kind.options.model_validate(options))
@@ -272,7 +276,7 @@ async def test_failing_step_is_recorded_and_later_steps_still_run(
     store: Store, hooks: HookServer, work: Path, tmp_path: Path
 ) -> None:
     """A step failing all its attempts is logged as action_failed; the next steps still run."""
-    hooks.fail["/hook"] = [503, 503]
+    hooks.fail["/hook"] = [400, 400]  # a lasting failure: it uses up retries
     tables = {
         "notify": {"type": "alert.webhook", "url": hooks.url("/hook"), "retries": 1},
         "route": {
@@ -288,7 +292,7 @@ async def test_failing_step_is_recorded_and_later_steps_still_run(
         await runner.run(incident_id)
     notify, route = store.incident(incident_id).steps
     assert (notify.status, notify.attempts) == ("failed", 2)
-    assert "HTTP 503" in notify.detail
+    assert "HTTP 400" in notify.detail
     assert route.status == "ok"
     [failed] = [e for e in logs if e["event"] == "action_failed"]
     assert (failed["action"], failed["log_level"], failed["attempts"]) == ("notify", "error", 2)
@@ -306,6 +310,7 @@ async def test_hanging_step_times_out_and_plan_goes_on(
             "url": hooks.url("/slow"),
             "timeout": "300ms",
             "retries": 0,
+            "give_up_after": "1s",
         },
         "fast": {"type": "alert.webhook", "url": hooks.url("/fast")},
     }
@@ -315,7 +320,9 @@ async def test_hanging_step_times_out_and_plan_goes_on(
     await runner.run(incident_id)
     assert time.monotonic() - started < 3.0
     slow, fast = store.incident(incident_id).steps
-    assert (slow.status, slow.detail) == ("failed", "timed out after 0.3s")
+    assert slow.status == "failed"
+    assert slow.detail.endswith("over 1s: timed out after 0.3s"), slow.detail
+    assert slow.attempts >= 2, "a timeout is transient: retried until give_up_after"
     assert fast.status == "ok"
 
 
@@ -387,15 +394,50 @@ async def test_resume_skips_done_steps_and_repeats_the_interrupted_one(
 
 
 async def test_crash_looping_step_gives_up(store: Store, hooks: HookServer, tmp_path: Path) -> None:
-    """A step interrupted on every attempt is failed, not retried forever across restarts."""
+    """A step the daemon died in MAX_INTERRUPTIONS times is failed, not retried forever."""
     tables = {"a": {"type": "alert.webhook", "url": hooks.url("/a"), "retries": 1}}
     incident_id = open_incident(store, ["a"])
-    store.step_started(incident_id, 0, 1.0)
-    store.step_started(incident_id, 0, 2.0)
+    for at in range(1, MAX_INTERRUPTIONS):  # each restart found it running and resumed it
+        store.step_started(incident_id, 0, float(at))
+        store.step_interrupted(incident_id, 0)
+    store.step_started(incident_id, 0, float(MAX_INTERRUPTIONS))
     await build(store, tables, tmp_path / "state").run(incident_id)
     [step] = store.incident(incident_id).steps
-    assert (step.status, step.detail) == ("failed", "gave up after 2 attempts")
+    assert step.status == "failed"
+    assert step.detail == f"gave up: the daemon died during this step {MAX_INTERRUPTIONS} times"
     assert hooks.requests == []
+
+
+async def test_interrupted_attempt_does_not_use_up_retries(
+    store: Store, hooks: HookServer, tmp_path: Path
+) -> None:
+    """A step cut short by a crash with retries = 0 runs again at resume instead of giving up."""
+    tables = {"a": {"type": "alert.webhook", "url": hooks.url("/a"), "retries": 0}}
+    incident_id = open_incident(store, ["a"])
+    store.step_started(incident_id, 0, 1.0)  # the daemon died during this attempt
+    await build(store, tables, tmp_path / "state").run(incident_id)
+    [step] = store.incident(incident_id).steps
+    assert (step.status, step.attempts, step.interruptions) == ("ok", 2, 1)
+    assert len(hooks.requests) == 1
+
+
+async def test_transient_failures_retry_past_retries_until_give_up_after(
+    store: Store, hooks: HookServer, tmp_path: Path
+) -> None:
+    """Refused connections keep being retried beyond ``retries`` and succeed once it comes back."""
+    hooks.fail["/a"] = [503, 503, 503, 503]
+    tables = {
+        "a": {"type": "alert.webhook", "url": hooks.url("/a"), "retries": 0},
+        "b": {"type": "alert.webhook", "url": "http://127.0.0.1:9/", "retries": 0,
+              "give_up_after": "500ms"},
+    }  # fmt: skip
+    incident_id = open_incident(store, ["a", "b"])
+    await build(store, tables, tmp_path / "state").run(incident_id)
+    a, b = store.incident(incident_id).steps
+    assert (a.status, a.attempts, a.failures) == ("ok", 5, 0), a
+    assert b.status == "failed"
+    assert b.attempts >= 2
+    assert "over 0.5s" in b.detail
 
 
 async def test_wait_reports_timeout_with_in_flight_count_as_success(
@@ -538,7 +580,7 @@ class Drained:
 
 actions, configs = {}, {}
 for name, table in json.loads(tables_json).items():
-    common = {k: table.pop(k) for k in ("type", "timeout", "retries") if k in table}
+    common = {k: table.pop(k) for k in COMMON_KEYS if k in table}
     kind_ = action_types().get(common["type"])
     actions[name] = Counted(kind_.build(name, kind_.options.model_validate(table)))
     configs[name] = ActionConfig.model_validate(common)
@@ -563,7 +605,7 @@ asyncio.run(main())
 async def _child(tmp_path: Path, tables: dict[str, Any], kill: str) -> int:
     """Run the plan in a fresh interpreter that SIGKILLs itself at ``kill``; its return code."""
     script = tmp_path / "child.py"
-    script.write_text(CHILD)
+    script.write_text(CHILD.replace("COMMON_KEYS", repr(COMMON)))
     with (tmp_path / f"child-{kill}.log").open("wb") as out:
         process = await asyncio.create_subprocess_exec(
             sys.executable,

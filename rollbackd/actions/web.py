@@ -139,7 +139,10 @@ class HttpClient:
             raise ActionError(f"{where}: timed out") from exc
         if not 200 <= status < 300:
             excerpt = " ".join(raw.decode("utf-8", "replace").split())[:EXCERPT_CHARS]
-            raise ActionError(f"{where}: HTTP {status}: {excerpt or '(empty body)'}")
+            raise ActionError(
+                f"{where}: HTTP {status}: {excerpt or '(empty body)'}",
+                transient=status >= 500 or status == 429,  # the server may recover
+            )
         return f"{where}: HTTP {status}"
 
     async def aclose(self) -> None:
