@@ -22,18 +22,19 @@ from rollbackd.actions import Action, ReadsSources
 from rollbackd.api import ApiServer, ensure_control_token
 from rollbackd.assemble import Assembly, Registries, load
 from rollbackd.config import Config
-from rollbackd.engine import Check, Event, MonitorState, Phase, Transition
+from rollbackd.engine import Check, Event, MonitorState, Transition
 from rollbackd.errors import (
     ConfigError,
-    MonitorNotLatchedError,
+    IncidentNotRetryableError,
     RollbackdError,
     StateError,
+    UnknownIncidentError,
     UnknownMonitorError,
 )
 from rollbackd.metrics import Metrics
 from rollbackd.monitor import MonitorRunner
 from rollbackd.plan import PlanRunner, PlanTasks
-from rollbackd.records import IncidentRecord
+from rollbackd.records import IncidentDraft, IncidentRecord
 from rollbackd.schedule import Schedule
 from rollbackd.sources import Source
 from rollbackd.state import GROUP_COMMIT_SECONDS, Store
@@ -268,21 +269,36 @@ class Daemon:
         runner = self.monitors.get(monitor)
         if runner is None:
             raise UnknownMonitorError(monitor)
-        if runner.state.phase is not Phase.ROLLED_BACK:
-            raise MonitorNotLatchedError(monitor, str(runner.state.phase))
-        previous = runner.state.incident_id
-        state = await runner.rearm()
-        self.metrics.monitor_state(monitor, state)
-        draft = incidents.for_rearm(
-            monitor,
-            incidents.resolvers(runner.config, self.assembly.resolves),
-            self.store.incident(previous) if previous else None,
-            mode=self.config.daemon.mode,
-            now=self.clock(),
-        )
-        if draft is not None:
-            self.plans.start(self.store.open_incident(draft))
-        return {"monitor": monitor, "state": str(state.phase), "resolved_incident": previous}
+
+        def announce(previous: str | None) -> IncidentDraft | None:
+            return incidents.for_rearm(
+                monitor,
+                incidents.resolvers(runner.config, self.assembly.resolves),
+                self.store.incident(previous) if previous else None,
+                mode=self.config.daemon.mode,
+                now=self.clock(),
+            )
+
+        previous, opened = await runner.rearm(announce)
+        self.metrics.monitor_state(monitor, runner.state)
+        if opened is not None:
+            self.plans.start(opened)
+        return {"monitor": monitor, "state": str(runner.state.phase), "resolved_incident": previous}
+
+    async def retry(self, incident: str) -> dict[str, Any]:
+        """Re-run the failed steps of a finished plan (``rollbackd retry``)."""
+        try:
+            record = self.store.incident(incident)
+        except StateError as exc:
+            raise UnknownIncidentError(incident) from exc
+        if record.finished_at is None:
+            raise IncidentNotRetryableError(f"incident {incident} is still running its plan")
+        steps = self.store.reopen_failed_steps(incident)
+        if not steps:
+            raise IncidentNotRetryableError(f"incident {incident} has no failed step to retry")
+        log.warning("plan_retried", incident=incident, steps=steps)
+        self.plans.start(incident)
+        return {"incident": incident, "steps": steps}
 
     async def _start_surface(self, stack: contextlib.AsyncExitStack) -> None:
         address = self.config.daemon.listen_address()

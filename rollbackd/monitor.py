@@ -18,8 +18,10 @@ from rollbackd import engine, incidents
 from rollbackd.codec import result_to_json
 from rollbackd.config import MonitorConfig, RuleConfig
 from rollbackd.engine import Check, Event, MonitorState, Outcome, Phase, Policy, Transition
+from rollbackd.errors import MonitorNotLatchedError
 from rollbackd.readings import Reading, ReadingStatus
 from rollbackd.readings import error as error_reading
+from rollbackd.records import IncidentDraft
 from rollbackd.sources import Source
 from rollbackd.state import Store
 
@@ -101,13 +103,25 @@ class MonitorRunner:
         async with self._lock:
             return
 
-    async def rearm(self) -> MonitorState:
-        """Clear the latch and the counters (the operator's explicit choice), between checks."""
+    async def rearm(
+        self, announce: Callable[[str | None], IncidentDraft | None]
+    ) -> tuple[str | None, str | None]:
+        """Clear the latch and the counters (the operator's explicit choice), between checks.
+
+        One operation per latch: of concurrent re-arms one wins, the others find the monitor
+        no longer rolled back (MonitorNotLatchedError). ``announce(previous_incident)`` gives
+        the re-arm incident, committed with the fresh state in one transaction. Returns
+        ``(previous incident, re-arm incident)``.
+        """
         async with self._lock:
-            self.state = engine.rearm(self.state)
-            self.store.save_state(self.name, self.state)
-        log.info("monitor_rearmed", monitor=self.name)
-        return self.state
+            if self.state.phase is not Phase.ROLLED_BACK:
+                raise MonitorNotLatchedError(self.name, str(self.state.phase))
+            previous = self.state.incident_id
+            fresh = engine.rearm(self.state)
+            opened = self.store.save_state(self.name, fresh, announce(previous))
+            self.state = fresh
+        log.info("monitor_rearmed", monitor=self.name, resolved=previous, incident=opened)
+        return previous, opened
 
     def status(self) -> dict[str, Any]:
         """Return the monitor's part of ``/status``."""

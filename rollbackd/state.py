@@ -219,12 +219,18 @@ class Store:
             for at, outcome, results in reversed(rows)
         ]
 
-    def save_state(self, monitor: str, state: MonitorState) -> None:
-        """Replace the saved state of ``monitor`` (e.g. after a re-arm)."""
+    def save_state(
+        self, monitor: str, state: MonitorState, incident: IncidentDraft | None = None
+    ) -> str | None:
+        """Replace the saved state of ``monitor`` (a re-arm), opening ``incident`` with it."""
         with self._lock:
+            incident_id = None
             with self._tx("saving monitor state", write=True) as conn:
+                if incident is not None:
+                    incident_id = _insert_incident(conn, incident)
                 conn.execute(SAVE_STATE, state_row(monitor, state))
             self._saved[monitor] = state
+        return incident_id
 
     # --- incidents and plan progress ------------------------------------------------------
 

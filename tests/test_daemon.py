@@ -21,7 +21,13 @@ from rollbackd.config import RuleConfig
 from rollbackd.daemon import Daemon
 from rollbackd.demo import prepare
 from rollbackd.engine import Phase
-from rollbackd.errors import RollbackdError, StateError
+from rollbackd.errors import (
+    IncidentNotRetryableError,
+    MonitorNotLatchedError,
+    RollbackdError,
+    StateError,
+    UnknownIncidentError,
+)
 from rollbackd.options import Frozen
 from rollbackd.readings import Reading
 from rollbackd.sources import ArrivalListener, SourceType
@@ -661,3 +667,57 @@ async def test_reload_during_a_wait_step_keeps_its_source_open(tmp_path: Path) -
         assert incident.steps[0].detail.startswith("drained"), incident.steps[0].detail
 
     await running(load(path), body_with_path(body, path))
+
+
+async def test_concurrent_rearms_are_one_operation(tmp_path: Path) -> None:
+    """Six re-arms at once: one clears the latch and opens one re-arm incident; five are refused."""
+    prepare(tmp_path)
+    SCRIPT.value = 5.0
+
+    async def body(daemon: Daemon) -> None:
+        await wait_until(lambda: plan_done(daemon))
+        SCRIPT.value = 0.1
+        results = await asyncio.gather(
+            *(daemon.rearm("payments") for _ in range(6)), return_exceptions=True
+        )
+        won = [r for r in results if isinstance(r, dict)]
+        refused = [r for r in results if isinstance(r, MonitorNotLatchedError)]
+        assert (len(won), len(refused)) == (1, 5), results
+        await wait_until(lambda: all(i.finished_at for i in daemon.store.incidents()))
+        rearms = [i for i in daemon.store.incidents() if i.event == "rearm"]
+        assert len(rearms) == 1
+        assert rearms[0].details["resolves"] == won[0]["resolved_incident"]
+
+    await running(from_dict(config_dict(tmp_path)), body)
+
+
+async def test_retry_reruns_only_the_failed_steps_of_a_finished_plan(tmp_path: Path) -> None:
+    """``retry`` re-runs a finished plan's failed step once its cause is fixed; ok steps stay."""
+    prepare(tmp_path)
+    raw = config_dict(tmp_path, on_alert=[], on_rollback=["route-legacy", "stop-traffic"])
+    missing = tmp_path / "not-yet"
+    raw["actions"]["stop-traffic"]["path"] = str(missing / "flags.json")
+    raw["actions"]["stop-traffic"]["retries"] = 0
+    (tmp_path / "traffic.env").write_text("BOOP_TRAFFIC_PERCENT=5\n")
+    SCRIPT.value = 5.0
+
+    async def body(daemon: Daemon) -> None:
+        await wait_until(lambda: plan_done(daemon))
+        (incident,) = [i for i in daemon.store.incidents() if i.event == "rollback"]
+        assert [s.status for s in incident.steps] == ["ok", "failed"]
+        (alert,) = [i for i in daemon.store.incidents() if i.event == "alert"]  # no steps
+        with pytest.raises(IncidentNotRetryableError, match="no failed step"):
+            await daemon.retry(alert.id)
+        with pytest.raises(UnknownIncidentError):
+            await daemon.retry("no-such-incident")
+        (tmp_path / "traffic.env").write_text("BOOP_TRAFFIC_PERCENT=7\n")  # not touched again
+        missing.mkdir()
+        (missing / "flags.json").write_text((tmp_path / "flags.json").read_text())
+        assert (await daemon.retry(incident.id))["steps"] == [1]
+        await wait_until(lambda: daemon.store.incident(incident.id).finished_at is not None)
+        steps = daemon.store.incident(incident.id).steps
+        assert [s.status for s in steps] == ["ok", "ok"]
+        assert "BOOP_TRAFFIC_PERCENT=7" in (tmp_path / "traffic.env").read_text()
+        assert '"defaultVariant": "off"' in (missing / "flags.json").read_text()
+
+    await running(from_dict(raw), body)
