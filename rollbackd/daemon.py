@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from rollbackd import __version__, incidents, logs, notify, status
 from rollbackd.actions import Action, ReadsSources
 from rollbackd.api import ApiServer, ensure_control_token
 from rollbackd.assemble import Assembly, Registries, load
-from rollbackd.config import Config
+from rollbackd.config import Config, RuleConfig
 from rollbackd.engine import Check, Event, MonitorState, Transition
 from rollbackd.errors import (
     ConfigError,
@@ -42,6 +43,8 @@ from rollbackd.statedir import StateDirLock
 
 log = structlog.get_logger("rollbackd.daemon")
 
+UNHEALTHY_AFTER = 2
+"""Checks in a row of one monitor that crashed or could not be committed before /health says so."""
 STOP_GRACE_SECONDS = 20.0
 """How long a stop waits for an in-flight plan step before leaving it to resume at restart."""
 
@@ -84,7 +87,13 @@ class Daemon:
         self._stop = asyncio.Event()
         self.plans = PlanTasks(self._runner)
         self._reloading = asyncio.Lock()
-        self._closers: set[asyncio.Task[None]] = set()
+        self._reload_waiting = False
+        self._store_trouble = ""
+        """Why the last group commit failed; empty once one succeeds."""
+        self._closers: set[asyncio.Task[Any]] = set()
+        """Background work stop waits for: parts closing after their plans, reloads."""
+        self._watches: dict[str, frozenset[tuple[str, RuleConfig]]] = {}
+        """Per running source, the (watcher, read) pairs it was started with."""
 
     @property
     def config(self) -> Config:
@@ -153,15 +162,50 @@ class Daemon:
 
     # --- parts that a reload replaces -------------------------------------------------
 
-    async def _start_parts(self, assembly: Assembly) -> None:
+    async def _start_parts(
+        self,
+        assembly: Assembly,
+        running: Mapping[str, Source] | None = None,
+        next_runs: Mapping[str, dt.datetime] | None = None,
+    ) -> None:
+        """Build and start sources, actions, monitors and their schedule; all or nothing.
+
+        A source in ``running`` (a reload) is kept when its table and what reads it are
+        unchanged, so it keeps its connection and latest values; ``next_runs`` keeps each
+        monitor's place in its schedule.
+        """
         config = assembly.config
-        self.sources = assembly.build_sources()
-        self.actions = assembly.build_actions()
-        for name, monitor in config.monitors.items():
-            runner = MonitorRunner(
+        actions = assembly.build_actions()
+        watches = _watches(config, actions)
+        reuse = {
+            name: source
+            for name, source in (running or {}).items()
+            if name in config.sources
+            and config.sources[name] == self.config.sources.get(name)
+            and watches.get(name) == self._watches.get(name)
+        }
+        sources: dict[str, Source] = dict(reuse)
+        try:
+            for name, part in assembly.sources.items():
+                if name in reuse:
+                    continue
+                source = sources[name] = part.kind.build(name, part.options)
+                for watcher, read in watches.get(name, ()):
+                    source.watch(watcher, read)
+                source.add_listener(self._on_arrival)
+                await source.start()
+        except BaseException:
+            for name, source in sources.items():
+                if name not in reuse:
+                    await source.aclose()
+            for action in actions.values():
+                await action.aclose()
+            raise
+        monitors = {
+            name: MonitorRunner(
                 name=name,
                 config=monitor,
-                sources=self.sources,
+                sources=sources,
                 store=self.store,
                 history=config.daemon.history,
                 mode=config.daemon.mode,
@@ -169,20 +213,14 @@ class Daemon:
                 clock=self.clock,
                 observer=self._observe(name),
             )
-            self.monitors[name] = runner
-            self.metrics.track(name, monitor, runner.state)
-            for rule in monitor.rules:
-                if rule.source in self.sources:
-                    self.sources[rule.source].watch(name, rule)
-        for name, action in self.actions.items():
-            for read in action.watches() if isinstance(action, ReadsSources) else ():
-                if read.source in self.sources:
-                    self.sources[read.source].watch(f"action:{name}", read)
-        for source in self.sources.values():
-            source.add_listener(self._on_arrival)
-            await source.start()
-        self._schedule = Schedule(self.monitors)
-        self._schedule.start()
+            for name, monitor in config.monitors.items()
+        }
+        for name, runner in monitors.items():
+            self.metrics.track(name, runner.config, runner.state)
+        self.sources, self.actions, self.monitors = sources, actions, monitors
+        self._watches = watches
+        self._schedule = Schedule(monitors)
+        self._schedule.start(next_runs or {})
 
     async def _stop_checks(self) -> None:
         """Stop scheduling checks; a check in flight finishes and commits."""
@@ -192,23 +230,24 @@ class Daemon:
 
     async def _stop_parts(self) -> None:
         await self._stop_checks()
-        sources, actions = self.sources, self.actions
+        self._retire(self.sources.values(), self.actions.values())
         self.monitors, self.sources, self.actions = {}, {}, {}
-        # Running plans keep the parts they started with (a wait step reads its source), so
-        # those close once the plans have finished: in the background after a reload.
-        closer = asyncio.get_running_loop().create_task(self._close_after_plans(sources, actions))
-        self._closers.add(closer)
-        closer.add_done_callback(self._closers.discard)
         if self._stop.is_set():
             await asyncio.wait(set(self._closers))
 
-    async def _close_after_plans(
-        self, sources: Mapping[str, Source], actions: Mapping[str, Action]
-    ) -> None:
+    def _retire(self, sources: Iterable[Source], actions: Iterable[Action]) -> None:
+        """Close parts once the plans running now have finished (they may still use them)."""
+        closer = asyncio.get_running_loop().create_task(
+            self._close_after_plans(list(sources), list(actions))
+        )
+        self._closers.add(closer)
+        closer.add_done_callback(self._closers.discard)
+
+    async def _close_after_plans(self, sources: list[Source], actions: list[Action]) -> None:
         await self.plans.wait()
-        for source in sources.values():
+        for source in sources:
             await source.aclose()
-        for action in actions.values():
+        for action in actions:
             await action.aclose()
 
     # --- checks -------------------------------------------------------------------------
@@ -255,9 +294,22 @@ class Daemon:
     # --- operator surface ---------------------------------------------------------------
 
     def health(self) -> tuple[bool, str]:
-        """Unhealthy when some monitor's scheduled check is long overdue (stuck scheduler)."""
+        """Unhealthy when checks are not being judged and committed.
+
+        A monitor's check long overdue (stuck scheduler), the store failing to write, or a
+        monitor whose last checks crashed or could not be committed.
+        """
         overdue = self._schedule.overdue() if self._schedule is not None else None
-        return (False, overdue) if overdue else (True, "ok")
+        if overdue:
+            return False, overdue
+        if self._store_trouble:
+            return False, f"state store cannot write: {self._store_trouble}"
+        for name, runner in self.monitors.items():
+            if runner.failed_runs >= UNHEALTHY_AFTER:
+                return False, (
+                    f"monitor {name}: {runner.failed_runs} checks in a row failed: {runner.trouble}"
+                )
+        return True, "ok"
 
     def status(self) -> dict[str, Any]:
         """The ``/status`` document."""
@@ -315,7 +367,16 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
+
+    def _sighup(self) -> None:
+        """Reload once for a burst of SIGHUPs: one waiting reload reads the newest file."""
+        if self._reload_waiting:
+            return
+        self._reload_waiting = True
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
 
     async def reload(self) -> bool:
         """SIGHUP: re-read the config; a bad one is rejected and the old one keeps running."""
@@ -323,6 +384,9 @@ class Daemon:
             log.warning("reload_ignored", reason="no config file (embedded config)")
             return False
         async with self._reloading:
+            self._reload_waiting = False
+            if self._stop.is_set():
+                return False
             notify.reloading()
             try:
                 new = load(self.config_path, registries=self.registries)
@@ -332,22 +396,39 @@ class Daemon:
                 notify.ready()
                 return False
             new = _keep_state_dir(new, self.config.daemon.state_dir)
-            old = self.assembly
-            await self._stop_parts()
+            old_sources, old_actions = self.sources, self.actions
+            next_runs = self._schedule.next_runs() if self._schedule is not None else {}
+            await self._stop_checks()
             try:
-                self.assembly = new
-                await self._start_parts(new)
+                await self._start_parts(new, old_sources, next_runs)
             except RollbackdError as exc:  # e.g. a plugin that cannot be built: keep the old
-                log.error("reload_failed", error=str(exc), kept=old.config.sha256)
-                await self._stop_parts()
-                self.assembly = old
-                await self._start_parts(old)
+                log.error("reload_failed", error=str(exc), kept=self.config.sha256)
+                self._schedule = Schedule(self.monitors)
+                self._schedule.start(next_runs)
                 notify.ready(f"reload failed; watching {len(self.monitors)} monitors")
                 return False
+            self.assembly = new
+            kept = {id(s) for s in self.sources.values()}
+            self._retire(
+                [s for s in old_sources.values() if id(s) not in kept], old_actions.values()
+            )
+            log.info(
+                "sources_kept",
+                sources=sorted(
+                    n
+                    for n in self.sources
+                    if n in old_sources and self.sources[n] is old_sources[n]
+                ),
+            )
             self.metrics.retain(self.monitors)
             daemon = new.config.daemon
             self.metrics.info(__version__, daemon.mode, daemon.environment)
-            log.info("config_reloaded", sha256=new.config.sha256, monitors=len(self.monitors))
+            log.info(
+                "config_reloaded",
+                sha256=new.config.sha256,
+                monitors=len(self.monitors),
+                sources_kept=kept,
+            )
             notify.ready(f"watching {len(self.monitors)} monitors, mode {daemon.mode}")
             return True
 
@@ -358,7 +439,13 @@ class Daemon:
             try:
                 self.store.flush()
             except StateError as exc:
-                log.error("state_flush_failed", error=str(exc))
+                if not self._store_trouble:
+                    log.error("state_flush_failed", error=str(exc))
+                self._store_trouble = str(exc)
+            else:
+                if self._store_trouble:
+                    log.warning("state_flush_recovered")
+                self._store_trouble = ""
 
     async def _watchdog(self) -> None:
         interval = notify.watchdog_interval()
@@ -371,6 +458,20 @@ class Daemon:
             else:
                 log.error("watchdog_withheld", reason=reason)
             await asyncio.sleep(interval)
+
+
+def _watches(
+    config: Config, actions: Mapping[str, Action]
+) -> dict[str, frozenset[tuple[str, RuleConfig]]]:
+    """Per source, what reads it: ``(monitor, rule)`` and ``("action:NAME", read)`` pairs."""
+    found: dict[str, set[tuple[str, RuleConfig]]] = {}
+    for name, monitor in config.monitors.items():
+        for rule in monitor.rules:
+            found.setdefault(rule.source, set()).add((name, rule))
+    for name, action in actions.items():
+        for read in action.watches() if isinstance(action, ReadsSources) else ():
+            found.setdefault(read.source, set()).add((f"action:{name}", read))
+    return {name: frozenset(pairs) for name, pairs in found.items()}
 
 
 def _keep_state_dir(new: Assembly, state_dir: Path) -> Assembly:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,7 +18,7 @@ from rollbackd import engine, incidents
 from rollbackd.codec import result_to_json
 from rollbackd.config import MonitorConfig, RuleConfig
 from rollbackd.engine import Check, Event, MonitorState, Outcome, Phase, Policy, Transition
-from rollbackd.errors import MonitorNotLatchedError
+from rollbackd.errors import MonitorNotLatchedError, StateError
 from rollbackd.readings import Reading, ReadingStatus
 from rollbackd.readings import error as error_reading
 from rollbackd.records import IncidentDraft
@@ -50,6 +50,10 @@ class MonitorRunner:
     """The engine's view of this monitor's limits."""
     push: bool = field(init=False)
     """True when every rule reads a push source: checks happen on arrival."""
+    failed_runs: int = field(init=False, default=0)
+    """Checks in a row that crashed or could not be committed (0 while all is well)."""
+    trouble: str = field(init=False, default="")
+    """Why the last of those failed."""
     _lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _arrival_waiting: bool = field(init=False, default=False)
 
@@ -70,18 +74,7 @@ class MonitorRunner:
         nothing to judge means no check at all.
         """
         async with self._lock:
-            started = time.perf_counter()
-            now = self.clock()
-            readings = await self._read_all(now)
-            if self.push:
-                readings = {
-                    rule: unusable
-                    for rule, series in readings.items()
-                    if (unusable := [r for r in series if r.status is not ReadingStatus.OK])
-                }
-                if not readings:
-                    return None
-            return self._commit(readings, now, started)
+            return await self._checked(self._tick)
 
     async def arrival(self) -> Check | None:
         """Check now: a push source has a new value.
@@ -94,9 +87,52 @@ class MonitorRunner:
         self._arrival_waiting = True
         async with self._lock:
             self._arrival_waiting = False
-            started = time.perf_counter()
-            now = self.clock()
-            return self._commit(await self._read_all(now), now, started)
+            return await self._checked(self._arrival)
+
+    async def _tick(self, now: float, started: float) -> Check | None:
+        readings = await self._read_all(now)
+        if self.push:
+            readings = {
+                rule: unusable
+                for rule, series in readings.items()
+                if (unusable := [r for r in series if r.status is not ReadingStatus.OK])
+            }
+            if not readings:
+                return None
+        return self._commit(readings, now, started)
+
+    async def _arrival(self, now: float, started: float) -> Check | None:
+        return self._commit(await self._read_all(now), now, started)
+
+    async def _checked(
+        self, body: Callable[[float, float], Awaitable[Check | None]]
+    ) -> Check | None:
+        """Run one check; a crash is recorded as an inconclusive check with the reason.
+
+        So a monitor whose checks keep crashing goes blind and alerts like any other that
+        cannot judge; ``failed_runs`` counts checks in a row that crashed or could not be
+        committed (the daemon's health reports them).
+        """
+        started, now = time.perf_counter(), self.clock()
+        try:
+            check = await body(now, started)
+        except StateError as exc:  # nothing can be recorded: only health can tell
+            self._trouble(f"not committed: {exc}")
+            raise
+        except Exception as exc:  # a bug in one check must not silence the monitor
+            log.exception("check_crashed", monitor=self.name)
+            why = f"check failed to run: {type(exc).__name__}: {str(exc)[:200]}"
+            self._trouble(why)
+            self._commit(
+                {r.name: [error_reading(why, now)] for r in self.config.rules}, now, started
+            )
+            return None
+        self.failed_runs, self.trouble = 0, ""
+        return check
+
+    def _trouble(self, why: str) -> None:
+        self.failed_runs += 1
+        self.trouble = why
 
     async def idle(self) -> None:
         """Return once no check of this monitor is in flight."""
@@ -153,6 +189,8 @@ class MonitorRunner:
             "last_check_at": state.last_check_at,
             "last_outcome": str(state.last_outcome) if state.last_outcome else None,
             "incident": state.incident_id,
+            "failed_runs": self.failed_runs,
+            "trouble": self.trouble or None,
             "rules": values,
         }
 
@@ -168,7 +206,11 @@ class MonitorRunner:
         source = self.sources.get(rule.source)
         if source is None:
             return [error_reading(f"source {rule.source!r} is not running", now)]
-        return await source.read(rule, now)
+        try:
+            return await source.read(rule, now)
+        except Exception as exc:  # a source's bug costs this rule's reading, not the check
+            log.exception("source_read_crashed", monitor=self.name, rule=rule.name)
+            return [error_reading(f"reading failed: {type(exc).__name__}: {str(exc)[:200]}", now)]
 
     def _commit(
         self, readings: Mapping[str, Sequence[Reading]], now: float, started: float
@@ -177,7 +219,7 @@ class MonitorRunner:
             result
             for rule in self.config.rules
             if rule.name in readings
-            for result in engine.evaluate_rule(rule, readings[rule.name], at=now)
+            for result in self._evaluate(rule, readings[rule.name], now)
         ]
         check = engine.decide(self.name, results, now)
         transition = engine.advance(self.state, check, self.policy)
@@ -203,6 +245,16 @@ class MonitorRunner:
         if incident is not None:
             self.on_incident(incident)
         return check
+
+    def _evaluate(
+        self, rule: RuleConfig, readings: Sequence[Reading], now: float
+    ) -> list[engine.RuleResult]:
+        try:
+            return engine.evaluate_rule(rule, readings, at=now)
+        except Exception as exc:  # one odd reading is that rule's inconclusive result
+            log.exception("rule_crashed", monitor=self.name, rule=rule.name)
+            why = f"judging failed: {type(exc).__name__}: {str(exc)[:200]}"
+            return engine.evaluate_rule(rule, [error_reading(why, now)], at=now)
 
     def _log(self, check: Check, transition: Transition, incident: str | None) -> None:
         state = transition.state

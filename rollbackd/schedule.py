@@ -36,10 +36,14 @@ class Schedule:
         self._arrivals: set[asyncio.Task[None]] = set()
         self._stopped = False
 
-    def start(self) -> None:
-        """Schedule every monitor's first check now, then one per interval."""
+    def start(self, next_runs: Mapping[str, dt.datetime] | None = None) -> None:
+        """Schedule each monitor's checks: the first at ``next_runs[name]`` (else now).
+
+        A reload passes the old schedule's next runs, so a reload adds no check.
+        """
         self._scheduler = AsyncIOScheduler(timezone=dt.UTC)
         now = dt.datetime.now(dt.UTC)
+        next_runs = next_runs or {}
         for name, runner in self.monitors.items():
             self._last_tick[name] = self._clock()
             self._scheduler.add_job(
@@ -51,9 +55,19 @@ class Schedule:
                 max_instances=1,
                 coalesce=True,
                 misfire_grace_time=max(1, int(runner.config.interval)),
-                next_run_time=now,
+                next_run_time=next_runs.get(name, now),
             )
         self._scheduler.start()
+
+    def next_runs(self) -> dict[str, dt.datetime]:
+        """When each monitor's next check is due (a reload starts the new schedule there)."""
+        if self._scheduler is None:
+            return {}
+        return {
+            job.id: job.next_run_time
+            for job in self._scheduler.get_jobs()
+            if job.next_run_time is not None
+        }
 
     def arrival(self, monitor: str) -> None:
         """A push source has a new value for ``monitor``: check it now (in a task)."""

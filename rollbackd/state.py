@@ -198,6 +198,8 @@ class Store:
             self._quiet[monitor] = _Quiet([row], state, history)
         else:
             waiting.rows.append(row)
+            if len(waiting.rows) > history:  # the store keeps no more: bounded while unwritable
+                del waiting.rows[: len(waiting.rows) - history]
             waiting.state, waiting.history = state, history
         self._saved[monitor] = state
         now = self._clock()
