@@ -123,9 +123,12 @@ class MonitorRunner:
             log.exception("check_crashed", monitor=self.name)
             why = f"check failed to run: {type(exc).__name__}: {str(exc)[:200]}"
             self._trouble(why)
-            self._commit(
-                {r.name: [error_reading(why, now)] for r in self.config.rules}, now, started
+            results = tuple(
+                result
+                for rule in self.config.rules
+                for result in engine.evaluate_rule(rule, [error_reading(why, now)], at=now)
             )
+            self._record(Check(self.name, now, Outcome.INCONCLUSIVE, results), now, started)
             return None
         self.failed_runs, self.trouble = 0, ""
         return check
@@ -221,7 +224,10 @@ class MonitorRunner:
             if rule.name in readings
             for result in self._evaluate(rule, readings[rule.name], now)
         ]
-        check = engine.decide(self.name, results, now)
+        return self._record(engine.decide(self.name, results, now), now, started)
+
+    def _record(self, check: Check, now: float, started: float) -> Check:
+        """Advance the state on ``check``, commit both (with any incident), hand it on."""
         transition = engine.advance(self.state, check, self.policy)
         draft = incidents.for_transition(
             self.name,
@@ -239,11 +245,14 @@ class MonitorRunner:
             else replace(transition.state, incident_id=incident)
         )
         self.last_check = check
+        if incident is not None:  # first: nothing after the commit may keep a plan from starting
+            self.on_incident(incident)
         self._log(check, transition, incident)
         if self.observer is not None:
-            self.observer(check, transition, time.perf_counter() - started)
-        if incident is not None:
-            self.on_incident(incident)
+            try:
+                self.observer(check, transition, time.perf_counter() - started)
+            except Exception:  # metrics or a listener: never the check's business
+                log.exception("check_observer_failed", monitor=self.name)
         return check
 
     def _evaluate(
