@@ -1,12 +1,16 @@
-"""What several test files build the same way: action contexts.
+"""What several test files build the same way: action contexts and async waits.
 
 The real servers live in ``tests/servers.py``; this module starts nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import pytest
 
 from rollbackd.actions import ActionContext, Event, Incident
 from rollbackd.sources import Source
@@ -47,3 +51,14 @@ def context(
         sources=sources or {},
         deadline=deadline,
     )
+
+
+async def wait_until(
+    condition: Callable[[], object], timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Poll ``condition`` on the event loop until it is truthy; fail the test at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not met within {timeout}s")
+        await asyncio.sleep(0.01)

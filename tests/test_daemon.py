@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from rollbackd.errors import RollbackdError, StateError
 from rollbackd.options import Frozen
 from rollbackd.readings import Reading
 from rollbackd.sources import ArrivalListener, SourceType
+from tests.helpers import wait_until
 
 
 class ScriptedOptions(Frozen):
@@ -144,15 +144,6 @@ def config_dict(state_dir: Path, **monitor: Any) -> dict[str, Any]:
             "note": {"type": "alert.log"},
         },
     }
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for cond() to hold, failing after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.01)
 
 
 async def running(config: Assembly, body: Callable[[Daemon], Awaitable[None]]) -> None:
