@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from rollbackd.actions import ActionContext, Event, Incident
 from rollbackd.actions.files import (
     FLAG_FILE,
     ROUTE_FILE,
@@ -20,6 +20,7 @@ from rollbackd.actions.files import (
     RouteFileOptions,
 )
 from rollbackd.errors import ActionError
+from tests import helpers
 
 FLAGS: dict[str, Any] = {
     "$schema": "https://flagd.dev/schema/v0/flags.json",
@@ -43,18 +44,13 @@ LOG_LEVEL=info
 """
 
 
-def context() -> ActionContext:
-    """Build the context of a first attempt of step 0 of an armed rollback."""
-    incident = Incident(
-        id="20260101T000000Z-payments-abcd",
-        monitor="payments",
-        event=Event.ROLLBACK,
-        reason="5 failing checks",
-        started_at=1.0,
-        mode="armed",
-        environment="test",
-    )
-    return ActionContext(incident, 0, 1, f"{incident.id}:0")
+# The first attempt of step 0 of an armed rollback.
+context = partial(
+    helpers.context,
+    incident_id="20260101T000000Z-payments-abcd",
+    started_at=1.0,
+    environment="test",
+)
 
 
 def flag_action(path: Path, flag: str = "boop-payments", variant: str = "off") -> FlagFileAction:

@@ -5,32 +5,23 @@ from __future__ import annotations
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
-from rollbackd.actions import ActionContext, Event, Incident
 from rollbackd.actions.local import ALERT_LOG, EXEC
 from rollbackd.errors import ActionError
 from rollbackd.plan import attempt_once
+from tests import helpers
 from tests.servers import wait_for
 
 PY = sys.executable
 
 
-def context() -> ActionContext:
-    """Build the second attempt of step 1 of an armed rollback of monitor payments."""
-    incident = Incident(
-        id="20261125T120000Z-payments-ab12",
-        monitor="payments",
-        event=Event.ROLLBACK,
-        reason="5 failing checks",
-        started_at=1_795_000_000.0,
-        mode="armed",
-        environment="staging",
-    )
-    return ActionContext(incident, 1, 2, f"{incident.id}:1")
+# The second attempt of step 1 of an armed rollback of monitor payments.
+context = partial(helpers.context, step=1, attempt=2)
 
 
 def exec_action(argv: list[str], **options: object) -> object:

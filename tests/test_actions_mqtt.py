@@ -7,32 +7,21 @@ import gc
 import json
 import ssl
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import aiomqtt
 import pytest
 from pydantic import ValidationError
 
-from rollbackd.actions import ActionContext, Event, Incident
 from rollbackd.actions.mqtt import ALERT_MQTT, FLAG_MQTT, AlertMqttOptions, FlagMqttOptions
 from rollbackd.errors import ActionError
+from tests import helpers
 from tests.servers import Mosquitto, free_port
 from tests.test_actions_web import Certificate, self_signed
 
-
-def context() -> ActionContext:
-    """Build the first attempt of step 0 of an armed rollback of monitor payments."""
-    incident = Incident(
-        id="20261125T120000Z-payments-ab12",
-        monitor="payments",
-        event=Event.ROLLBACK,
-        reason="5 failing checks",
-        started_at=1_795_000_000.0,
-        mode="armed",
-        environment="staging",
-        details={"trigger": {"outcome": "breach"}},
-    )
-    return ActionContext(incident, 0, 1, f"{incident.id}:0")
+# The first attempt of step 0 of an armed rollback of monitor payments.
+context = partial(helpers.context, details={"trigger": {"outcome": "breach"}})
 
 
 async def next_message(client: aiomqtt.Client, seconds: float = 5.0) -> aiomqtt.Message:

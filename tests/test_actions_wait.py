@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from functools import partial
 
-from rollbackd.actions import ActionContext, Event, Incident
 from rollbackd.actions.wait import WAIT, WaitAction
 from rollbackd.config import RuleConfig
 from rollbackd.readings import Reading, ok
-from rollbackd.sources import ArrivalListener, Source
+from rollbackd.sources import ArrivalListener
+from tests import helpers
 
 
 class StampedSource:
@@ -41,18 +42,8 @@ class StampedSource:
         return [ok(value, now)]
 
 
-def context(sources: dict[str, Source], deadline: float | None = None) -> ActionContext:
-    """Build step 1 of a rollback of monitor payments that can read ``sources``."""
-    incident = Incident(
-        id="i-1",
-        monitor="payments",
-        event=Event.ROLLBACK,
-        reason="test",
-        started_at=0.0,
-        mode="armed",
-        environment="staging",
-    )
-    return ActionContext(incident, 1, 1, "i-1:1", sources=sources, deadline=deadline)
+# Step 1 of a rollback of monitor payments; a test passes the ``sources`` it can read.
+context = partial(helpers.context, incident_id="i-1", reason="test", started_at=0.0, step=1)
 
 
 def action(clock: float = 1_795_000_000.0) -> WaitAction:
@@ -64,7 +55,7 @@ def action(clock: float = 1_795_000_000.0) -> WaitAction:
 async def test_wait_reads_are_stamped_by_its_clock() -> None:
     """Every read the wait makes carries the injected clock's time, not the host's."""
     source = StampedSource([2.0, 1.0, 0.0])
-    detail = await action(clock=42.0).run(context({"prom": source}))
+    detail = await action(clock=42.0).run(context(sources={"prom": source}))
     assert detail.startswith("drained: reads 0 after 3 polls")
     assert source.stamps == [42.0, 42.0, 42.0]
 
@@ -74,7 +65,7 @@ async def test_wait_ends_before_the_deadline_saying_what_is_left() -> None:
     source = StampedSource([5.0])
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 0.3
-    detail = await action().run(context({"prom": source}, deadline))
+    detail = await action().run(context(sources={"prom": source}, deadline=deadline))
     assert loop.time() < deadline
     assert detail.startswith("timed out with 5 in flight after ")
 

@@ -8,6 +8,7 @@ import ssl
 import subprocess
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from aiohttp import web
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
-from rollbackd.actions import ActionContext, Event, Incident
+from rollbackd.actions import Event
 from rollbackd.actions.web import (
     ALERT_ALERTMANAGER,
     ALERT_WEBHOOK,
@@ -29,6 +30,7 @@ from rollbackd.actions.web import (
 from rollbackd.assemble import from_dict
 from rollbackd.errors import ActionError, ConfigError
 from rollbackd.plan import attempt_once
+from tests import helpers
 from tests.servers import Alertmanager, free_port, wait_for
 
 
@@ -144,23 +146,13 @@ async def https_hooks(certificate: Certificate) -> AsyncIterator[HookServer]:
     await server.stop()
 
 
-def context(
-    event: Event = Event.ROLLBACK,
-    incident_id: str = "20261125T120000Z-payments-ab12",
-    details: Mapping[str, Any] | None = None,
-) -> ActionContext:
-    """Build the first attempt of step 2 of an incident of monitor payments."""
-    incident = Incident(
-        id=incident_id,
-        monitor="payments",
-        event=event,
-        reason='payment-error-rate 3.2 % > 0.1 % ("eu")',
-        started_at=1_795_000_000.0,
-        mode="armed",
-        environment="staging",
-        details=details or {"trigger": {"outcome": "breach"}},
-    )
-    return ActionContext(incident, 2, 1, f"{incident_id}:2")
+# The first attempt of step 2 of an incident of monitor payments.
+context = partial(
+    helpers.context,
+    reason='payment-error-rate 3.2 % > 0.1 % ("eu")',
+    details={"trigger": {"outcome": "breach"}},
+    step=2,
+)
 
 
 async def test_flag_http_sends_templated_request_with_secret_and_idempotency_key(
@@ -304,7 +296,7 @@ async def test_alertmanager_receives_alert_and_rearm_resolves_it(
         ],
     }
     try:
-        detail = await action.run(context(Event.ROLLBACK, incident_id, {"trigger": trigger}))
+        detail = await action.run(context(incident_id=incident_id, details={"trigger": trigger}))
         assert detail.startswith("RollbackdRollback posted")
         [alert] = await asyncio.to_thread(wait_for, alertmanager.alerts, 10.0)
         assert alert["labels"] == {
@@ -321,7 +313,9 @@ async def test_alertmanager_receives_alert_and_rearm_resolves_it(
         assert alert["status"]["state"] == "active"
 
         resolves = {"resolves": incident_id, "trigger": trigger}
-        rearm = context(Event.REARM, "20261125T130000Z-payments-cd34", resolves)
+        rearm = context(
+            event=Event.REARM, incident_id="20261125T130000Z-payments-cd34", details=resolves
+        )
         assert (await action.run(rearm)).startswith("RollbackdRollback resolved")
         await asyncio.to_thread(
             wait_for, lambda: alertmanager.alerts() == [], 10.0, what="alert resolved"
@@ -338,8 +332,8 @@ async def test_alertmanager_alert_and_blind_events_have_their_own_names(
     options = ALERT_ALERTMANAGER.options.model_validate({"url": alertmanager.url})
     action = ALERT_ALERTMANAGER.build("page-oncall", options)
     try:
-        await action.run(context(Event.ALERT, "a-1"))
-        await action.run(context(Event.BLIND, "b-1"))
+        await action.run(context(event=Event.ALERT, incident_id="a-1"))
+        await action.run(context(event=Event.BLIND, incident_id="b-1"))
     finally:
         await action.aclose()
     alerts = await asyncio.to_thread(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import config_file, daemon_table, payment_error_rate, route_legacy
 from tests.servers import Rollbackd, free_port, http_get, wait_for
 
 pytestmark = pytest.mark.slow
@@ -33,44 +34,25 @@ def config(tmp_path: Path) -> Path:
     """A synthetic-source config: 2 s of outage (rolls back), then healthy for good."""
     port = free_port()
     (tmp_path / "traffic.env").write_text("BOOP_TRAFFIC_PERCENT=5\n")
-    path = tmp_path / "rollbackd.toml"
-    path.write_text(
-        f"""
-[daemon]
-mode = "armed"
-environment = "staging"
-state_dir = "{tmp_path / "state"}"
-listen = "127.0.0.1:{port}"
-
-[sources.boop]
-type = "synthetic"
-seed = 3
-phases = [{{ kind = "outage", duration = "2s" }}, {{ kind = "healthy" }}]
-
-[monitors.payments]
-interval = "200ms"
-rollback_after = 2
-on_alert = ["note"]
-on_rollback = ["route-legacy", "note"]
-
-[[monitors.payments.rules]]
-name = "payment-error-rate"
-source = "boop"
-query = "payment_error_rate"
-above = 0.1
-unit = "%"
-
-[actions.route-legacy]
-type = "route.file"
-path = "{tmp_path / "traffic.env"}"
-key = "BOOP_TRAFFIC_PERCENT"
-value = "0"
-
-[actions.note]
-type = "alert.log"
-"""
-    )
-    return path
+    outage_then_healthy = [{"kind": "outage", "duration": "2s"}, {"kind": "healthy"}]
+    raw = {
+        "daemon": daemon_table(tmp_path / "state", listen=f"127.0.0.1:{port}"),
+        "sources": {"boop": {"type": "synthetic", "seed": 3, "phases": outage_then_healthy}},
+        "monitors": {
+            "payments": {
+                "interval": "200ms",
+                "rollback_after": 2,
+                "on_alert": ["note"],
+                "on_rollback": ["route-legacy", "note"],
+                "rules": [payment_error_rate("boop", "payment_error_rate")],
+            }
+        },
+        "actions": {
+            "route-legacy": route_legacy(tmp_path / "traffic.env"),
+            "note": {"type": "alert.log"},
+        },
+    }
+    return config_file(tmp_path, raw)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from rollbackd.config import Config
 from rollbackd.errors import ConfigError, SecretError
 from rollbackd.options import Frozen, SecretRef, parse_duration
 from rollbackd.sources import SourceType
+from tests.helpers import config_file
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.toml"
@@ -72,9 +73,7 @@ def load(path: Path, *, secrets: bool = True) -> Config:
 
 def write(tmp_path: Path, text: str) -> Path:
     """Write a config into tmp_path, with {state} replaced by tmp_path."""
-    path = tmp_path / "rollbackd.toml"
-    path.write_text(text.replace("{state}", str(tmp_path)), encoding="utf-8")
-    return path
+    return config_file(tmp_path, text.replace("{state}", str(tmp_path)))
 
 
 def problems_of(path: Path) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,15 @@ from rollbackd.errors import (
 from rollbackd.options import Frozen
 from rollbackd.readings import Reading
 from rollbackd.sources import ArrivalListener, SourceType
+from tests.helpers import (
+    config_file,
+    daemon_table,
+    payment_error_rate,
+    route_legacy,
+    stop_traffic,
+    to_toml,
+    wait_until,
+)
 
 
 class ScriptedOptions(Frozen):
@@ -107,12 +115,7 @@ def config_dict(state_dir: Path, **monitor: Any) -> dict[str, Any]:
     """A config with one scripted monitor whose rollback plan edits files in state_dir."""
     flags = state_dir / "flags.json"
     return {
-        "daemon": {
-            "mode": "armed",
-            "environment": "test",
-            "state_dir": str(state_dir),
-            "listen": "",
-        },
+        "daemon": daemon_table(state_dir, environment="test"),
         "sources": {"script": {"type": "test.scripted"}},
         "monitors": {
             "payments": {
@@ -122,43 +125,16 @@ def config_dict(state_dir: Path, **monitor: Any) -> dict[str, Any]:
                 "blind_after": 4,
                 "on_alert": ["note"],
                 "on_rollback": ["stop-traffic", "route-legacy", "note"],
-                "rules": [
-                    {
-                        "name": "payment-error-rate",
-                        "source": "script",
-                        "query": "x",
-                        "above": 1.0,
-                        "unit": "%",
-                    }
-                ],
+                "rules": [payment_error_rate("script", "x", above=1.0)],
                 **monitor,
             }
         },
         "actions": {
-            "stop-traffic": {
-                "type": "flag.file",
-                "path": str(flags),
-                "flag": "boop-payments",
-                "variant": "off",
-            },
-            "route-legacy": {
-                "type": "route.file",
-                "path": str(state_dir / "traffic.env"),
-                "key": "BOOP_TRAFFIC_PERCENT",
-                "value": "0",
-            },
+            "stop-traffic": stop_traffic(flags),
+            "route-legacy": route_legacy(state_dir / "traffic.env"),
             "note": {"type": "alert.log"},
         },
     }
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for cond() to hold, failing after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.01)
 
 
 async def running(config: Assembly, body: Callable[[Daemon], Awaitable[None]]) -> None:
@@ -356,8 +332,7 @@ async def test_reload_keeps_counters_and_rejects_bad_config(tmp_path: Path) -> N
     """Reload keeps the failure counter; a broken file is refused and the old config runs."""
     prepare(tmp_path)
     raw = config_dict(tmp_path, rollback_after=1000, interval="1s")
-    path = tmp_path / "rollbackd.toml"
-    path.write_text(to_toml(raw))
+    path = config_file(tmp_path, raw)
     config = load(path)
     SCRIPT.value = 5.0
 
@@ -389,39 +364,6 @@ def body_with_path(
         await body(daemon)
 
     return run
-
-
-def to_toml(raw: dict[str, Any]) -> str:
-    """A tiny TOML writer for the shapes config_dict builds."""
-    lines: list[str] = []
-
-    def value(v: Any) -> str:
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return str(v)
-
-    def table(prefix: str, data: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in data.items() if not isinstance(v, dict) and k != "rules"}
-        lines.append(f"[{prefix}]")
-        lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
-        for key, sub in data.items():
-            if isinstance(sub, dict):
-                table(f"{prefix}.{json.dumps(key)}", sub)
-        for rule in data.get("rules", []):
-            lines.append(f"[[{prefix}.rules]]")
-            lines.extend(f"{k} = {value(v)}" for k, v in rule.items())
-
-    for section, data in raw.items():
-        if section == "daemon":
-            table("daemon", data)
-        else:
-            for name, sub in data.items():
-                table(f"{section}.{json.dumps(name)}", sub)
-    return "\n".join(lines) + "\n"
 
 
 async def test_second_daemon_on_same_state_dir_is_refused(tmp_path: Path) -> None:
@@ -595,8 +537,7 @@ async def test_reload_that_cannot_start_keeps_the_old_config(tmp_path: Path) -> 
     """A new config that validates but fails to start is rolled back to the running one."""
     prepare(tmp_path)
     raw = config_dict(tmp_path)
-    path = tmp_path / "rollbackd.toml"
-    path.write_text(to_toml(raw))
+    path = config_file(tmp_path, raw)
     config = load(path)
 
     async def body(daemon: Daemon) -> None:
@@ -646,8 +587,7 @@ async def test_reload_during_a_wait_step_keeps_its_source_open(tmp_path: Path) -
         "timeout": "20s",
     }
     raw["monitors"]["payments"]["on_rollback"] = ["drain", "route-legacy"]
-    path = tmp_path / "rollbackd.toml"
-    path.write_text(to_toml(raw))
+    path = config_file(tmp_path, raw)
     SCRIPT.value = 5.0
 
     async def body(daemon: Daemon) -> None:

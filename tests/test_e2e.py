@@ -13,6 +13,7 @@ import pytest
 
 from rollbackd.api import post_rearm, read_control_token
 from rollbackd.demo import prepare
+from tests.helpers import config_file, daemon_table, payment_error_rate, route_legacy, stop_traffic
 from tests.servers import (
     Alertmanager,
     Exporter,
@@ -68,68 +69,41 @@ def write_config(tmp_path: Path, stack: dict[str, Any], port: int) -> Path:
     am: Alertmanager = stack["alertmanager"]
     boop = tmp_path / "boop"
     prepare(boop)
-    config = tmp_path / "rollbackd.toml"
-    config.write_text(
-        f"""
-[daemon]
-mode = "armed"
-environment = "e2e"
-state_dir = "{tmp_path / "state"}"
-listen = "127.0.0.1:{port}"
-
-[sources.prom]
-type = "prometheus"
-url = "{prom.url}"
-timeout = "500ms"
-
-[sources.bus]
-type = "mqtt"
-host = "127.0.0.1"
-port = {broker.port}
-stale_after = "30s"
-
-[monitors.payments]
-interval = "500ms"
-rollback_after = 3
-blind_after = 1000
-on_rollback = ["stop-traffic", "route-legacy", "page"]
-
-[[monitors.payments.rules]]
-name = "payment-error-rate"
-source = "prom"
-query = "{RULE_METRIC}"
-above = 0.1
-unit = "%"
-
-[monitors.authentication]
-interval = "1s"
-rollback_after = 3
-on_rollback = ["page"]
-
-[[monitors.authentication.rules]]
-name = "auth-success-rate"
-source = "bus"
-topic = "boop/auth/success_rate"
-below = 99.0
-
-[actions.stop-traffic]
-type = "flag.file"
-path = "{boop / "flags.json"}"
-flag = "boop-payments"
-variant = "off"
-
-[actions.route-legacy]
-type = "route.file"
-path = "{boop / "traffic.env"}"
-key = "BOOP_TRAFFIC_PERCENT"
-value = "0"
-
-[actions.page]
-type = "alert.alertmanager"
-url = "{am.url}"
-"""
-    )
-    return config
+    raw = {
+        "daemon": daemon_table(tmp_path / "state", environment="e2e", listen=f"127.0.0.1:{port}"),
+        "sources": {
+            "prom": {"type": "prometheus", "url": prom.url, "timeout": "500ms"},
+            "bus": {"type": "mqtt", "host": "127.0.0.1", "port": broker.port, "stale_after": "30s"},
+        },
+        "monitors": {
+            "payments": {
+                "interval": "500ms",
+                "rollback_after": 3,
+                "blind_after": 1000,
+                "on_rollback": ["stop-traffic", "route-legacy", "page"],
+                "rules": [payment_error_rate("prom", RULE_METRIC)],
+            },
+            "authentication": {
+                "interval": "1s",
+                "rollback_after": 3,
+                "on_rollback": ["page"],
+                "rules": [
+                    {
+                        "name": "auth-success-rate",
+                        "source": "bus",
+                        "topic": "boop/auth/success_rate",
+                        "below": 99.0,
+                    }
+                ],
+            },
+        },
+        "actions": {
+            "stop-traffic": stop_traffic(boop / "flags.json"),
+            "route-legacy": route_legacy(boop / "traffic.env"),
+            "page": {"type": "alert.alertmanager", "url": am.url},
+        },
+    }
+    return config_file(tmp_path, raw)
 
 
 def checks_advance(daemon: Rollbackd, by: int) -> Callable[[], bool]:

@@ -25,6 +25,7 @@ from rollbackd.plan import MAX_INTERRUPTIONS, PlanRunner, fire_action
 from rollbackd.readings import Reading, ok
 from rollbackd.records import IncidentDraft
 from rollbackd.state import Store
+from tests.helpers import daemon_table
 from tests.test_actions_web import HookServer
 
 FLAGS = {
@@ -493,7 +494,7 @@ async def test_wait_with_unknown_source_fails(store: Store, tmp_path: Path) -> N
 def _config(tmp_path: Path, actions: dict[str, Any]) -> Any:
     return from_dict(
         {
-            "daemon": {"mode": "dry-run", "environment": "staging", "state_dir": str(tmp_path)},
+            "daemon": daemon_table(tmp_path, mode="dry-run", listen=None),
             "actions": actions,
         },
         registries=REGISTRIES,

@@ -19,6 +19,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from rollbackd import notify
+from tests.helpers import config_file, daemon_table, payment_error_rate
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "rollbackd.service"
 ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
@@ -211,28 +212,17 @@ def test_daemon_speaks_the_notify_protocol(tmp_path: Path) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     sock.settimeout(10)
-    config = tmp_path / "rollbackd.toml"
-    config.write_text(
-        f"""
-[daemon]
-state_dir = "{tmp_path / "state"}"
-listen = ""
-environment = "staging"
-
-[sources.boop]
-type = "synthetic"
-phases = [{{ kind = "healthy" }}]
-
-[monitors.payments]
-interval = "200ms"
-
-[[monitors.payments.rules]]
-name = "payment-error-rate"
-source = "boop"
-query = "payment_error_rate"
-above = 0.1
-"""
-    )
+    raw = {
+        "daemon": daemon_table(tmp_path / "state", mode=None),
+        "sources": {"boop": {"type": "synthetic", "phases": [{"kind": "healthy"}]}},
+        "monitors": {
+            "payments": {
+                "interval": "200ms",
+                "rules": [payment_error_rate("boop", "payment_error_rate", unit=None)],
+            }
+        },
+    }
+    config = config_file(tmp_path, raw)
     env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"}
     env.pop("WATCHDOG_PID", None)  # unset: the pings are not restricted to one pid
     process = subprocess.Popen(
