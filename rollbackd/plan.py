@@ -80,6 +80,8 @@ class PlanRunner:
     async def run(self, incident_id: str) -> None:
         """Run the steps not yet done, write the incident record, mark the incident finished."""
         record = self.store.incident(incident_id)
+        if record.finished_at is not None:  # started twice, or already done before a restart
+            return
         incident = incidents.view(record, self.environment)
         # An incident opened in dry-run stays dry-run; a daemon switched to dry-run stops acting.
         armed = record.mode == "armed" and self.mode == "armed"
@@ -254,10 +256,12 @@ class PlanTasks:
     runner: Callable[[], PlanRunner]
     """Builds a runner with the current actions (a reload swaps them for later plans)."""
     _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict, init=False)
+    _again: set[str] = field(default_factory=set, init=False)
 
     def start(self, incident_id: str) -> None:
-        """Run the incident's plan in the background unless it is already running."""
+        """Run the incident's plan in the background; if it is running, once more after."""
         if incident_id in self._tasks:
+            self._again.add(incident_id)  # e.g. a retry just as the plan was finishing
             return
         task = asyncio.get_running_loop().create_task(self._run(incident_id))
         self._tasks[incident_id] = task
@@ -288,10 +292,16 @@ class PlanTasks:
             log.warning("plans_interrupted", count=len(pending), resume="at next start")
 
     async def _run(self, incident_id: str) -> None:
-        try:
-            await self.runner().run(incident_id)
-        except RollbackdError as exc:  # e.g. the state store failing: resumed at next start
-            log.error("plan_aborted", incident=incident_id, error=str(exc), resume="at next start")
+        again = True
+        while again:
+            self._again.discard(incident_id)
+            try:
+                await self.runner().run(incident_id)
+            except RollbackdError as exc:  # e.g. the store failing: resumed at next start
+                log.error(
+                    "plan_aborted", incident=incident_id, error=str(exc), resume="at next start"
+                )
+            again = incident_id in self._again
 
 
 async def attempt_once(
