@@ -14,7 +14,6 @@ import pytest
 from structlog.testing import capture_logs
 
 from rollbackd.config import RuleConfig
-from rollbackd.options import SecretRef
 from rollbackd.readings import Reading, ReadingStatus
 from rollbackd.sources import source_types
 from rollbackd.sources.prometheus import (
