@@ -10,7 +10,7 @@ import re
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -66,9 +66,13 @@ CaFile = Annotated[Path, AfterValidator(_readable_ca_file)]
 """Path of a PEM CA bundle that exists, is readable and holds a certificate (checked on load)."""
 
 
-def _no_userinfo(url: str) -> str:
-    # A password in a URL lands wherever the URL is shown (logs, /status, records).
-    if "@" in urlsplit(url).netloc:
+UrlT = TypeVar("UrlT")
+
+
+def _no_userinfo(url: UrlT) -> UrlT:
+    # A password in a URL lands wherever the URL is shown (logs, /status, records). Checked
+    # on the text as written, so a URL template is checked before anything is rendered in.
+    if "@" in urlsplit(str(url)).netloc:
         raise ValueError(
             "credentials in a URL are refused (they would be shown wherever the URL is): "
             'remove "user:password@" and give them as a secret reference, e.g. '
@@ -78,7 +82,8 @@ def _no_userinfo(url: str) -> str:
 
 
 NoUserinfo = AfterValidator(_no_userinfo)
-"""Validator for URL fields: ``user:password@host`` is a config error naming the key."""
+"""Validator for URL fields (``str`` or pydantic URL types): ``user:password@host`` is a config
+error naming the key; the message never repeats the URL."""
 
 
 class Frozen(BaseModel):
@@ -117,17 +122,39 @@ class SecretRef(Frozen):
         return self
 
     def reveal(self) -> str:
-        """The secret's value (trailing newline stripped); SecretError if it cannot be read."""
+        """The secret's value (trailing newline stripped); SecretError if it cannot be read.
+
+        No SecretError message holds the value, nor any part of it.
+        """
         if self.env is not None:
             value = os.environ.get(self.env)
             if value is None:
                 raise SecretError(f"environment variable {self.env} is not set")
+            if not _is_utf8(value):  # os.environ keeps undecodable bytes as surrogates
+                raise SecretError(
+                    f"environment variable {self.env} is not UTF-8 text: set it as UTF-8"
+                )
             return value
         path = self._path()
         try:
-            return path.read_text(encoding="utf-8").rstrip("\r\n")
+            raw = path.read_bytes()
         except OSError as exc:
             raise SecretError(f"cannot read secret file {path}: {exc.strerror}") from exc
+        try:
+            return raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            raise SecretError(
+                f"secret file {path} is not UTF-8 text (at byte {exc.start}): "
+                "write the secret as UTF-8"
+            ) from None  # the exception holds the file's bytes
+
+    def where(self) -> str:
+        """Where the secret lives, for messages: never its value."""
+        if self.env is not None:
+            return f"environment variable {self.env}"
+        if self.file is not None:
+            return f"secret file {self.file}"
+        return f"credential {self.credential!r}"
 
     def _path(self) -> Path:
         if self.file is not None:
@@ -139,6 +166,38 @@ class SecretRef(Frozen):
                 "(set by systemd's LoadCredential=)"
             )
         return Path(directory) / str(self.credential)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class HttpSecretRef(SecretRef):
+    """A secret sent in an HTTP header (a token, a header value, a basic-auth password).
+
+    Revealed only as one line of Latin-1 text without control characters, as HTTP carries
+    it; otherwise a SecretError says where the secret lives and what is wrong, never the value.
+    """
+
+    def reveal(self) -> str:
+        """The secret's value, checked to fit in an HTTP header; SecretError if it does not."""
+        value = super().reveal()
+        if "\r" in value or "\n" in value:
+            problem = "has a line break inside the value (only a trailing one is allowed)"
+        elif any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in value):
+            problem = "has a control character inside the value"
+        elif any(ord(c) > 0xFF for c in value):
+            problem = "has a character outside Latin-1 (such as €)"
+        else:
+            return value
+        raise SecretError(
+            f"{self.where()} {problem}: a value sent in an HTTP header or as a basic-auth "
+            "password is one line of Latin-1 text; fix the secret"
+        )
 
 
 def secret_refs(

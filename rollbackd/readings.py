@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -33,14 +34,38 @@ class Reading:
     reason: str = ""
 
 
+_DECIMAL = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+"""JSON's number grammar, ASCII digits only: no ``+5``, ``9_8``, ``Infinity`` or other digits."""
+
+EXCERPT_CHARS = 200
+"""How much of a received text (a query, a topic, a payload) a reason may echo."""
+
+
 def parse_number(value: object) -> float | None:
-    """``value`` as a float if it is a number or a numeric string (JSON booleans are not)."""
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
+    """``value`` as a float if it is a finite JSON number or finite decimal ASCII text, else None.
+
+    Booleans, NaN, infinities, numbers beyond the float range (``1e309``, a 400-digit
+    integer), ``9_8`` and non-ASCII digits are not numbers: float() would accept most of them.
+    """
+    if isinstance(value, bool):
         return None
-    try:
-        return float(value)
-    except ValueError:
+    if isinstance(value, int):
+        try:
+            number = float(value)
+        except OverflowError:
+            return None
+    elif isinstance(value, float):
+        number = value
+    elif isinstance(value, str) and _DECIMAL.fullmatch(value):
+        number = float(value)
+    else:
         return None
+    return number if math.isfinite(number) else None
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, marked with "…" when cut: what a reason may echo."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def ok(value: float, at: float, labels: Labels = ()) -> Reading:

@@ -14,6 +14,7 @@ import aiomqtt
 import pytest
 from pydantic import ValidationError
 
+from rollbackd.actions import ActionContext, Event, Incident
 from rollbackd.actions.mqtt import ALERT_MQTT, FLAG_MQTT, AlertMqttOptions, FlagMqttOptions
 from rollbackd.errors import ActionError
 from tests import helpers
@@ -195,3 +196,34 @@ async def test_alert_mqtt_over_tls_without_ca_file_fails_verification(
     gc.collect()
     assert message.startswith(f"publish to mqtt://127.0.0.1:{port}/t failed: ")
     assert "certificate verify failed: self-signed certificate" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reason", ["rate > 5 # eu", "a+b", "x" * 70_000])
+async def test_a_topic_the_client_refuses_is_an_action_error_without_the_password(
+    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch, reason: str
+) -> None:
+    """A rendered topic MQTT cannot publish to fails the attempt with a short reason, no secret."""
+    monkeypatch.setenv("ROLLBACKD_TEST_MQTT_PASSWORD", "CANARY-mqtt-pw")
+    options = ALERT_MQTT.options.model_validate(
+        {
+            "port": mosquitto.port,
+            "username": "rollbackd",
+            "password": {"env": "ROLLBACKD_TEST_MQTT_PASSWORD"},
+            "topic": "alerts/{reason}",
+        }
+    )
+    action = ALERT_MQTT.build("page", options)
+    base = context()
+    incident = Incident(
+        base.incident.id, "payments", Event.ROLLBACK, reason, 0.0, "armed", "staging"
+    )
+    try:
+        with pytest.raises(ActionError) as caught:
+            await action.run(ActionContext(incident, 0, 1, base.idempotency_key))
+    finally:
+        await action.aclose()
+    message = str(caught.value)
+    assert "CANARY-mqtt-pw" not in message
+    assert len(message) < 600
+    assert "alerts/" in message

@@ -17,7 +17,7 @@ from aiohttp import web
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
-from rollbackd.actions import Event
+from rollbackd.actions import ActionContext, Event, Incident
 from rollbackd.actions.web import (
     ALERT_ALERTMANAGER,
     ALERT_WEBHOOK,
@@ -42,6 +42,9 @@ class Received:
     path: str
     headers: Mapping[str, str]
     body: str
+    raw_path: str = ""
+    """The request target exactly as sent (percent-encoding kept)."""
+    query: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,7 +75,16 @@ class HookServer:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.text()
-        self.requests.append(Received(request.method, request.path_qs, dict(request.headers), body))
+        self.requests.append(
+            Received(
+                request.method,
+                request.path_qs,
+                dict(request.headers),
+                body,
+                request.raw_path,
+                dict(request.query),
+            )
+        )
         if request.path in self.hang:
             await self._release.wait()
         statuses = self.fail.get(request.path)
@@ -205,6 +217,33 @@ async def test_route_http_string_body_keeps_json_braces(hooks: HookServer) -> No
     [got] = hooks.requests
     assert got.method == "PATCH"
     assert json.loads(got.body) == {"percent": 0, "incident": "20261125T120000Z-payments-ab12"}
+
+
+@pytest.mark.parametrize(
+    ("monitor", "raw"),
+    [
+        ("..", "/flags/%2E%2E/disable"),
+        (".", "/flags/%2E/disable"),
+        ("../admin/disable-all", "/flags/..%2Fadmin%2Fdisable-all/disable"),
+        ("a b/c?d#e", "/flags/a%20b%2Fc%3Fd%23e/disable"),
+    ],
+)
+async def test_templated_url_values_cannot_leave_their_segment(
+    hooks: HookServer, monitor: str, raw: str
+) -> None:
+    """A value rendered into a URL path is one encoded segment: ``..`` reaches no other endpoint."""
+    options = FLAG_HTTP.options.model_validate(
+        {"url": hooks.url("/flags/{monitor}/disable?who={reason}&n=1"), "method": "PUT"}
+    )
+    action = FLAG_HTTP.build("flag-off", options)
+    incident = Incident("i-1", monitor, Event.ROLLBACK, "a&b=c d+e/..", 0.0, "armed", "staging")
+    try:
+        await action.run(ActionContext(incident, 0, 1, "i-1:0"))
+    finally:
+        await action.aclose()
+    [received] = hooks.requests
+    assert received.raw_path.split("?")[0] == raw
+    assert received.query == {"who": "a&b=c d+e/..", "n": "1"}
 
 
 def test_unknown_placeholder_is_a_config_error() -> None:

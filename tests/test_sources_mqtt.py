@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import aiomqtt
 import pytest
+from structlog.testing import capture_logs
 
 from rollbackd.config import RuleConfig
 from rollbackd.readings import Reading, ReadingStatus
@@ -125,6 +126,20 @@ def test_options_reject_inline_password_and_bad_backoff() -> None:
         (b'{"auth": {}}', "auth.rate", None, "payload has no field 'auth.rate'"),
         (b'{"auth": {"rate": true}}', "auth.rate", None, "is not a number"),
         (b"not json", "auth.rate", None, "payload is not JSON"),
+        (b"1e309", None, None, "payload is not a number: '1e309'"),
+        (b"Infinity", None, None, "payload is not a number: 'Infinity'"),
+        (b"-Infinity", None, None, "payload is not a number: '-Infinity'"),
+        (b"NaN", None, None, "payload is not a number: 'NaN'"),
+        (b"9_8", None, None, "payload is not a number: '9_8'"),
+        ("\u0669\u0668".encode(), None, None, "payload is not a number"),
+        (b'{"v": 1e309}', "v", None, "field 'v' is not a number: '1e309'"),
+        (b'{"v": Infinity}', "v", None, "field 'v' is not a number: 'Infinity'"),
+        (b'{"v": -Infinity}', "v", None, "field 'v' is not a number: '-Infinity'"),
+        (b'{"v": NaN}', "v", None, "field 'v' is not a number: 'NaN'"),
+        (b'{"v": "9_8"}', "v", None, "field 'v' is not a number: '9_8'"),
+        (b'{"v": 1' + b"0" * 400 + b"}", "v", None, "field 'v' is not a number: '1000"),
+        (b'{"v": 1' + b"0" * 5000 + b"}", "v", None, "field 'v' is not a number: '1000"),
+        (b"[" * 200_000 + b"]" * 200_000, "v", None, "nested deeper than"),
     ],
 )
 def test_parse_payload(payload: bytes, field: str | None, value: float | None, reason: str) -> None:
@@ -133,6 +148,16 @@ def test_parse_payload(payload: bytes, field: str | None, value: float | None, r
     assert got == value
     assert reason in problem
     assert bool(problem) == (value is None)
+    assert len(problem) < 300
+
+
+def test_a_huge_payload_is_echoed_truncated() -> None:
+    """A 1 MB payload's reason shows its first 200 characters and an ellipsis, not all of it."""
+    _, problem = parse_payload(b"x" * 1_000_000, None)
+    assert "x" * 200 + "…" in problem
+    assert len(problem) < 400
+    _, problem = parse_payload(b'{"a": "' + b"x" * 1_000_000 + b'"}', "a")
+    assert len(problem) < 400
 
 
 async def test_invalid_topic_filter_reads_error() -> None:
@@ -211,16 +236,16 @@ async def test_garbage_payload_is_an_error(started: Start, mosquitto: Mosquitto)
 
 
 @pytest.mark.slow
-async def test_old_value_is_stale(started: Start, mosquitto: Mosquitto) -> None:
-    """A value older than stale_after reads no_data with its age, fresh it reads ok."""
+async def test_a_later_wall_clock_does_not_make_a_value_stale(
+    started: Start, mosquitto: Mosquitto
+) -> None:
+    """Age is not ``now`` minus a wall-clock stamp: a fresh value stays ok whatever ``now`` says."""
     r = rule("boop/auth/success_rate")
     source = await started(("auth", r), stale_after="60s")
     await publish(mosquitto.port, "boop/auth/success_rate", "99.9")
     [fresh] = await read_until(source, r, has_value)
     assert fresh.status is ReadingStatus.OK
-    [stale] = await source.read(r, time.time() + 75)
-    assert stale.status is ReadingStatus.NO_DATA
-    assert stale.reason == "stale: last value 75s ago"
+    assert (await source.read(r, time.time() + 75))[0].status is ReadingStatus.OK
 
 
 @pytest.mark.slow
@@ -306,3 +331,157 @@ async def test_aclose_stops_the_connection(started: Start, mosquitto: Mosquitto)
     [reading] = await source.read(r, time.time())
     assert reading.status is ReadingStatus.ERROR
     assert reading.reason == "broker unreachable: source closed"
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        """Return the current reading."""
+        return self.now
+
+
+async def start_direct(port: int, *rules: RuleConfig, **options: object) -> MqttSource:
+    """Build a source with the given options and ``clock`` (not through the registry), started."""
+    clock = options.pop("clock", None)
+    raw = {"host": "127.0.0.1", "port": port, "reconnect_initial": "100ms", **options}
+    kwargs = {} if clock is None else {"clock": clock}
+    source = MqttSource("bus", MqttOptions.model_validate(raw), **kwargs)  # type: ignore[arg-type]
+    for r in rules:
+        source.watch("auth", r)
+    await source.start()
+    async with asyncio.timeout(WAIT):
+        await source.subscribed.wait()
+    return source
+
+
+def message(topic: str, payload: bytes) -> aiomqtt.Message:
+    """Build a message as the connection task hands it over."""
+    return aiomqtt.Message(topic, payload, qos=0, retain=False, mid=0, properties=None)
+
+
+@pytest.mark.slow
+async def test_staleness_follows_the_monotonic_clock_not_the_wall_clock(
+    mosquitto: Mosquitto,
+) -> None:
+    """A wall clock stepped back an hour changes nothing: age is measured on the monotonic clock."""
+    clock = FakeClock()
+    r = rule("boop/auth/success_rate")
+    source = await start_direct(mosquitto.port, r, clock=clock, stale_after="60s")
+    try:
+        await publish(mosquitto.port, "boop/auth/success_rate", "99.9")
+        wall = time.time()
+        [fresh] = await read_until(source, r, has_value)
+        assert fresh.status is ReadingStatus.OK
+        clock.now += 30
+        [still] = await source.read(r, wall + 3600)  # the wall clock jumped ahead: still fresh
+        assert still.status is ReadingStatus.OK
+        assert still.at == wall + 3600  # the reading is stamped with the wall clock it was given
+        clock.now += 45
+        [stale] = await source.read(r, wall - 3600)  # stepped back an hour: stale all the same
+        assert stale.status is ReadingStatus.NO_DATA
+        assert stale.reason == "stale: last value 75s ago"
+    finally:
+        await source.aclose()
+
+
+@pytest.mark.slow
+async def test_odd_payloads_read_error_and_never_raise(mosquitto: Mosquitto) -> None:
+    """Deep nesting, huge integers and infinities are the rule's error readings, never a raise."""
+    plain, field = rule("boop/plain"), rule("boop/json", json_field="v")
+    source = await start_direct(mosquitto.port, plain, field)
+    try:
+        for payload in (b"1e309", b"Infinity", b"NaN", b"9_8", "\u0669\u0668".encode()):
+            source.take(message("boop/plain", payload))
+            [reading] = await source.read(plain, time.time())
+            assert reading.status is ReadingStatus.ERROR, payload
+            assert reading.value is None
+        for payload in (
+            b"[" * 200_000 + b"]" * 200_000,
+            b'{"v": ' + b"[" * 200_000 + b"]" * 200_000 + b"}",
+            b'{"v": 1' + b"0" * 400 + b"}",
+            b'{"v": 1' + b"0" * 5000 + b"}",
+            b'{"v": Infinity}',
+        ):
+            source.take(message("boop/json", payload))
+            [reading] = await source.read(field, time.time())
+            assert reading.status is ReadingStatus.ERROR, payload[:20]
+            assert len(reading.reason) < 400
+    finally:
+        await source.aclose()
+
+
+@pytest.mark.slow
+async def test_topics_per_wildcard_are_capped_first_come_with_one_warning(
+    mosquitto: Mosquitto,
+) -> None:
+    """20,000 topics under a filter: the first max_topics_per_rule are kept, one warning says so."""
+    r = rule("boop/+/rate")
+    source = await start_direct(mosquitto.port, r, max_topics_per_rule=1000)
+    heard: list[str] = []
+    source.add_listener(heard.append)
+    try:
+        started = time.monotonic()
+        with capture_logs() as logs:
+            for i in range(20_000):
+                source.take(message(f"boop/t{i:05d}/rate", b"1"))
+        assert time.monotonic() - started < 5
+        assert len(heard) == 1000  # dropped topics are not arrivals
+        readings = await source.read(r, time.time())
+        assert len(readings) == 1000
+        assert {dict(x.labels)["topic"] for x in readings} == {
+            f"boop/t{i:05d}/rate" for i in range(1000)
+        }
+        warnings = [e for e in logs if e["event"] == "mqtt_topic_limit_reached"]
+        assert len(warnings) == 1
+        assert warnings[0]["max_topics_per_rule"] == 1000
+        assert warnings[0]["filter"] == "boop/+/rate"
+        source.take(message("boop/t00001/rate", b"2"))  # a kept topic still updates
+        readings = await source.read(r, time.time())
+        assert {dict(x.labels)["topic"]: x.value for x in readings}["boop/t00001/rate"] == 2.0
+    finally:
+        await source.aclose()
+
+
+@pytest.mark.slow
+async def test_reading_one_filter_does_not_scan_the_topics_of_another(
+    mosquitto: Mosquitto,
+) -> None:
+    """Reads cost what their own filter holds: 20,000 topics elsewhere do not slow them down."""
+    busy, quiet = rule("busy/+/rate"), rule("quiet/+/rate", name="q")
+    source = await start_direct(mosquitto.port, busy, quiet, max_topics_per_rule=50_000)
+    try:
+        for i in range(20_000):
+            source.take(message(f"busy/t{i}/rate", b"1"))
+        source.take(message("quiet/eu/rate", b"3"))
+        started = time.monotonic()
+        for _ in range(200):
+            [reading] = await source.read(quiet, time.time())
+        assert time.monotonic() - started < 0.5
+        assert reading.value == 3.0
+    finally:
+        await source.aclose()
+
+
+def test_max_topics_per_rule_is_at_least_one() -> None:
+    """max_topics_per_rule defaults to 1000 and refuses 0."""
+    assert MqttOptions.model_validate({"host": "h"}).max_topics_per_rule == 1000
+    with pytest.raises(ValueError, match="max_topics_per_rule"):
+        MqttOptions.model_validate({"host": "h", "max_topics_per_rule": 0})
+
+
+@pytest.mark.slow
+async def test_a_long_topic_is_echoed_truncated(mosquitto: Mosquitto) -> None:
+    """A reason names a long topic filter by its first 200 characters, not all of it."""
+    long = rule("boop/" + "x" * 60_000)
+    source = await start_direct(mosquitto.port, long)
+    try:
+        [reading] = await source.read(long, time.time())
+        assert reading.status is ReadingStatus.NO_DATA
+        assert len(reading.reason) < 400
+        assert "…" in reading.reason
+    finally:
+        await source.aclose()

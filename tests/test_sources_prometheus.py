@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import math
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from structlog.testing import capture_logs
 
 from rollbackd.config import RuleConfig
-from rollbackd.options import SecretRef
 from rollbackd.readings import Reading, ReadingStatus
 from rollbackd.sources import source_types
 from rollbackd.sources.prometheus import (
@@ -98,17 +99,178 @@ def test_options_reject_inline_secrets_and_two_auths() -> None:
 def test_parse_result_shapes() -> None:
     """Scalars read as one unlabelled value, matrices and strings as problems, NaN as no data."""
     assert parse_result([NOW, "2.5"], NOW)[0][0].value == 2.5
-    assert "string" in parse_result([NOW, "hello"], NOW)[1]
+    assert "not a number: 'hello'" in parse_result([NOW, "hello"], NOW)[1]
     assert "matrix" in parse_result([{"metric": {}, "values": [[NOW, "1"]]}], NOW)[1]
     nan = parse_result([{"metric": {}, "value": [NOW, "NaN"]}], NOW)[0][0]
     assert nan.status is ReadingStatus.NO_DATA
     assert "unexpected" in parse_result({"oops": 1}, NOW)[1]
 
 
+def test_prometheus_special_values_keep_their_meaning() -> None:
+    """+Inf and -Inf are values (beyond any threshold), NaN is no data, as Prometheus means them."""
+    up = parse_result([{"metric": {}, "value": [NOW, "+Inf"]}], NOW)[0][0]
+    assert (up.status, up.value) == (ReadingStatus.OK, math.inf)
+    down = parse_result([{"metric": {}, "value": [NOW, "-Inf"]}], NOW)[0][0]
+    assert (down.status, down.value) == (ReadingStatus.OK, -math.inf)
+    assert parse_result([NOW, "+Inf"], NOW)[0][0].value == math.inf
+    assert parse_result([NOW, "NaN"], NOW)[0][0].status is ReadingStatus.NO_DATA
+    assert parse_result([NOW, "1e+06"], NOW)[0][0].value == 1e6
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        [{"metric": "not an object", "value": [NOW, "1"]}],
+        [{"metric": 5, "value": [NOW, "1"]}],
+        [{"metric": ["x"], "value": [NOW, "1"]}],
+        [{"metric": {}, "value": [NOW, 10**400]}],
+        [{"metric": {}, "value": [NOW, "9_8"]}],
+        [{"metric": {}, "value": [NOW, "\u0669\u0668"]}],
+        [{"metric": {}, "value": "x"}],
+        [NOW, 10**400],
+        [NOW, True],
+        [{"metric": {}, "value": [NOW, "1"]}, "junk"],
+    ],
+)
+def test_malformed_results_are_problems_not_raises(result: object) -> None:
+    """An odd series (metric not an object, a huge or odd number) is a problem, never a raise."""
+    readings, problem = parse_result(result, NOW)
+    assert (readings, bool(problem)) == ([], True)
+    assert len(problem) < 400
+
+
+class FakeClient:
+    """Stands in for PrometheusConnect: answers, raises or blocks, and notes its threads."""
+
+    def __init__(self, answer: object = (), block: threading.Event | None = None) -> None:
+        self.answer = answer
+        self.block = block
+        self.threads: set[str] = set()
+        self.active = 0
+        self.most_active = 0
+        self._lock = threading.Lock()
+
+    def custom_query(self, query: str, timeout: float | None = None) -> object:
+        """Answer ``answer`` (raise it if it is an exception), after ``block`` is set."""
+        with self._lock:
+            self.threads.add(threading.current_thread().name)
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        try:
+            if self.block is not None:
+                self.block.wait(10)
+            if isinstance(self.answer, BaseException):
+                raise self.answer
+            return self.answer
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def fake_source(client: FakeClient, timeout: str = "2s", **extra: object) -> PrometheusSource:
+    """A source answering from ``client``."""
+    options = PrometheusOptions.model_validate(
+        {"url": "http://127.0.0.1:1", "timeout": timeout, **extra}
+    )
+    return PrometheusSource("prom", options, client=client)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        [{"metric": "not an object", "value": [NOW, "1"]}],
+        [{"metric": {}, "value": [NOW, 10**400]}],
+        ValueError("Exceeds the limit (4300 digits) for integer string conversion"),
+        RecursionError("maximum recursion depth exceeded"),
+        UnicodeEncodeError("latin-1", "x", 0, 1, "ordinal not in range(256)"),
+        RuntimeError("a bug in the client"),
+    ],
+)
+async def test_read_turns_any_failure_into_an_error_reading(answer: object) -> None:
+    """Whatever the client answers or raises, read returns the rule's error reading, with why."""
+    source = fake_source(FakeClient(answer))
+    await source.start()
+    try:
+        [reading] = await source.read(rule("up"), NOW)
+    finally:
+        await source.aclose()
+    assert reading.status is ReadingStatus.ERROR
+    assert reading.reason.endswith("(query: up)")
+
+
+async def test_queries_run_on_the_sources_own_bounded_threads() -> None:
+    """Queries run on threads named after the source, at most max_concurrency of them at once."""
+    release = threading.Event()
+    client = FakeClient([NOW, "1"], block=release)
+    source = fake_source(client, max_concurrency=2)
+    await source.start()
+    try:
+        reads = [asyncio.create_task(source.read(rule(f"q{i}"), NOW)) for i in range(6)]
+        await asyncio.sleep(0.2)
+        release.set()
+        for [reading] in await asyncio.gather(*reads):
+            assert reading.value == 1.0
+    finally:
+        await source.aclose()
+    assert client.most_active == 2
+    assert client.threads
+    assert all(name.startswith("rollbackd-prometheus-prom") for name in client.threads)
+
+
+async def test_an_exhausted_default_executor_does_not_stall_queries() -> None:
+    """Blocking work filling the loop's default pool (a stuck file action) leaves queries alone."""
+    loop = asyncio.get_running_loop()
+    stuck = threading.Event()
+    default = ThreadPoolExecutor(max_workers=1)
+    loop.set_default_executor(default)
+    blocker = loop.run_in_executor(None, stuck.wait, 10)
+    source = fake_source(FakeClient([NOW, "4"]), timeout="1s")
+    await source.start()
+    try:
+        [reading] = await source.read(rule("up"), NOW)
+    finally:
+        stuck.set()
+        await blocker
+        await source.aclose()
+    assert (reading.status, reading.value) == (ReadingStatus.OK, 4.0)
+
+
+async def test_no_query_thread_outlives_aclose() -> None:
+    """Closing waits for queries still running in threads; afterwards none of its threads lives."""
+    release = threading.Event()
+    source = fake_source(FakeClient([NOW, "1"], block=release), timeout="300ms")
+    await source.start()
+    [reading] = await source.read(rule("up"), NOW)
+    assert "timed out" in reading.reason
+    assert any(t.name.startswith("rollbackd-prometheus-prom") for t in threading.enumerate())
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.2, release.set)
+    await source.aclose()
+    assert not [t for t in threading.enumerate() if t.name.startswith("rollbackd-prometheus-")]
+
+
+async def test_a_long_query_is_echoed_truncated() -> None:
+    """A 1 MB query is named in the reason and the log by its first 200 characters only."""
+    query = "sum(" + "x" * 1_000_000 + ")"
+    source = make_source(f"http://127.0.0.1:{free_port()}", timeout=1.0)
+    try:
+        with capture_logs() as logs:
+            [reading] = await source.read(rule(query), NOW)
+    finally:
+        await source.aclose()
+    assert reading.status is ReadingStatus.ERROR
+    assert len(reading.reason) < 500
+    assert "sum(" + "x" * 196 + "…" in reading.reason
+    assert all(len(str(event)) < 1000 for event in logs)
+
+
 async def test_missing_secret_reads_error_without_leaking() -> None:
     """A bearer token that cannot be read makes every read an error naming the variable."""
     options = PrometheusOptions.model_validate(
-        {"url": "http://127.0.0.1:1", "bearer_token": SecretRef(env="ROLLBACKD_TEST_UNSET_TOKEN")}
+        {"url": "http://127.0.0.1:1", "bearer_token": {"env": "ROLLBACKD_TEST_UNSET_TOKEN"}}
     )
     source = PrometheusSource("prom", options)
     await source.start()

@@ -162,3 +162,11 @@ async def test_silent_phase_and_unknown_metric() -> None:
     [unknown] = await source.read(rule("auth_error_ratio"), T0 + 1)
     assert unknown.status is ReadingStatus.ERROR
     assert "auth_error_rate" in unknown.reason
+
+
+async def test_a_long_unknown_metric_is_echoed_truncated() -> None:
+    """A 1 MB unknown metric name is named in the reason by its first 200 characters only."""
+    [reading] = await make_source().read(rule("x" * 1_000_000), 0.0)
+    assert reading.status is ReadingStatus.ERROR
+    assert len(reading.reason) < 1000
+    assert "x" * 200 + "…" in reading.reason

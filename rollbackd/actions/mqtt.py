@@ -20,6 +20,7 @@ from rollbackd.actions import ActionContext, ActionType, OptionsAction, template
 from rollbackd.actions.templates import Template, TemplateTree
 from rollbackd.broker import BrokerOptions
 from rollbackd.errors import ActionError, SecretError
+from rollbackd.readings import excerpt
 
 
 class PublishOptions(BrokerOptions):
@@ -69,14 +70,19 @@ class Publisher:
         """Connect, publish one message, wait for the acknowledgement, disconnect."""
         options = self.options
         tls = self._tls_context()
-        where = f"mqtt://{options.host}:{options.port}/{topic}"
+        where = f"mqtt://{options.host}:{options.port}/{excerpt(topic)}"
         try:
             async with broker.client(options, tls=tls) as client:
                 await client.publish(topic, payload.encode("utf-8"), qos=options.qos, retain=retain)
         except SecretError as exc:
-            raise ActionError(f"mqtt password: {exc}") from exc
+            raise ActionError(f"mqtt password: {exc}") from None  # no secret in the chain
+        except ValueError as exc:  # paho refuses the rendered topic (wildcards, too long)
+            raise ActionError(
+                f"publish to {where} refused: {excerpt(str(exc))} "
+                "(a {field} in topic rendered something MQTT cannot publish to)"
+            ) from None
         except (aiomqtt.MqttError, OSError) as exc:
-            raise ActionError(f"publish to {where} failed: {exc}") from exc
+            raise ActionError(f"publish to {where} failed: {excerpt(str(exc))}") from exc
         kind = "retained" if retain else "published"
         return f"{kind} {len(payload)} bytes on {where}"
 

@@ -2,6 +2,7 @@
 
 Only the known ``{field}`` names are replaced; every other character (JSON braces included) is
 sent as written, so a JSON body needs no doubled braces. Unknown names are config errors.
+In a URL, each value is percent-encoded as one path segment or one query value.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
+from urllib.parse import quote, quote_plus
 
 from pydantic import AfterValidator
 
@@ -18,6 +20,8 @@ FIELDS = ("monitor", "incident", "reason", "event", "idempotency_key", "mode", "
 """The names a template may use, e.g. ``"/flags/{monitor}?key={idempotency_key}"``."""
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_URL_KEEP = "!#$%&'()*+,/:;=?@[]~"
+"""What the literal text of a URL template keeps as written: delimiters and its own %-escapes."""
 
 
 def check_template(text: str) -> str:
@@ -72,6 +76,42 @@ def render(text: str, values: Mapping[str, str], escape: Callable[[str], str] = 
         return escape(values[name]) if name in values else match.group(0)
 
     return _PLACEHOLDER.sub(substitute, text)
+
+
+def path_segment(value: str) -> str:
+    """``value`` as exactly one path segment: ``/`` and ``?`` encoded, ``.`` / ``..`` too."""
+    if value and value.strip(".") == "":
+        return "%2E" * len(value)  # quote() keeps dots, and "/../" would climb a level
+    return quote(value, safe="")
+
+
+def query_value(value: str) -> str:
+    """``value`` as one query value: ``&``, ``=``, ``+`` and ``#`` encoded."""
+    return quote_plus(value, safe="")
+
+
+def render_url(text: str, values: Mapping[str, str]) -> str:
+    """Render a URL template into a fully encoded URL whose shape no value can change.
+
+    The template's own text is kept (what a URL cannot hold is percent-encoded); a value is a
+    path segment before the first ``?`` and a query value after it. Send the result as already
+    encoded (``yarl.URL(url, encoded=True)``): normalising it again would decode ``%2E%2E``
+    and collapse ``/flags/%2E%2E/admin`` to ``/admin``.
+    """
+    out: list[str] = []
+    pos, in_query = 0, False
+    for match in _PLACEHOLDER.finditer(text):
+        literal = text[pos : match.start()]
+        out.append(quote(literal, safe=_URL_KEEP))
+        in_query = in_query or "?" in literal or "#" in literal
+        value = values.get(match.group(1))
+        if value is None:
+            out.append(match.group(0))
+        else:
+            out.append(query_value(value) if in_query else path_segment(value))
+        pos = match.end()
+    out.append(quote(text[pos:], safe=_URL_KEEP))
+    return "".join(out)
 
 
 def render_tree(value: Any, values: Mapping[str, str]) -> Any:

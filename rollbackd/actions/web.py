@@ -13,12 +13,11 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
-from urllib.parse import quote
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import aiohttp
 import structlog
-from pydantic import AnyHttpUrl, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, AnyHttpUrl, Field, ValidationInfo, field_validator
 from yarl import URL
 
 from rollbackd.actions import ActionContext, ActionType, Event
@@ -29,9 +28,11 @@ from rollbackd.actions.templates import (
     incident_payload,
     render,
     render_tree,
+    render_url,
 )
 from rollbackd.errors import ActionError, SecretError
-from rollbackd.options import CaFile, Duration, Frozen, SecretRef
+from rollbackd.options import CaFile, Duration, Frozen, HttpSecretRef, NoUserinfo, SecretRef
+from rollbackd.readings import excerpt
 
 log = structlog.get_logger(__name__)
 
@@ -42,13 +43,29 @@ ROLLBACK_ALERT_SECONDS = 7 * 86400.0
 """A rollback alert fires until the monitor is re-armed (which resolves it), at most a week."""
 TEST_ALERT_SECONDS = 300.0
 
-Headers = dict[str, str | SecretRef]
-"""Header values are plain strings or secret references (``{ env = "TOKEN" }``)."""
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+HttpUrl = Annotated[AnyHttpUrl, NoUserinfo]
+"""An http(s) URL without ``user:password@``."""
+
+
+def _check_headers(
+    headers: dict[str, str | HttpSecretRef],
+) -> dict[str, str | HttpSecretRef]:
+    for name, value in headers.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{excerpt(name)!r} is not a valid header name")
+        if isinstance(value, str) and not value.isprintable():
+            raise ValueError(f"header {name}: the value must be one line of printable text")
+    return headers
+
+
+Headers = Annotated[dict[str, str | HttpSecretRef], AfterValidator(_check_headers)]
+"""Header values are one-line strings or secret references (``{ env = "TOKEN" }``)."""
 
 
 def _http_url(url: str) -> str:
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        raise ValueError(f"{excerpt(url)!r} is not an http:// or https:// URL")
     return url
 
 
@@ -79,10 +96,10 @@ def ssl_context(options: TlsOptions) -> ssl.SSLContext | bool:
     return context
 
 
-def safe_url(url: str) -> str:
-    """``url`` without credentials, query or fragment: fit for logs and details."""
+def safe_url(url: str | URL) -> str:
+    """``url`` without credentials, query or fragment, cut short: fit for logs and details."""
     try:
-        return str(URL(url).with_user(None).with_query(None).with_fragment(None))
+        return excerpt(str(URL(url).with_user(None).with_query(None).with_fragment(None)))
     except ValueError:
         return "<invalid url>"
 
@@ -111,7 +128,7 @@ class HttpClient:
     async def send(
         self,
         method: str,
-        url: str,
+        url: str | URL,
         headers: Mapping[str, str],
         *,
         json_body: Any = None,
@@ -134,13 +151,13 @@ class HttpClient:
                 "(set ca_file to the PEM bundle of the CA that signed it)"
             ) from exc
         except aiohttp.ClientError as exc:
-            raise ActionError(f"{where}: {type(exc).__name__}: {exc}") from exc
+            raise ActionError(f"{where}: {type(exc).__name__}: {excerpt(str(exc))}") from exc
         except TimeoutError as exc:
             raise ActionError(f"{where}: timed out") from exc
         if not 200 <= status < 300:
-            excerpt = " ".join(raw.decode("utf-8", "replace").split())[:EXCERPT_CHARS]
+            said = " ".join(raw.decode("utf-8", "replace").split())[:EXCERPT_CHARS]
             raise ActionError(
-                f"{where}: HTTP {status}: {excerpt or '(empty body)'}",
+                f"{where}: HTTP {status}: {said or '(empty body)'}",
                 transient=status >= 500 or status == 429,  # the server may recover
             )
         return f"{where}: HTTP {status}"
@@ -193,7 +210,7 @@ def _headers(configured: Headers, ctx: ActionContext) -> dict[str, str]:
         try:
             out[name] = value.reveal() if isinstance(value, SecretRef) else value
         except SecretError as exc:
-            raise ActionError(f"header {name}: {exc}") from exc
+            raise ActionError(f"header {name}: {exc}") from None  # no secret in the chain
     if not any(name.lower() == "idempotency-key" for name in out):
         out["Idempotency-Key"] = ctx.idempotency_key
     return out
@@ -205,7 +222,8 @@ def _headers(configured: Headers, ctx: ActionContext) -> dict[str, str]:
 class HttpRequestOptions(TlsOptions):
     """``flag.http`` / ``route.http``: one templated request to a flag or routing service's API."""
 
-    url: Template
+    url: Annotated[Template, NoUserinfo]
+    """A ``{field}`` is sent encoded as one path segment, or one query value after ``?``."""
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
     headers: Headers = Field(default_factory=dict)
     body: TemplateTree | None = None
@@ -224,7 +242,7 @@ class HttpRequestAction(HttpAction[HttpRequestOptions]):
         """Render url/body with the incident's fields and send the request."""
         o = self.options
         values = fields(ctx)
-        url = render(o.url, values, lambda v: quote(v, safe=""))
+        url = URL(render_url(o.url, values), encoded=True)  # as rendered: no re-normalising
         headers = _headers(o.headers, ctx)
         if isinstance(o.body, str):
             if not any(name.lower() == "content-type" for name in headers):
@@ -240,7 +258,7 @@ class HttpRequestAction(HttpAction[HttpRequestOptions]):
 class WebhookOptions(TlsOptions):
     """``alert.webhook``: POST a JSON document describing the incident."""
 
-    url: AnyHttpUrl
+    url: HttpUrl
     headers: Headers = Field(default_factory=dict)
 
 
@@ -268,10 +286,10 @@ ALERT_NAMES = {
 class AlertmanagerOptions(TlsOptions):
     """``alert.alertmanager``: post an alert to Alertmanager's API v2 (resolved on re-arm)."""
 
-    url: AnyHttpUrl
+    url: HttpUrl
     severity: str = "critical"
     labels: dict[str, str] = Field(default_factory=dict)
-    generator_url: AnyHttpUrl | None = None
+    generator_url: HttpUrl | None = None
     headers: Headers = Field(default_factory=dict)
     resolve_after: Duration = 3600.0
     """Warnings (alert, blind events) end by themselves after this; rollbacks end on re-arm."""

@@ -2,6 +2,7 @@
 
 A task owned by the source keeps one connection, subscribes to every watched topic filter,
 reconnects with capped exponential backoff, and tells listeners which monitors got a new value.
+Ages are measured on the monotonic clock; readings are stamped with the ``now`` they are read at.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import aiomqtt
@@ -23,13 +24,25 @@ from rollbackd.broker import BrokerOptions
 from rollbackd.config import RuleConfig
 from rollbackd.errors import SecretError
 from rollbackd.options import Duration
-from rollbackd.readings import Reading, error, labels_of, no_data, ok, parse_number
+from rollbackd.readings import (
+    Labels,
+    Reading,
+    error,
+    excerpt,
+    labels_of,
+    no_data,
+    ok,
+    parse_number,
+)
 from rollbackd.sources import ArrivalListener, SourceType
 
 log = structlog.get_logger(__name__)
 
 ClientFactory = Callable[[], aiomqtt.Client]
 """Makes a fresh, not yet connected client; one per connection attempt."""
+
+MAX_PAYLOAD = 1 << 20
+"""Bytes of a payload worth parsing; a bigger one reads as an error without being parsed."""
 
 
 class MqttOptions(BrokerOptions):
@@ -45,6 +58,8 @@ class MqttOptions(BrokerOptions):
     reconnect_initial: Duration = 0.5
     """First wait before reconnecting; doubles after each failure up to ``reconnect_max``."""
     reconnect_max: Duration = 30.0
+    max_topics_per_rule: int = Field(default=1000, ge=1)
+    """Concrete topics kept per wildcard topic filter; the first ones to arrive are kept."""
 
     @model_validator(mode="after")
     def _backoff(self) -> MqttOptions:
@@ -69,14 +84,28 @@ def client_factory(options: MqttOptions) -> ClientFactory:
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """The latest payload of one concrete topic and when it arrived (unix seconds)."""
+    """The latest payload of one concrete topic and when it arrived (monotonic seconds)."""
 
     payload: bytes
     arrived: float
+    parsed: dict[str | None, tuple[float | None, str]] = field(default_factory=dict, compare=False)
+    """``parse_payload`` of this payload per json_field, filled on first use (parsed once)."""
+
+    def value(self, json_field: str | None) -> tuple[float | None, str]:
+        """``parse_payload(self.payload, json_field)``, computed once per field."""
+        found = self.parsed.get(json_field)
+        if found is None:
+            found = self.parsed[json_field] = parse_payload(self.payload, json_field)
+        return found
 
 
 class MqttSource:
-    """Subscribes to the watched topic filters and keeps the latest payload per topic."""
+    """Subscribes to the watched topic filters and keeps the latest payload per topic.
+
+    Each filter keeps its own topics (at most ``max_topics_per_rule``, first come first kept),
+    so a message costs one match per filter and a read costs only its own filter's topics.
+    ``clock`` is monotonic: it times the age of values, never the wall clock.
+    """
 
     push = True
 
@@ -85,16 +114,17 @@ class MqttSource:
         name: str,
         options: MqttOptions,
         make_client: ClientFactory | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.options = options
         self._make_client = make_client or client_factory(options)
         self._clock = clock
         self._watched: dict[str, set[str]] = {}  # topic filter -> monitors
+        self._series: dict[str, dict[str, Sample]] = {}  # topic filter -> topic -> latest
+        self._full: set[str] = set()  # filters that reached max_topics_per_rule (warned)
         self._invalid: dict[str, str] = {}  # topic filter -> why it cannot be subscribed
         self._listeners: list[ArrivalListener] = []
-        self._latest: dict[str, Sample] = {}
         self._task: asyncio.Task[None] | None = None
         self._connected = False
         self._down_reason = ""
@@ -110,6 +140,7 @@ class MqttSource:
             self._invalid[topic] = str(exc)
             return
         self._watched.setdefault(topic, set()).add(monitor)
+        self._series.setdefault(topic, {})
 
     def add_listener(self, listener: ArrivalListener) -> None:
         """Call ``listener(monitor)`` whenever a watched topic of ``monitor`` gets a value."""
@@ -166,25 +197,30 @@ class MqttSource:
             self.subscribed.set()
             log.info("mqtt_connected", source=self.name, topics=len(self._watched))
             async for message in client.messages:
-                self._arrived(message)
+                self.take(message)
 
     def _down(self, reason: str) -> None:
         self._connected, self._down_reason = False, reason
         self.subscribed.clear()
 
-    def _arrived(self, message: aiomqtt.Message) -> None:
+    def take(self, message: aiomqtt.Message) -> None:
+        """Keep ``message`` as the latest of its topic and tell the monitors watching it."""
         payload = message.payload
         if isinstance(payload, str):
             payload = payload.encode()
         elif not isinstance(payload, bytes | bytearray):
             payload = str(payload).encode()  # int/float/None as paho may hand them over
-        self._latest[message.topic.value] = Sample(bytes(payload), self._clock())
-        monitors = {
-            monitor
-            for topic, names in self._watched.items()
-            if message.topic.matches(topic)
-            for monitor in names
-        }
+        sample = Sample(bytes(payload), self._clock())
+        concrete = message.topic.value
+        monitors: set[str] = set()
+        for topic_filter, series in self._series.items():
+            if not message.topic.matches(topic_filter):
+                continue
+            if concrete not in series and len(series) >= self.options.max_topics_per_rule:
+                self._limit_reached(topic_filter)
+                continue
+            series[concrete] = sample
+            monitors |= self._watched[topic_filter]
         for monitor in sorted(monitors):
             for listener in self._listeners:
                 try:
@@ -192,60 +228,106 @@ class MqttSource:
                 except Exception:  # a listener's bug must not stop the subscription
                     log.exception("listener_failed", source=self.name, monitor=monitor)
 
+    def _limit_reached(self, topic_filter: str) -> None:
+        if topic_filter in self._full:
+            return
+        self._full.add(topic_filter)
+        log.warning(
+            "mqtt_topic_limit_reached",
+            source=self.name,
+            filter=excerpt(topic_filter),
+            max_topics_per_rule=self.options.max_topics_per_rule,
+            action="new topics under this filter are ignored (the first ones are kept); "
+            "narrow the filter or raise max_topics_per_rule",
+        )
+
     async def read(self, rule: RuleConfig, now: float) -> Sequence[Reading]:
-        """Latest value(s) of ``rule.topic``: one per concrete topic for a wildcard filter."""
+        """Latest value(s) of ``rule.topic``: one per concrete topic for a wildcard filter.
+
+        Never raises: a failure is the rule's error reading with the reason (and a log line).
+        """
         topic = rule.topic or ""
+        try:
+            return self._read(rule, topic, now)
+        except Exception as exc:  # the outermost edge: one odd value must not crash the check
+            log.exception("source_read_failed", source=self.name, topic=excerpt(topic))
+            return [error(f"reading {excerpt(topic)!r} failed: {type(exc).__name__}", now)]
+
+    def _read(self, rule: RuleConfig, topic: str, now: float) -> Sequence[Reading]:
         if topic in self._invalid:
-            return [error(f"invalid topic filter {topic!r}: {self._invalid[topic]}", now)]
+            reason = excerpt(self._invalid[topic])
+            return [error(f"invalid topic filter {excerpt(topic)!r}: {reason}", now)]
         if not self._connected:
             if self._down_reason:
-                return [error(f"broker unreachable: {self._down_reason}", now)]
+                return [error(f"broker unreachable: {excerpt(self._down_reason)}", now)]
             return [no_data("not connected to the broker yet", now)]
+        series = self._series.get(topic, {})
         if "+" not in topic and "#" not in topic:
-            sample = self._latest.get(topic)
+            sample = series.get(topic)
             if sample is None:
-                return [no_data(f"nothing received on {topic} yet", now)]
+                return [no_data(f"nothing received on {excerpt(topic)} yet", now)]
             return [self._reading(sample, rule, now, ())]
         readings = [
             self._reading(sample, rule, now, labels_of({"topic": concrete}))
-            for concrete, sample in sorted(self._latest.items())
-            if aiomqtt.Topic(concrete).matches(topic)
+            for concrete, sample in sorted(series.items())
         ]
-        return readings or [no_data(f"nothing received on {topic} yet", now)]
+        return readings or [no_data(f"nothing received on {excerpt(topic)} yet", now)]
 
-    def _reading(
-        self, sample: Sample, rule: RuleConfig, now: float, labels: tuple[tuple[str, str], ...]
-    ) -> Reading:
-        age = now - sample.arrived
+    def _reading(self, sample: Sample, rule: RuleConfig, now: float, labels: Labels) -> Reading:
+        age = self._clock() - sample.arrived
         if age > self.options.stale_after:
             return no_data(f"stale: last value {age:.0f}s ago", now, labels)
-        value, problem = parse_payload(sample.payload, rule.json_field)
+        value, problem = sample.value(rule.json_field)
         if value is None:
             return error(problem, now, labels)
         return ok(value, now, labels)
 
 
 def parse_payload(payload: bytes, json_field: str | None) -> tuple[float | None, str]:
-    """Return ``(number, "")`` from a plain-number or JSON payload, or ``(None, reason)``."""
-    preview = payload[:60].decode("utf-8", "replace")
-    try:
-        text = payload.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return None, f"payload is not UTF-8 text: {preview!r}"
+    """Return ``(number, "")`` from a plain-number or JSON payload, or ``(None, reason)``.
+
+    A number is finite and written as JSON writes numbers (see ``readings.parse_number``);
+    JSON's numbers are kept as their text, so ``1e309`` or a 5000-digit integer is named as
+    received. A payload nested too deep or too big is refused, never a crash.
+    """
+    text, problem = _text(payload)
+    if text is None:
+        return None, problem
     if json_field is None:
         value = parse_number(text)
-        return value, "" if value is not None else f"payload is not a number: {preview!r}"
+        return value, "" if value is not None else f"payload is not a number: {_shown(text)}"
+    return _json_field(text, json_field)
+
+
+def _text(payload: bytes) -> tuple[str | None, str]:
+    if len(payload) > MAX_PAYLOAD:
+        return None, f"payload is {len(payload)} bytes, more than the {MAX_PAYLOAD} read"
     try:
-        document: object = json.loads(text)
-    except json.JSONDecodeError:
-        return None, f"payload is not JSON: {preview!r}"
+        return payload.decode("utf-8").strip(), ""
+    except UnicodeDecodeError:
+        return None, f"payload is not UTF-8 text: {_shown(payload.decode('utf-8', 'replace'))}"
+
+
+def _json_field(text: str, json_field: str) -> tuple[float | None, str]:
+    try:
+        document: object = json.loads(text, parse_int=str, parse_float=str, parse_constant=str)
+    except RecursionError:
+        return None, "payload is JSON nested deeper than the parser goes"
+    except ValueError:  # JSONDecodeError
+        return None, f"payload is not JSON: {_shown(text)}"
     found, document = _field(document, json_field)
     if not found:
-        return None, f"payload has no field {json_field!r}: {preview!r}"
+        return None, f"payload has no field {json_field!r}: {_shown(text)}"
     value = parse_number(document)
     if value is None:
-        return None, f"field {json_field!r} is not a number: {str(document)[:60]!r}"
+        shown = document if isinstance(document, str) else json.dumps(document)
+        return None, f"field {json_field!r} is not a number: {_shown(shown)}"
     return value, ""
+
+
+def _shown(text: str) -> str:
+    """How a reason quotes received text: cut to ``readings.EXCERPT_CHARS``."""
+    return repr(excerpt(text))
 
 
 def _field(document: object, dotted: str) -> tuple[bool, object]:
@@ -253,11 +335,16 @@ def _field(document: object, dotted: str) -> tuple[bool, object]:
     for part in dotted.split("."):
         if isinstance(document, dict) and part in document:
             document = document[part]
-        elif isinstance(document, list) and part.isdigit() and int(part) < len(document):
+        elif isinstance(document, list) and _index(part) < len(document):
             document = document[int(part)]
         else:
             return False, None
     return True, document
+
+
+def _index(part: str) -> int:
+    """``part`` as a list index, or a number past any list when it is not ASCII digits."""
+    return int(part) if part.isascii() and part.isdigit() else 1 << 62
 
 
 MQTT = SourceType(options=MqttOptions, rule_keys=frozenset({"topic"}), build=MqttSource)

@@ -2,6 +2,7 @@
 
 Each series of a vector is one reading with its labels; a scalar is one reading without labels.
 Every failure (HTTP, connection, timeout, bad JSON, unexpected result type) is an error reading.
+Queries run on the source's own bounded thread pool, started with it and shut down by ``aclose``.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
+import math
 from collections.abc import Sequence
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Annotated, Any
 
 import requests
 import structlog
@@ -21,8 +24,8 @@ from urllib3.util.retry import Retry
 
 from rollbackd.config import RuleConfig
 from rollbackd.errors import SecretError
-from rollbackd.options import CaFile, Duration, Frozen, SecretRef
-from rollbackd.readings import Reading, error, labels_of, no_data, ok, parse_number
+from rollbackd.options import CaFile, Duration, Frozen, HttpSecretRef, NoUserinfo
+from rollbackd.readings import Reading, error, excerpt, labels_of, no_data, ok, parse_number
 from rollbackd.sources import ArrivalListener, SourceType
 
 log = structlog.get_logger(__name__)
@@ -34,23 +37,36 @@ _FAILURES = (
     requests.exceptions.RequestException,
     KeyError,
     TypeError,
+    ValueError,  # e.g. a JSON integer of more than 4300 digits
+    RecursionError,  # JSON nested too deep for the parser
 )
+_SPECIAL = {"NaN": math.nan, "+Inf": math.inf, "Inf": math.inf, "-Inf": -math.inf}
+"""How Prometheus writes its non-finite sample values (Go's strconv)."""
+CLOSE_GRACE = 1.0
+"""Seconds beyond ``timeout`` that ``aclose`` waits for a query still running in a thread."""
 
 
 class BasicAuth(Frozen):
     """HTTP basic authentication; the password is a secret reference."""
 
     username: str = Field(min_length=1)
-    password: SecretRef
+    password: HttpSecretRef
+
+    @field_validator("username")
+    @classmethod
+    def _sendable(cls, username: str) -> str:
+        if ":" in username or not username.isprintable() or max(map(ord, username)) > 0xFF:
+            raise ValueError("username must be printable Latin-1 text without ':'")
+        return username
 
 
 class PrometheusOptions(Frozen):
     """``[sources.NAME]`` keys of ``type = "prometheus"``."""
 
-    url: str
+    url: Annotated[str, NoUserinfo]
     timeout: Duration = 5.0
     """Per query, connection included; a query that takes longer reads as an error."""
-    bearer_token: SecretRef | None = None
+    bearer_token: HttpSecretRef | None = None
     basic_auth: BasicAuth | None = None
     ca_file: CaFile | None = None
     """PEM bundle to verify the server's certificate with (https URLs)."""
@@ -62,7 +78,7 @@ class PrometheusOptions(Frozen):
     @classmethod
     def _http_url(cls, url: str) -> str:
         if not url.startswith(("http://", "https://")):
-            raise ValueError(f"url must start with http:// or https://, not {url!r}")
+            raise ValueError(f"url must start with http:// or https://, not {excerpt(url)!r}")
         return url.rstrip("/")
 
     @model_validator(mode="after")
@@ -82,10 +98,11 @@ def connect(options: PrometheusOptions) -> PrometheusConnect:
     session.verify = str(options.ca_file) if options.ca_file else options.tls_verify
     headers = None
     if options.bearer_token is not None:
-        headers = {"Authorization": f"Bearer {options.bearer_token.reveal()}"}
+        headers = {"Authorization": f"Bearer {_reveal('bearer_token', options.bearer_token)}"}
     auth = None
     if options.basic_auth is not None:
-        auth = (options.basic_auth.username, options.basic_auth.password.reveal())
+        password = _reveal("basic_auth.password", options.basic_auth.password)
+        auth = (options.basic_auth.username, password)
     return PrometheusConnect(
         url=options.url,
         headers=headers,
@@ -94,6 +111,13 @@ def connect(options: PrometheusOptions) -> PrometheusConnect:
         timeout=options.timeout,
         retry=Retry(total=0, raise_on_status=False),
     )
+
+
+def _reveal(key: str, secret: HttpSecretRef) -> str:
+    try:
+        return secret.reveal()
+    except SecretError as exc:
+        raise SecretError(f"{key}: {exc}") from exc
 
 
 class PrometheusSource:
@@ -109,6 +133,8 @@ class PrometheusSource:
         self._client = client
         self._client_problem = ""
         self._slots = asyncio.Semaphore(options.max_concurrency)
+        self._pool: ThreadPoolExecutor | None = None
+        self._running: set[Future[Any]] = set()
 
     def watch(self, monitor: str, rule: RuleConfig) -> None:
         """Nothing to prepare: every read is a fresh query."""
@@ -117,34 +143,67 @@ class PrometheusSource:
         """Ignore listeners: a polled source has no arrivals to report."""
 
     async def start(self) -> None:
-        """Build the HTTP client (no request is made)."""
+        """Build the HTTP client and the query threads' pool (no request is made)."""
         self._ensure_client()
+        self._ensure_pool()
 
     async def aclose(self) -> None:
-        """Close the HTTP session."""
+        """Stop the pool, wait (bounded) for queries still in threads, close the HTTP session."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+            running = [asyncio.wrap_future(future) for future in list(self._running)]
+            if running:
+                _, late = await asyncio.wait(running, timeout=self.options.timeout + CLOSE_GRACE)
+                if late:
+                    log.warning(
+                        "prometheus_query_outlived_close", source=self.name, queries=len(late)
+                    )
+            if not self._running:
+                pool.shutdown(wait=True)  # the workers are idle: joining them is immediate
         if self._client is not None:
             self._client.close()
             self._client = None
+
+    def _ensure_pool(self) -> ThreadPoolExecutor:
+        # One pool per source, bounded by max_concurrency: a stuck file action or another
+        # source's hung queries cannot take the threads this source's queries need.
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=self.options.max_concurrency,
+                thread_name_prefix=f"rollbackd-prometheus-{self.name}",
+            )
+        return self._pool
 
     def _ensure_client(self) -> PrometheusConnect | None:
         if self._client is None:
             try:
                 self._client = connect(self.options)
             except SecretError as exc:
-                self._client_problem = f"cannot read a secret: {exc}"
+                self._client_problem = f"cannot use the secret {exc}"
                 return None
         return self._client
 
     async def read(self, rule: RuleConfig, now: float) -> Sequence[Reading]:
-        """Run ``rule.query`` once; never raises."""
+        """Run ``rule.query`` once; never raises (a failure is an error reading with the reason)."""
         query = rule.query or ""
+        try:
+            return await self._read(query, now)
+        except Exception as exc:  # the outermost edge: one odd answer must not crash the check
+            log.exception("source_read_failed", source=self.name, query=excerpt(query))
+            return [self._failed(query, f"unexpected {type(exc).__name__}", now)]
+
+    async def _read(self, query: str, now: float) -> Sequence[Reading]:
         client = self._ensure_client()
         if client is None:
             return [self._failed(query, self._client_problem, now)]
         timeout = self.options.timeout
         try:
             async with asyncio.timeout(timeout), self._slots:
-                result = await asyncio.to_thread(client.custom_query, query, timeout=timeout)
+                future = self._ensure_pool().submit(client.custom_query, query, timeout=timeout)
+                self._running.add(future)
+                future.add_done_callback(self._running.discard)
+                result = await asyncio.wrap_future(future)
         except _FAILURES as exc:
             return [self._failed(query, self._describe(exc), now)]
         readings, problem = parse_result(result, now)
@@ -156,6 +215,8 @@ class PrometheusSource:
         timeout = self.options.timeout
         if isinstance(exc, TimeoutError | requests.exceptions.Timeout):
             reason = f"timed out after {timeout:g}s"
+        elif isinstance(exc, requests.exceptions.InvalidHeader):  # its text holds the header
+            reason = "a request header is invalid (check bearer_token / basic_auth)"
         elif isinstance(exc, PrometheusApiClientException):
             reason = _api_problem(str(exc))
         elif isinstance(exc, requests.exceptions.JSONDecodeError):
@@ -164,13 +225,15 @@ class PrometheusSource:
             reason = f"cannot connect to {self.options.url}: {_short(exc)}"
         elif isinstance(exc, requests.exceptions.RequestException):
             reason = f"request failed: {_short(exc)}"
-        else:  # KeyError / TypeError: the JSON lacks data.result
-            reason = f"malformed response: {type(exc).__name__} {exc}"
+        elif isinstance(exc, RecursionError):
+            reason = "malformed response: JSON nested too deep"
+        else:  # KeyError / TypeError / ValueError: the JSON lacks data.result or is odd
+            reason = f"malformed response: {type(exc).__name__} {excerpt(str(exc))}"
         return reason
 
     def _failed(self, query: str, reason: str, now: float) -> Reading:
-        log.warning("source_error", source=self.name, query=query, reason=reason)
-        return error(f"{reason} (query: {query})", now)
+        log.warning("source_error", source=self.name, query=excerpt(query), reason=reason)
+        return error(f"{reason} (query: {excerpt(query)})", now)
 
 
 def parse_result(result: object, now: float) -> tuple[list[Reading], str]:
@@ -184,9 +247,9 @@ def parse_result(result: object, now: float) -> tuple[list[Reading], str]:
     if not result:
         return [no_data("empty result", now)], ""
     if len(result) == _PAIR and not isinstance(result[0], dict):
-        value = parse_number(result[1])
+        value = sample_value(result[1])
         if value is None:
-            return [], f"result is a string, not a number: {str(result[1])[:80]!r}"
+            return [], f"result is not a number: {excerpt(str(result[1]))!r}"
         return [ok(value, now)], ""
     readings = []
     for series in result:
@@ -197,16 +260,29 @@ def parse_result(result: object, now: float) -> tuple[list[Reading], str]:
     return readings, ""
 
 
+def sample_value(value: object) -> float | None:
+    """A sample value as Prometheus writes it: a decimal number, ``NaN``, ``+Inf`` or ``-Inf``.
+
+    ±Inf are values (beyond any threshold) and NaN reads as no data, as ``engine`` means them.
+    """
+    if isinstance(value, str) and value in _SPECIAL:
+        return _SPECIAL[value]
+    return parse_number(value)
+
+
 def _series(series: object, now: float) -> tuple[Reading | None, str]:
     if not isinstance(series, dict) or "value" not in series:
         if isinstance(series, dict) and "values" in series:
             return None, "result is a range vector (matrix): use an instant query"
         return None, "unexpected result: not a vector"
-    labels = labels_of({str(k): str(v) for k, v in dict(series.get("metric", {})).items()})
+    metric = series.get("metric", {})
+    if not isinstance(metric, dict):
+        return None, f"unexpected result: a series' metric is a {type(metric).__name__}"
+    labels = labels_of({str(k): str(v) for k, v in metric.items()})
     pair = series["value"]
-    value = parse_number(pair[1]) if isinstance(pair, list) and len(pair) == _PAIR else None
+    value = sample_value(pair[1]) if isinstance(pair, list) and len(pair) == _PAIR else None
     if value is None:
-        return None, f"series {dict(labels)} has no numeric value"
+        return None, f"series {excerpt(str(dict(labels)))} has no numeric value"
     return ok(value, now, labels), ""
 
 

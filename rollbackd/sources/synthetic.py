@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 
 from rollbackd.config import RuleConfig
 from rollbackd.options import Duration, Frozen
-from rollbackd.readings import Reading, error, no_data, ok
+from rollbackd.readings import Reading, error, excerpt, no_data, ok
 from rollbackd.sources import ArrivalListener, SourceType
 
 StageKind = Literal["healthy", "degrading", "outage", "silent"]
@@ -172,7 +172,7 @@ class SyntheticSource:
         metric = (rule.query or "").strip()
         if metric not in METRICS:
             known = ", ".join(sorted(METRICS))
-            return [error(f"unknown synthetic metric {metric!r} (known: {known})", now)]
+            return [error(f"unknown synthetic metric {excerpt(metric)!r} (known: {known})", now)]
         offset = self.offset(now)
         value = sample(self.options, metric, offset)
         if value is None:
