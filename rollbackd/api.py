@@ -1,35 +1,37 @@
-"""The HTTP surface on ``daemon.listen``: /health, /metrics, /status and the guarded re-arm.
+"""The HTTP surface on ``daemon.listen``: /health, /metrics, /status, guarded re-arm and retry.
 
-Also its client side (``get_status``, ``post_rearm``) used by the CLI, and the control token.
+Also the control token. /metrics and /status are rendered in one worker thread, so a big
+registry never stalls /health or the checks; the listening socket is ``listener``'s.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
 import os
 import secrets
 import stat
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
-from urllib.parse import quote
+from typing import Any, Protocol, TypeVar
 
-import aiohttp
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from rollbackd.client import base_url, get_status, post_rearm, post_retry
 from rollbackd.codec import dumps
 from rollbackd.errors import (
-    ApiError,
-    DaemonUnreachableError,
+    IncidentNotRetryableError,
     MonitorNotLatchedError,
     RollbackdError,
+    UnknownIncidentError,
     UnknownMonitorError,
 )
+from rollbackd.listener import Limits, Listener
 
 log = structlog.get_logger("rollbackd.api")
 
@@ -51,6 +53,9 @@ class Surface(Protocol):
 
     async def rearm(self, monitor: str) -> dict[str, Any]:
         """Clear a latch; UnknownMonitorError / MonitorNotLatchedError when it cannot."""
+
+    async def retry(self, incident: str) -> dict[str, Any]:
+        """Re-run the failed steps; UnknownIncidentError / IncidentNotRetryableError if not."""
 
 
 # --- the control token ------------------------------------------------------------------
@@ -101,10 +106,18 @@ def read_control_token(state_dir: Path) -> str:
 # --- the server -------------------------------------------------------------------------
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
+
+RENDERS_WAITING = 4
+"""/metrics and /status renders queued behind the running one at most; more get a 503."""
 
 
 class ApiServer:
-    """Serves the surface on ``address`` between ``start()`` and ``stop()`` (or ``async with``)."""
+    """Serves the surface on ``address`` between ``start()`` and ``stop()`` (or ``async with``).
+
+    ``status_token``: /status and /metrics need the control token too. ``pool``: where
+    /metrics and /status render (default: a one-thread pool of the server's own).
+    """
 
     def __init__(
         self,
@@ -114,13 +127,23 @@ class ApiServer:
         address: tuple[str, int],
         *,
         version: str,
+        status_token: bool = False,
+        limits: Limits | None = None,
+        pool: Executor | None = None,
     ) -> None:
         self.surface = surface
         self.registry = registry
         self.address = address
         self.version = version
+        self.status_token = status_token
+        """Settable while serving (a reload may change ``daemon.status_token``)."""
+        self.limits = limits or Limits()
         self._token = token.encode("utf-8")
         self._runner: web.AppRunner | None = None
+        self._listener: Listener | None = None
+        self._given_pool = pool
+        self._pool: Executor | None = None
+        self._renders = 0
         self.port: int | None = None
         """The bound port (useful with port 0), set by ``start()``."""
 
@@ -131,30 +154,43 @@ class ApiServer:
         app.router.add_get("/metrics", self._metrics, allow_head=True)
         app.router.add_get("/status", self._status)
         app.router.add_post("/rearm/{monitor}", self._rearm)
+        app.router.add_post("/retry/{incident}", self._retry)
         return app
 
     async def start(self) -> None:
         """Bind and serve; RollbackdError when the address cannot be bound."""
-        runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=2.0)
+        runner = web.AppRunner(
+            self.app(),
+            access_log=None,
+            shutdown_timeout=2.0,
+            keepalive_timeout=self.limits.idle_timeout,
+        )
         await runner.setup()
+        assert runner.server is not None
+        listener = Listener(runner.server, self.limits)
         host, port = self.address
-        site = web.TCPSite(runner, host, port, reuse_address=True)
         try:
-            await site.start()
+            self.port = await listener.start(host, port)
         except OSError as exc:
             await runner.cleanup()
             raise RollbackdError(
                 f"cannot listen on {host}:{port} (daemon.listen): {exc.strerror}"
             ) from exc
-        self._runner = runner
-        self.port = _bound_port(runner, port)
-        log.info("api_listening", host=host, port=self.port)
+        self._runner, self._listener = runner, listener
+        self._pool = self._given_pool or ThreadPoolExecutor(1, thread_name_prefix="rollbackd-api")
+        log.info("api_listening", host=host, port=self.port, max_connections=listener.cap)
 
     async def stop(self) -> None:
         """Stop serving (idempotent)."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        pool, self._pool = self._pool, None
+        if pool is not None and pool is not self._given_pool:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     async def __aenter__(self) -> ApiServer:
         await self.start()
@@ -176,21 +212,33 @@ class ApiServer:
         return _json({"status": "degraded", "reason": reason, **body}, status=503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        if self.status_token and not self._authorized(request):
+            return _unauthorized(request, "metrics")
         # Content negotiation as prometheus_client does it: OpenMetrics when the scraper asks.
         encode, content_type = choose_encoder(request.headers.get("Accept", ""))
-        return web.Response(body=encode(self.registry), headers={"Content-Type": content_type})
+        body = await self._render(encode, self.registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
-    async def _status(self, _request: web.Request) -> web.Response:
-        return _json(self.surface.status())
+    async def _status(self, request: web.Request) -> web.Response:
+        if self.status_token and not self._authorized(request):
+            return _unauthorized(request, "status")
+        # The surface builds a fresh document on the loop; encoding it is the slow part.
+        text = await self._render(dumps, self.surface.status())
+        return web.Response(text=text, content_type="application/json")
+
+    async def _render(self, render: Callable[[Any], T], subject: object) -> T:
+        """Run ``render(subject)`` in the render pool, one at a time; a 503 when too many wait."""
+        if self._renders > RENDERS_WAITING:
+            raise web.HTTPServiceUnavailable(headers={"Retry-After": "5"})
+        self._renders += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, render, subject)
+        finally:
+            self._renders -= 1
 
     async def _rearm(self, request: web.Request) -> web.Response:
-        if not self._authorized(request.headers.get("Authorization", "")):
-            log.warning("rearm_refused", remote=request.remote, reason="bad or missing token")
-            return _json(
-                {"error": "unauthorized", "message": "send Authorization: Bearer <control token>"},
-                status=401,
-                headers={"WWW-Authenticate": 'Bearer realm="rollbackd"'},
-            )
+        if not self._authorized(request):
+            return _unauthorized(request, "rearm")
         monitor = request.match_info["monitor"]
         try:
             result = await self.surface.rearm(monitor)
@@ -203,11 +251,37 @@ class ApiServer:
         log.info("rearm_accepted", monitor=monitor, remote=request.remote)
         return _json(result)
 
-    def _authorized(self, header: str) -> bool:
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
+    async def _retry(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _unauthorized(request, "retry")
+        incident = request.match_info["incident"]
+        try:
+            result = await self.surface.retry(incident)
+        except UnknownIncidentError as exc:
+            return _json({"error": "unknown_incident", "message": str(exc)}, status=404)
+        except IncidentNotRetryableError as exc:
+            return _json(
+                {"error": "not_retryable", "message": str(exc), "reason": exc.reason}, status=409
+            )
+        log.info("retry_accepted", incident=incident, remote=request.remote)
+        return _json(result)
+
+    def _authorized(self, request: web.Request) -> bool:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        given = given.strip()
+        # The token is ASCII; anything else (non-UTF-8 bytes arrive as surrogates) is wrong.
+        if scheme.lower() != "bearer" or not given or not given.isascii():
             return False
-        return hmac.compare_digest(given.strip().encode("utf-8"), self._token)
+        return hmac.compare_digest(given.encode("ascii"), self._token)
+
+
+def _unauthorized(request: web.Request, what: str) -> web.Response:
+    log.warning(f"{what}_refused", remote=request.remote, reason="bad or missing token")
+    return _json(
+        {"error": "unauthorized", "message": "send Authorization: Bearer <control token>"},
+        status=401,
+        headers={"WWW-Authenticate": 'Bearer realm="rollbackd"'},
+    )
 
 
 @web.middleware
@@ -218,8 +292,13 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        message = {404: f"no such path {request.path}", 405: f"{request.method} not allowed"}
+        kept = ("Allow", "Retry-After")
+        headers = {k: exc.headers[k] for k in kept if k in exc.headers} or None
+        message = {
+            404: f"no such path {request.path}",
+            405: f"{request.method} not allowed",
+            503: f"{request.path}: too many requests being rendered; try again in a few seconds",
+        }
         return _json(
             {"error": exc.reason.lower().replace(" ", "_"), "message": message.get(exc.status, "")},
             status=exc.status,
@@ -241,98 +320,14 @@ def _json(
     )
 
 
-def _bound_port(runner: web.AppRunner, wanted: int) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            return int(address[1])
-    return wanted
-
-
-# --- the client (CLI side) --------------------------------------------------------------
-
-
-def base_url(listen: str) -> str:
-    """``http://host:port`` for a ``daemon.listen`` value; a wildcard host means loopback."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise RollbackdError(f'daemon.listen must be "HOST:PORT", not {listen!r}')
-    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}.get(  # noqa: S104
-        host, host
-    )
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
-
-
-async def get_status(
-    listen: str,
-    timeout: float = 5.0,  # noqa: ASYNC109 - aiohttp enforces it (ClientTimeout)
-) -> dict[str, Any]:
-    """``GET /status`` of the running daemon."""
-    return await _request("GET", listen, "/status", timeout=timeout)
-
-
-async def post_rearm(
-    listen: str,
-    token: str,
-    monitor: str,
-    timeout: float = 10.0,  # noqa: ASYNC109 - aiohttp enforces it (ClientTimeout)
-) -> dict[str, Any]:
-    """``POST /rearm/{monitor}`` with the control token."""
-    return await _request(
-        "POST",
-        listen,
-        f"/rearm/{quote(monitor, safe='')}",
-        timeout=timeout,
-        headers={"Authorization": f"Bearer {token}"},
-    )
-
-
-async def _request(
-    method: str,
-    listen: str,
-    path: str,
-    *,
-    timeout: float,  # noqa: ASYNC109 - aiohttp enforces it (ClientTimeout)
-    headers: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    url = base_url(listen) + path
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-            session.request(method, url, headers=headers) as response,
-        ):
-            text = await response.text()
-            status = response.status
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise DaemonUnreachableError(
-            f"cannot reach rollbackd at {url}: {reason}; is rollbackd running? listen = {listen}"
-        ) from exc
-    try:
-        body = json.loads(text)
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        raise ApiError(status, f"{method} {url}: HTTP {status} with a non-JSON answer")
-    if status >= 400:
-        raise ApiError(status, _error_message(status, body))
-    return body
-
-
-def _error_message(status: int, body: dict[str, Any]) -> str:
-    message = str(body.get("message") or body.get("error") or f"HTTP {status}")
-    if status == 401:
-        return f"the daemon refused the control token ({message}); is it the same state_dir?"
-    return message
-
-
 __all__ = [
     "ApiServer",
+    "Limits",
     "Surface",
     "base_url",
     "ensure_control_token",
     "get_status",
     "post_rearm",
+    "post_retry",
     "read_control_token",
 ]

@@ -12,12 +12,15 @@ from typing import Any
 
 from rollbackd import __version__
 from rollbackd.assemble import load
-from rollbackd.config import Config
+from rollbackd.config import Config, exposure_warnings
 from rollbackd.errors import ConfigError, RollbackdError
 
 DEFAULT_CONFIG = Path("/etc/rollbackd/rollbackd.toml")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+DEMO_SPEEDS = (0.1, 40.0)
+"""The demo's interval is 2 s / speed: 40 gives monitors.*.interval's minimum, 50ms."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,6 +90,8 @@ def _check_config(args: argparse.Namespace) -> int:
         f"{args.file}: ok ({len(config.monitors)} monitors, {rules} rules, "
         f"{len(config.sources)} sources, {len(config.actions)} actions; mode {config.daemon.mode})"
     )
+    for warning in exposure_warnings(config):
+        print(f"{args.file}: warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -105,17 +110,21 @@ def _listen(config: Config) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from rollbackd.api import get_status
+    from rollbackd.api import read_control_token
+    from rollbackd.client import get_status
     from rollbackd.status import table
 
     config = load(args.config, secrets=False).config
-    status = asyncio.run(get_status(_listen(config), timeout=5.0))
+    # With status_token the daemon wants the control token for /status too, as for rearm.
+    token = read_control_token(config.daemon.state_dir) if config.daemon.status_token else None
+    status = asyncio.run(get_status(_listen(config), timeout=5.0, token=token))
     print(json.dumps(status, indent=2) if args.json else table(status))
     return EXIT_OK
 
 
 def _rearm(args: argparse.Namespace) -> int:
-    from rollbackd.api import post_rearm, read_control_token
+    from rollbackd.api import read_control_token
+    from rollbackd.client import post_rearm
 
     config = load(args.config, secrets=False).config
     token = read_control_token(config.daemon.state_dir)
@@ -153,8 +162,9 @@ def _confirm(prompt: str) -> bool:
 def _demo(args: argparse.Namespace) -> int:
     from rollbackd.demo import run_demo
 
-    if args.speed <= 0:
-        print("rollbackd demo: --speed must be greater than 0", file=sys.stderr)
+    low, high = DEMO_SPEEDS
+    if not low <= args.speed <= high:
+        print(f"rollbackd demo: --speed must be between {low:g} and {high:g}", file=sys.stderr)
         return EXIT_USAGE
     return run_demo(args.dir, speed=args.speed)
 

@@ -6,13 +6,17 @@ knows no plugin: ``assemble`` resolves the source and action types and their opt
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import ipaddress
+import json
 import math
 import os
+import re
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -24,7 +28,22 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from rollbackd.errors import ConfigError
-from rollbackd.options import Duration, Frozen
+from rollbackd.options import Frozen, bounded
+
+NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+"""Names of monitors, rules, sources and actions: they travel in URLs, file names and logs."""
+
+NAME_RULE = "1 to 64 of A-Z a-z 0-9 _ . - and not starting with a dot"
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+# Per-key bounds (README, "Durations"): below the minimum a key does harm (a check loop
+# that only logs warnings), above the maximum it is a typo that would never fire.
+Interval = Annotated[float, bounded("50ms", "24h")]
+FailureWindow = Annotated[float, bounded("1s", "30d")]
+ActionTimeout = Annotated[float, bounded("100ms", "1h")]
+GiveUpAfter = Annotated[float, bounded("1ms", "7d")]
 
 
 class DaemonConfig(BaseSettings):
@@ -43,6 +62,8 @@ class DaemonConfig(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     history: int = Field(default=50, ge=1, le=10_000)
     """Recent checks kept per monitor (status, incident records)."""
+    status_token: bool = False
+    """/status and /metrics need the control token too (/health stays open)."""
 
     @classmethod
     def settings_customise_sources(
@@ -85,7 +106,8 @@ class DaemonConfig(BaseSettings):
 class RuleConfig(Frozen):
     """One threshold on one metric of one source."""
 
-    name: str = Field(min_length=1)
+    name: str
+    """Written names follow ``NAME`` (checked on the file; built-in reads use ``wait:NAME``)."""
     source: str
     query: str | None = None
     topic: str | None = None
@@ -118,7 +140,7 @@ class RuleConfig(Frozen):
 class MonitorConfig(Frozen):
     """A category of rules checked together, and what happens when it fails."""
 
-    interval: Duration = 30.0
+    interval: Interval = 30.0
     rollback_after: int = Field(default=5, ge=1)
     alert_after: int | None = Field(default=None, ge=1)
     blind_after: int = Field(default=10, ge=1)
@@ -126,7 +148,7 @@ class MonitorConfig(Frozen):
     on_blind: Literal["alert", "rollback"] = "alert"
     failure_limit: int | None = Field(default=None, ge=1)
     """Optional: roll back after this many failing checks within ``failure_window``."""
-    failure_window: Duration = 3600.0
+    failure_window: FailureWindow = 3600.0
     on_alert: list[str] = Field(default_factory=list)
     on_rollback: list[str] = Field(default_factory=list)
     rules: list[RuleConfig] = Field(min_length=1)
@@ -160,10 +182,10 @@ class SourceConfig(PluginTable):
 class ActionConfig(PluginTable):
     """``[actions.NAME]``: every action has a timeout and bounded retries."""
 
-    timeout: Duration = 30.0
+    timeout: ActionTimeout = 30.0
     retries: int = Field(default=2, ge=0, le=20)
     """Attempts after the first that a lasting failure (bad request, 4xx) may use."""
-    give_up_after: Duration = 600.0
+    give_up_after: GiveUpAfter = 600.0
     """How long transient failures (refused, timed out, 5xx, EMFILE) keep being retried."""
 
 
@@ -188,6 +210,13 @@ def parse(path: Path | str) -> Config:
         raw_bytes = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from exc
+    if raw_bytes.startswith(codecs.BOM_UTF8):
+        raise ConfigError(
+            [
+                f"{path}: starts with a UTF-8 byte-order mark (BOM), which TOML does not allow: "
+                f"save it as UTF-8 without BOM, e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' {path}"
+            ]
+        )
     try:
         raw = tomllib.loads(raw_bytes.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -211,6 +240,7 @@ def from_dict(raw: dict[str, Any], path: Path | None = None, sha256: str = "") -
     except ValidationError as exc:
         daemon = None
         problems.extend(_with_env_names(lines(where, exc, prefix=("daemon",))))
+    problems.extend(f"{where}: {line}" for line in _bad_names(raw))
     try:
         # The daemon table is validated above (with the environment); a stand-in here keeps
         # Config from reading the environment a second time.
@@ -219,7 +249,7 @@ def from_dict(raw: dict[str, Any], path: Path | None = None, sha256: str = "") -
     except ValidationError as exc:
         problems.extend(lines(where, exc))
         raise ConfigError(problems) from exc
-    if daemon is None:
+    if daemon is None or problems:
         raise ConfigError(problems)
     return config.model_copy(update={"daemon": daemon})
 
@@ -253,7 +283,8 @@ def dotted(loc: tuple[str | int, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            key = part if _BARE_KEY.fullmatch(part) else json.dumps(part)  # TOML's quoting
+            out += f".{key}" if out else key
     return out
 
 
@@ -273,3 +304,44 @@ def cross_check(config: Config) -> Iterator[str]:
             "daemon.mode: armed in production needs daemon.confirm_production = true "
             "(or ROLLBACKD_CONFIRM_PRODUCTION=true): acting on production must be explicit"
         )
+
+
+def _bad_names(raw: dict[str, Any]) -> Iterator[str]:
+    """Names as written follow ``NAME``: every ``[SECTION.NAME]`` and every rule's ``name``."""
+    named: list[tuple[tuple[str | int, ...], object]] = []
+    for section in ("sources", "monitors", "actions"):
+        tables = raw.get(section)
+        for name, table in tables.items() if isinstance(tables, dict) else ():
+            named.append(((section, name), name))
+            rules = (
+                table.get("rules") if section == "monitors" and isinstance(table, dict) else None
+            )
+            for i, rule in enumerate(rules if isinstance(rules, list) else ()):
+                if isinstance(rule, dict) and isinstance(rule.get("name"), str):
+                    named.append(((section, name, "rules", i, "name"), rule["name"]))
+    for loc, name in named:
+        if isinstance(name, str) and not NAME.fullmatch(name):
+            yield f"{dotted(loc)}: invalid name {name!r}: use {NAME_RULE}"
+
+
+def exposure_warnings(config: Config) -> list[str]:
+    """Warnings about what the HTTP surface shows to other hosts (logged at start, check-config)."""
+    daemon = config.daemon
+    address = daemon.listen_address()
+    if address is None or daemon.status_token or _is_loopback(address[0]):
+        return []
+    return [
+        f"daemon.listen: {daemon.listen} is not a loopback address and /status and /metrics "
+        "answer anyone without a token: set daemon.status_token = true (they then need "
+        '"Authorization: Bearer <control token>", which rollbackd status sends), '
+        'or listen on "127.0.0.1:PORT"'
+    ]
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything

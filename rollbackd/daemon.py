@@ -22,7 +22,7 @@ from rollbackd import __version__, incidents, logs, notify, status
 from rollbackd.actions import Action, ReadsSources
 from rollbackd.api import ApiServer, ensure_control_token
 from rollbackd.assemble import Assembly, Registries, load
-from rollbackd.config import Config, RuleConfig
+from rollbackd.config import Config, RuleConfig, exposure_warnings
 from rollbackd.engine import Check, Event, MonitorState, Transition
 from rollbackd.errors import (
     ConfigError,
@@ -89,6 +89,7 @@ class Daemon:
         self._reloading = asyncio.Lock()
         self._reload_waiting = False
         self._store_trouble = ""
+        self._api: ApiServer | None = None
         """Why the last group commit failed; empty once one succeeds."""
         self._closers: set[asyncio.Task[Any]] = set()
         """Background work stop waits for: parts closing after their plans, reloads."""
@@ -124,6 +125,7 @@ class Daemon:
             config=str(self.config_path),
             monitors=len(self.config.monitors),
         )
+        _warn_exposure(self.config)
         self.metrics.info(__version__, daemon.mode, daemon.environment)
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -344,10 +346,10 @@ class Daemon:
         except StateError as exc:
             raise UnknownIncidentError(incident) from exc
         if record.finished_at is None:
-            raise IncidentNotRetryableError(f"incident {incident} is still running its plan")
+            raise IncidentNotRetryableError(incident, "its plan is still running")
         steps = self.store.reopen_failed_steps(incident)
         if not steps:
-            raise IncidentNotRetryableError(f"incident {incident} has no failed step to retry")
+            raise IncidentNotRetryableError(incident, "no step failed")
         log.warning("plan_retried", incident=incident, steps=steps)
         self.plans.start(incident)
         return {"incident": incident, "steps": steps}
@@ -357,8 +359,16 @@ class Daemon:
         if address is None:
             return
         token = ensure_control_token(self.config.daemon.state_dir)
-        server = ApiServer(self, self.registry, token, address, version=__version__)
+        server = ApiServer(
+            self,
+            self.registry,
+            token,
+            address,
+            version=__version__,
+            status_token=self.config.daemon.status_token,
+        )
         await server.start()
+        self._api = server
         stack.push_async_callback(server.stop)
 
     # --- signals, reload, watchdog ------------------------------------------------------
@@ -472,6 +482,11 @@ def _watches(
         for read in action.watches() if isinstance(action, ReadsSources) else ():
             found.setdefault(read.source, set()).add((f"action:{name}", read))
     return {name: frozenset(pairs) for name, pairs in found.items()}
+
+
+def _warn_exposure(config: Config) -> None:
+    for warning in exposure_warnings(config):
+        log.warning("api_exposed", warning=warning)
 
 
 def _keep_state_dir(new: Assembly, state_dir: Path) -> Assembly:

@@ -56,6 +56,24 @@ class MonitorNotLatchedError(RollbackdError):
         )
 
 
+class UnknownIncidentError(RollbackdError):
+    """The incident named in a request is not in the state store."""
+
+    def __init__(self, incident: str) -> None:
+        self.incident = incident
+        super().__init__(
+            f"no incident {incident!r}: rollbackd status lists the recent incidents' ids"
+        )
+
+
+class IncidentNotRetryableError(RollbackdError):
+    """A retry asked for an incident still running, or one without a failed step."""
+
+    def __init__(self, incident: str, reason: str) -> None:
+        self.incident, self.reason = incident, reason
+        super().__init__(f"incident {incident!r} cannot be retried: {reason}")
+
+
 class DaemonUnreachableError(RollbackdError):
     """The CLI could not talk to the daemon's HTTP surface."""
 
@@ -66,15 +84,3 @@ class ApiError(RollbackdError):
     def __init__(self, status: int, message: str) -> None:
         self.status = status
         super().__init__(message)
-
-
-class UnknownIncidentError(RollbackdError):
-    """The incident named in a request does not exist."""
-
-    def __init__(self, incident: str) -> None:
-        self.incident = incident
-        super().__init__(f"no incident {incident!r}")
-
-
-class IncidentNotRetryableError(RollbackdError):
-    """A retry asked for an incident that is still running or has no failed step."""

@@ -20,9 +20,17 @@ from rollbackd.errors import SecretError
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
+_LONGEST_TEXT = "3650d"
+LONGEST_DURATION = 3650 * 86400.0
+"""No duration in rollbackd is longer than ten years; ``parse_duration`` refuses more."""
+
 
 def parse_duration(text: object) -> float:
-    """Seconds in a duration string such as ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h30m"``."""
+    """Seconds in a duration string such as ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h30m"``.
+
+    A figure too long to mean anything (over ``LONGEST_DURATION``) is a ValueError, never an
+    infinity or an OverflowError later.
+    """
     if isinstance(text, bool) or not isinstance(text, str):
         raise ValueError(f'a duration is a string such as "30s" or "5m", not {text!r}')  # noqa: TRY004 - pydantic reports ValueError
     spec = text.strip()
@@ -30,24 +38,43 @@ def parse_duration(text: object) -> float:
     for match in _DURATION_PART.finditer(spec):
         if match.start() != pos:
             break
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        number, unit = match.group(1), _UNIT_SECONDS[match.group(2)]
+        # Compare before multiplying: a 400-digit number is inf as a float.
+        if float(number) > LONGEST_DURATION / unit:
+            raise ValueError(f"duration {text!r} is too long: at most {_LONGEST_TEXT}")
+        total += float(number) * unit
         pos = match.end()
     if pos == 0 or pos != len(spec):
         raise ValueError(
             f'invalid duration {text!r}: use a number and a unit (ms, s, m, h, d), e.g. "30s"'
         )
+    if total > LONGEST_DURATION:
+        raise ValueError(f"duration {text!r} is too long: at most {_LONGEST_TEXT}")
     return total
 
 
-def _positive_duration(text: object) -> float:
-    seconds = parse_duration(text)
-    if seconds <= 0:
-        raise ValueError(f"duration {text!r} must be greater than zero")
-    return seconds
+def bounded(low: str, high: str) -> BeforeValidator:
+    """Validator of a duration key that must lie within ``low``..``high`` (both included).
+
+    Use as ``interval: Annotated[float, bounded("50ms", "24h")] = 30.0``; the error names the
+    bounds, pydantic names the key.
+    """
+    lowest, highest = parse_duration(low), parse_duration(high)
+
+    def check(text: object) -> float:
+        seconds = parse_duration(text)
+        if not lowest <= seconds <= highest:
+            raise ValueError(f"duration {text!r} is out of range: give {low} to {high}")
+        return seconds
+
+    return BeforeValidator(check)
 
 
-Duration = Annotated[float, BeforeValidator(_positive_duration)]
-"""Seconds, written in TOML as a string like ``"30s"``; must be > 0."""
+Duration = Annotated[float, bounded("1ms", "30d")]
+"""Seconds, written in TOML as a string like ``"30s"``; 1ms to 30d unless a key says otherwise.
+
+Plugin option models use it as is; a key with tighter bounds declares them with ``bounded``.
+"""
 
 
 def _readable_ca_file(path: Path) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import socket
 import stat
@@ -15,18 +17,24 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from rollbackd.api import (
-    ApiError,
     ApiServer,
-    DaemonUnreachableError,
-    MonitorNotLatchedError,
-    UnknownMonitorError,
     base_url,
     ensure_control_token,
     get_status,
     post_rearm,
+    post_retry,
     read_control_token,
 )
-from rollbackd.errors import RollbackdError, StateError
+from rollbackd.errors import (
+    ApiError,
+    DaemonUnreachableError,
+    IncidentNotRetryableError,
+    MonitorNotLatchedError,
+    RollbackdError,
+    StateError,
+    UnknownIncidentError,
+    UnknownMonitorError,
+)
 from rollbackd.metrics import Metrics
 
 TOKEN = "test-control-token"
@@ -35,7 +43,7 @@ VERSION = "9.9.9"
 
 @dataclass
 class Surface:
-    """A small daemon stand-in: two monitors, ``payments`` latched."""
+    """A small daemon stand-in: two monitors, ``payments`` latched; incidents to retry."""
 
     mode: str = "dry-run"
     healthy: tuple[bool, str] = (True, "ok")
@@ -43,6 +51,10 @@ class Surface:
         default_factory=lambda: {"payments": "rolled_back", "authentication": "ok"}
     )
     broken: BaseException | None = None
+    incidents: dict[str, str] = field(
+        default_factory=lambda: {"inc-failed": "failed", "inc-running": "running"}
+    )
+    retried: list[str] = field(default_factory=list)
 
     def health(self) -> tuple[bool, str]:
         """Return what the test set."""
@@ -69,6 +81,15 @@ class Surface:
         self.phases[monitor] = "ok"
         return {"monitor": monitor, "state": "ok"}
 
+    async def retry(self, incident: str) -> dict[str, Any]:
+        """Re-run failed steps like the daemon does, with its errors."""
+        if incident not in self.incidents:
+            raise UnknownIncidentError(incident)
+        if self.incidents[incident] != "failed":
+            raise IncidentNotRetryableError(incident, "its plan is still running")
+        self.retried.append(incident)
+        return {"incident": incident, "retrying": ["route-legacy"]}
+
 
 @dataclass
 class Running:
@@ -88,14 +109,31 @@ class Running:
         return f"http://{self.listen}"
 
 
-@pytest.fixture
-async def api() -> AsyncIterator[Running]:
-    """Serve a fresh Surface and registry on a free loopback port."""
+def _serve(*, status_token: bool = False) -> tuple[Surface, ApiServer]:
     registry = CollectorRegistry()
     Metrics(registry, process=False).info(VERSION, "dry-run", "test")
     surface = Surface()
-    async with ApiServer(surface, registry, TOKEN, ("127.0.0.1", 0), version=VERSION) as server:
+    address = ("127.0.0.1", 0)
+    server = ApiServer(
+        surface, registry, TOKEN, address, version=VERSION, status_token=status_token
+    )
+    return surface, server
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[Running]:
+    """Serve a fresh Surface and registry on a free loopback port."""
+    surface, server = _serve()
+    async with server:
         assert server.port
+        yield Running(surface, server)
+
+
+@pytest.fixture
+async def guarded() -> AsyncIterator[Running]:
+    """Like ``api``, with ``status_token = true``."""
+    surface, server = _serve(status_token=True)
+    async with server:
         yield Running(surface, server)
 
 
@@ -310,3 +348,95 @@ def test_control_token_missing_is_explained(tmp_path: Path) -> None:
     """read_control_token without a file says the daemon creates it."""
     with pytest.raises(RollbackdError, match="start the daemon once"):
         read_control_token(tmp_path)
+
+
+# --- POST /retry/{incident} ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("headers", [None, {"Authorization": "Bearer wrong"}])
+async def test_retry_needs_the_token(api: Running, headers: dict[str, str] | None) -> None:
+    """POST /retry without the right bearer token is 401 and retries nothing."""
+    status, body, _ = await _call("POST", api.url + "/retry/inc-failed", headers)
+    assert status == 401
+    assert body["error"] == "unauthorized"
+    assert api.surface.retried == []
+
+
+async def test_retry_through_the_client(api: Running) -> None:
+    """post_retry re-runs a finished incident's failed steps and returns the surface's answer."""
+    result = await post_retry(api.listen, TOKEN, "inc-failed")
+    assert result == {"incident": "inc-failed", "retrying": ["route-legacy"]}
+    assert api.surface.retried == ["inc-failed"]
+
+
+async def test_retry_unknown_incident_is_404(api: Running) -> None:
+    """An incident id the store does not know is 404 naming it; the client raises ApiError."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    status, body, _ = await _call("POST", api.url + "/retry/inc-nope", auth)
+    assert status == 404
+    assert body["error"] == "unknown_incident"
+    assert "'inc-nope'" in body["message"]
+    with pytest.raises(ApiError, match="no incident 'a/b'") as caught:
+        await post_retry(api.listen, TOKEN, "a/b")
+    assert caught.value.status == 404
+
+
+async def test_retry_not_retryable_is_409(api: Running) -> None:
+    """An unfinished incident (or one without a failed step) is 409 with the reason."""
+    with pytest.raises(ApiError, match="cannot be retried: its plan is still running") as caught:
+        await post_retry(api.listen, TOKEN, "inc-running")
+    assert caught.value.status == 409
+    assert api.surface.retried == []
+
+
+async def _raw(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), timeout=5)
+    writer.close()
+    await writer.wait_closed()
+    return answer
+
+
+@pytest.mark.parametrize("token", [b"\xff\xfe\xfd", b"caf\xc3\xa9", b"\xe2\x82"])
+async def test_non_utf8_authorization_is_401(api: Running, token: bytes) -> None:
+    """An Authorization header with non-UTF-8 or non-ASCII bytes is a JSON 401, not a 500."""
+    request = (
+        b"POST /rearm/payments HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + token
+        + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    answer = await _raw(api.server.port or 0, request)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), answer
+    assert json.loads(body)["error"] == "unauthorized"
+    assert api.surface.phases["payments"] == "rolled_back"
+
+
+@pytest.mark.parametrize("path", ["/status", "/metrics"])
+async def test_status_token_guards_status_and_metrics(guarded: Running, path: str) -> None:
+    """With status_token, /status and /metrics are 401 without the token and 200 with it."""
+    status, body, _ = await _call("GET", guarded.url + path)
+    assert status == 401
+    assert body["error"] == "unauthorized"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(guarded.url + path, headers={"Authorization": f"Bearer {TOKEN}"}) as answer,
+    ):
+        assert answer.status == 200
+
+
+async def test_status_token_leaves_health_open(guarded: Running) -> None:
+    """/health needs no token, whatever status_token says."""
+    status, body, _ = await _call("GET", guarded.url + "/health")
+    assert status == 200
+    assert body["status"] == "ok"
+
+
+async def test_get_status_sends_the_token(guarded: Running) -> None:
+    """get_status with the token reads a guarded /status; without it, says the token was refused."""
+    body = await get_status(guarded.listen, token=TOKEN)
+    assert body["mode"] == "dry-run"
+    with pytest.raises(ApiError, match="refused the control token"):
+        await get_status(guarded.listen)

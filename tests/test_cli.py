@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from rollbackd.api import ApiServer, ensure_control_token
 from tests.helpers import config_file, daemon_table, payment_error_rate, route_legacy
 from tests.servers import Rollbackd, free_port, http_get, wait_for
 
@@ -175,3 +182,70 @@ def test_unusable_state_dir_and_demo_dir_are_named(config: Path, tmp_path: Path)
     assert demo.returncode == 1
     assert f"cannot write its files in {blocker / 'demo'}" in demo.stderr
     assert "Traceback" not in result.stderr + demo.stderr
+
+
+class Surface:
+    """A daemon stand-in with an empty status document."""
+
+    mode = "dry-run"
+
+    def health(self) -> tuple[bool, str]:
+        """Healthy."""
+        return True, "ok"
+
+    def status(self) -> dict[str, Any]:
+        """No monitors."""
+        return {"version": "t", "mode": "dry-run", "environment": "test", "monitors": {}}
+
+    async def rearm(self, monitor: str) -> dict[str, Any]:
+        """Not used."""
+        return {"monitor": monitor}
+
+
+@contextlib.contextmanager
+def guarded_api(state_dir: Path) -> Iterator[int]:
+    """An ApiServer with status_token = true in a thread of its own; yields its port."""
+    token = ensure_control_token(state_dir)
+    loop = asyncio.new_event_loop()
+    started: concurrent.futures.Future[int] = concurrent.futures.Future()
+    stop = threading.Event()
+
+    async def serve() -> None:
+        address = ("127.0.0.1", 0)
+        server = ApiServer(
+            Surface(), CollectorRegistry(), token, address, version="t", status_token=True
+        )
+        async with server:
+            started.set_result(server.port or 0)
+            await loop.run_in_executor(None, stop.wait)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        yield started.result(10)
+    finally:
+        stop.set()
+        thread.join(10)
+        loop.close()
+
+
+@pytest.mark.parametrize("status_token", [True, False])
+def test_status_sends_the_token_when_status_token(tmp_path: Path, status_token: bool) -> None:
+    """With daemon.status_token = true, ``rollbackd status`` sends the control token."""
+    state = tmp_path / "state"
+    with guarded_api(state) as port:
+        path = tmp_path / "rollbackd.toml"
+        path.write_text(
+            f'[daemon]\nstate_dir = "{state}"\nlisten = "127.0.0.1:{port}"\n'
+            f"status_token = {str(status_token).lower()}\n"
+        )
+        result = rollbackd("status", "--config", str(path))
+        assert http_get(f"http://127.0.0.1:{port}/status")[0] == 401
+        assert http_get(f"http://127.0.0.1:{port}/health")[0] == 200
+    if status_token:
+        assert result.returncode == 0, result.stderr
+        assert "mode=dry-run" in result.stdout
+    else:
+        assert result.returncode == 1
+        assert "refused the control token" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -646,7 +646,7 @@ async def test_retry_reruns_only_the_failed_steps_of_a_finished_plan(tmp_path: P
         (incident,) = [i for i in daemon.store.incidents() if i.event == "rollback"]
         assert [s.status for s in incident.steps] == ["ok", "failed"]
         (alert,) = [i for i in daemon.store.incidents() if i.event == "alert"]  # no steps
-        with pytest.raises(IncidentNotRetryableError, match="no failed step"):
+        with pytest.raises(IncidentNotRetryableError, match="no step failed"):
             await daemon.retry(alert.id)
         with pytest.raises(UnknownIncidentError):
             await daemon.retry("no-such-incident")

@@ -51,6 +51,7 @@ def test_unit_declares_the_service_contract() -> None:
         "Restart": "on-failure",
         "KillSignal": "SIGTERM",
         "TimeoutStopSec": "60s",
+        "LimitNOFILE": "65536",
         "StateDirectory": "rollbackd",
         "StateDirectoryMode": "0750",
         "UMask": "0077",
