@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     p = command("rearm", _rearm, "re-arm a rolled-back monitor (clears its latch)")
     _config_option(p)
     p.add_argument("monitor", help="the monitor to re-arm")
+    p = command("retry", _retry, "re-run the failed steps of a finished rollback plan")
+    _config_option(p)
+    p.add_argument("incident", help="the incident's id (rollbackd status lists them)")
     p = command("test-action", _test_action, "fire one action on purpose")
     _config_option(p)
     p.add_argument("action", help="the action's name in [actions]")
@@ -130,6 +133,18 @@ def _rearm(args: argparse.Namespace) -> int:
     token = read_control_token(config.daemon.state_dir)
     result = asyncio.run(post_rearm(_listen(config), token, args.monitor))
     print(f"{args.monitor}: {result.get('state', 're-armed')}")
+    return EXIT_OK
+
+
+def _retry(args: argparse.Namespace) -> int:
+    from rollbackd.api import read_control_token
+    from rollbackd.client import post_retry
+
+    config = load(args.config, secrets=False).config
+    token = read_control_token(config.daemon.state_dir)
+    result = asyncio.run(post_retry(_listen(config), token, args.incident))
+    steps = ", ".join(str(s) for s in result.get("steps", [])) or "none"
+    print(f"{args.incident}: retrying failed steps {steps}")
     return EXIT_OK
 
 

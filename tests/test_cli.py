@@ -249,3 +249,48 @@ def test_status_sends_the_token_when_status_token(tmp_path: Path, status_token: 
         assert result.returncode == 1
         assert "refused the control token" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_retry_reruns_a_failed_step(tmp_path: Path) -> None:
+    """``rollbackd retry`` re-runs a finished rollback's failed step once its cause is gone."""
+    port = free_port()
+    later = tmp_path / "later"
+    route = {**route_legacy(later / "traffic.env"), "retries": 0}
+    raw = {
+        "daemon": daemon_table(tmp_path / "state", listen=f"127.0.0.1:{port}"),
+        "sources": {"boop": {"type": "synthetic", "seed": 3, "phases": [{"kind": "outage"}]}},
+        "monitors": {
+            "payments": {
+                "interval": "200ms",
+                "rollback_after": 2,
+                "on_rollback": ["route-legacy"],
+                "rules": [payment_error_rate("boop", "payment_error_rate")],
+            }
+        },
+        "actions": {"route-legacy": route},
+    }
+    config = config_file(tmp_path, raw)
+    process = Rollbackd(config, port, tmp_path)
+    process.start()
+    base = f"http://127.0.0.1:{port}"
+
+    def rollback() -> dict[str, object] | None:
+        incidents = json.loads(http_get(f"{base}/status")[1])["incidents"]
+        return next((i for i in incidents if i["event"] == "rollback"), None)
+
+    try:
+        wait_for(lambda: (i := rollback()) and i["finished_at"], 20, what="the rollback")
+        incident = rollback()
+        assert incident is not None
+        refused = rollbackd("retry", "no-such-incident", "--config", str(config))
+        assert refused.returncode == 1
+        assert "no-such-incident" in refused.stderr
+        later.mkdir()
+        done = rollbackd("retry", str(incident["id"]), "--config", str(config))
+        assert done.returncode == 0, done.stderr
+        assert "retrying failed steps 0" in done.stdout
+        wait_for(lambda: (i := rollback()) and i["finished_at"], 20, what="the retried plan")
+        assert [s["status"] for s in rollback()["steps"]] == ["ok"]  # type: ignore[index]
+        assert "BOOP_TRAFFIC_PERCENT=0" in (later / "traffic.env").read_text()
+    finally:
+        assert process.stop() == 0, process.log()
