@@ -11,18 +11,18 @@ import dataclasses
 import datetime as dt
 import signal
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry
 
-from rollbackd import __version__, incidents, logs, notify, status
-from rollbackd.actions import Action, ReadsSources
+from rollbackd import __version__, health, incidents, logs, notify, parts, status
+from rollbackd.actions import Action
 from rollbackd.api import ApiServer, ensure_control_token
 from rollbackd.assemble import Assembly, Registries, load
-from rollbackd.config import Config, RuleConfig, exposure_warnings
+from rollbackd.config import Config, MonitorConfig, exposure_warnings
 from rollbackd.engine import Check, Event, MonitorState, Transition
 from rollbackd.errors import (
     ConfigError,
@@ -34,17 +34,16 @@ from rollbackd.errors import (
 )
 from rollbackd.metrics import Metrics
 from rollbackd.monitor import MonitorRunner
+from rollbackd.parts import Parts
 from rollbackd.plan import PlanRunner, PlanTasks
 from rollbackd.records import IncidentDraft, IncidentRecord
 from rollbackd.schedule import Schedule
 from rollbackd.sources import Source
-from rollbackd.state import GROUP_COMMIT_SECONDS, Store
+from rollbackd.state import Store
 from rollbackd.statedir import StateDirLock
 
 log = structlog.get_logger("rollbackd.daemon")
 
-UNHEALTHY_AFTER = 2
-"""Checks in a row of one monitor that crashed or could not be committed before /health says so."""
 STOP_GRACE_SECONDS = 20.0
 """How long a stop waits for an in-flight plan step before leaving it to resume at restart."""
 
@@ -76,9 +75,8 @@ class Daemon:
         self.clock = clock
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.monitors: dict[str, MonitorRunner] = {}
-        self.sources: dict[str, Source] = {}
-        self.actions: dict[str, Action] = {}
+        self.parts = Parts(assembly)
+        """What runs: sources, actions, monitors (empty until ``serve()`` starts them)."""
         self.ready = asyncio.Event()
         self.check_listener: Callable[[str, Check, MonitorState], None] | None = None
         """Told of every committed check (the demo prints them)."""
@@ -88,13 +86,10 @@ class Daemon:
         self.plans = PlanTasks(self._runner)
         self._reloading = asyncio.Lock()
         self._reload_waiting = False
-        self._store_trouble = ""
+        self._commits = health.GroupCommit(lambda: self.store)
         self._api: ApiServer | None = None
-        """Why the last group commit failed; empty once one succeeds."""
         self._closers: set[asyncio.Task[Any]] = set()
         """Background work stop waits for: parts closing after their plans, reloads."""
-        self._watches: dict[str, frozenset[tuple[str, RuleConfig]]] = {}
-        """Per running source, the (watcher, read) pairs it was started with."""
 
     @property
     def config(self) -> Config:
@@ -138,7 +133,10 @@ class Daemon:
                 notify.ready(f"watching {len(self.monitors)} monitors, mode {daemon.mode}")
                 log.info("daemon_ready", mode=daemon.mode, listen=daemon.listen or None)
                 async with asyncio.TaskGroup() as group:
-                    chores = [group.create_task(self._watchdog()), group.create_task(self._flush())]
+                    chores = [
+                        group.create_task(health.watchdog(self.health)),
+                        group.create_task(self._commits.run()),
+                    ]
                     await self._stop.wait()
                     for chore in chores:
                         chore.cancel()
@@ -164,65 +162,44 @@ class Daemon:
 
     # --- parts that a reload replaces -------------------------------------------------
 
+    @property
+    def monitors(self) -> dict[str, MonitorRunner]:
+        """The running monitors, by name."""
+        return self.parts.monitors
+
+    @property
+    def sources(self) -> dict[str, Source]:
+        """The running sources, by name."""
+        return self.parts.sources
+
     async def _start_parts(
         self,
         assembly: Assembly,
-        running: Mapping[str, Source] | None = None,
+        running: Parts | None = None,
         next_runs: Mapping[str, dt.datetime] | None = None,
     ) -> None:
-        """Build and start sources, actions, monitors and their schedule; all or nothing.
-
-        A source in ``running`` (a reload) is kept when its table and what reads it are
-        unchanged, so it keeps its connection and latest values; ``next_runs`` keeps each
-        monitor's place in its schedule.
-        """
-        config = assembly.config
-        actions = assembly.build_actions()
-        watches = _watches(config, actions)
-        reuse = {
-            name: source
-            for name, source in (running or {}).items()
-            if name in config.sources
-            and config.sources[name] == self.config.sources.get(name)
-            and watches.get(name) == self._watches.get(name)
-        }
-        sources: dict[str, Source] = dict(reuse)
-        try:
-            for name, part in assembly.sources.items():
-                if name in reuse:
-                    continue
-                source = sources[name] = part.kind.build(name, part.options)
-                for watcher, read in watches.get(name, ()):
-                    source.watch(watcher, read)
-                source.add_listener(self._on_arrival)
-                await source.start()
-        except BaseException:
-            for name, source in sources.items():
-                if name not in reuse:
-                    await source.aclose()
-            for action in actions.values():
-                await action.aclose()
-            raise
-        monitors = {
-            name: MonitorRunner(
-                name=name,
-                config=monitor,
-                sources=sources,
-                store=self.store,
-                history=config.daemon.history,
-                mode=config.daemon.mode,
-                on_incident=self.plans.start,
-                clock=self.clock,
-                observer=self._observe(name),
-            )
-            for name, monitor in config.monitors.items()
-        }
-        for name, runner in monitors.items():
+        """Start the parts of ``assembly`` and their schedule (``next_runs``: a reload's)."""
+        self.parts = await parts.start(assembly, self._monitor, self._on_arrival, running)
+        for name, runner in self.monitors.items():
             self.metrics.track(name, runner.config, runner.state)
-        self.sources, self.actions, self.monitors = sources, actions, monitors
-        self._watches = watches
-        self._schedule = Schedule(monitors)
+        self._schedule = Schedule(self.monitors)
         self._schedule.start(next_runs or {})
+
+    def _monitor(
+        self, name: str, config: MonitorConfig, sources: Mapping[str, Source]
+    ) -> MonitorRunner:
+        daemon = self.config.daemon
+        return MonitorRunner(
+            name=name,
+            config=config,
+            sources=sources,
+            store=self.store,
+            history=daemon.history,
+            mode=daemon.mode,
+            on_incident=self.plans.start,
+            clock=self.clock,
+            observer=self._observe(name),
+        )
 
     async def _stop_checks(self) -> None:
         """Stop scheduling checks; a check in flight finishes and commits."""
@@ -232,25 +209,21 @@ class Daemon:
 
     async def _stop_parts(self) -> None:
         await self._stop_checks()
-        self._retire(self.sources.values(), self.actions.values())
-        self.monitors, self.sources, self.actions = {}, {}, {}
+        self._retire(list(self.parts.sources.values()), list(self.parts.actions.values()))
+        self.parts = Parts(self.assembly)
         if self._stop.is_set():
             await asyncio.wait(set(self._closers))
 
-    def _retire(self, sources: Iterable[Source], actions: Iterable[Action]) -> None:
+    def _retire(self, sources: list[Source], actions: list[Action]) -> None:
         """Close parts once the plans running now have finished (they may still use them)."""
-        closer = asyncio.get_running_loop().create_task(
-            self._close_after_plans(list(sources), list(actions))
-        )
+
+        async def after_plans() -> None:
+            await self.plans.wait()
+            await parts.close(sources, actions)
+
+        closer = asyncio.get_running_loop().create_task(after_plans())
         self._closers.add(closer)
         closer.add_done_callback(self._closers.discard)
-
-    async def _close_after_plans(self, sources: list[Source], actions: list[Action]) -> None:
-        await self.plans.wait()
-        for source in sources:
-            await source.aclose()
-        for action in actions:
-            await action.aclose()
 
     # --- checks -------------------------------------------------------------------------
 
@@ -271,7 +244,7 @@ class Daemon:
     def _runner(self) -> PlanRunner:
         return PlanRunner(
             store=self.store,
-            actions=self.actions,
+            actions=self.parts.actions,
             action_configs=self.config.actions,
             mode=self.config.daemon.mode,
             environment=self.config.daemon.environment,
@@ -295,23 +268,10 @@ class Daemon:
 
     # --- operator surface ---------------------------------------------------------------
 
-    def health(self) -> tuple[bool, str]:
-        """Unhealthy when checks are not being judged and committed.
-
-        A monitor's check long overdue (stuck scheduler), the store failing to write, or a
-        monitor whose last checks crashed or could not be committed.
-        """
+    def health(self) -> health.Verdict:
+        """Whether checks are being judged and committed (/health, the watchdog)."""
         overdue = self._schedule.overdue() if self._schedule is not None else None
-        if overdue:
-            return False, overdue
-        if self._store_trouble:
-            return False, f"state store cannot write: {self._store_trouble}"
-        for name, runner in self.monitors.items():
-            if runner.failed_runs >= UNHEALTHY_AFTER:
-                return False, (
-                    f"monitor {name}: {runner.failed_runs} checks in a row failed: {runner.trouble}"
-                )
-        return True, "ok"
+        return health.judge(overdue, self._commits.trouble, self.monitors)
 
     def status(self) -> dict[str, Any]:
         """The ``/status`` document."""
@@ -406,11 +366,11 @@ class Daemon:
                 notify.ready()
                 return False
             new = _keep_state_dir(new, self.config.daemon.state_dir)
-            old_sources, old_actions = self.sources, self.actions
+            old = self.parts
             next_runs = self._schedule.next_runs() if self._schedule is not None else {}
             await self._stop_checks()
             try:
-                await self._start_parts(new, old_sources, next_runs)
+                await self._start_parts(new, old, next_runs)
             except RollbackdError as exc:  # e.g. a plugin that cannot be built: keep the old
                 log.error("reload_failed", error=str(exc), kept=self.config.sha256)
                 self._schedule = Schedule(self.monitors)
@@ -418,18 +378,10 @@ class Daemon:
                 notify.ready(f"reload failed; watching {len(self.monitors)} monitors")
                 return False
             self.assembly = new
-            kept = {id(s) for s in self.sources.values()}
-            self._retire(
-                [s for s in old_sources.values() if id(s) not in kept], old_actions.values()
-            )
-            log.info(
-                "sources_kept",
-                sources=sorted(
-                    n
-                    for n in self.sources
-                    if n in old_sources and self.sources[n] is old_sources[n]
-                ),
-            )
+            self._retire(*old.left_by(self.parts))
+            if self._api is not None:
+                self._api.status_token = new.config.daemon.status_token
+            _warn_exposure(new.config)
             self.metrics.retain(self.monitors)
             daemon = new.config.daemon
             self.metrics.info(__version__, daemon.mode, daemon.environment)
@@ -437,51 +389,10 @@ class Daemon:
                 "config_reloaded",
                 sha256=new.config.sha256,
                 monitors=len(self.monitors),
-                sources_kept=kept,
+                sources_kept=old.kept_by(self.parts),
             )
             notify.ready(f"watching {len(self.monitors)} monitors, mode {daemon.mode}")
             return True
-
-    async def _flush(self) -> None:
-        """Write quiet checks at least every GROUP_COMMIT_SECONDS, even with slow intervals."""
-        while True:
-            await asyncio.sleep(GROUP_COMMIT_SECONDS)
-            try:
-                self.store.flush()
-            except StateError as exc:
-                if not self._store_trouble:
-                    log.error("state_flush_failed", error=str(exc))
-                self._store_trouble = str(exc)
-            else:
-                if self._store_trouble:
-                    log.warning("state_flush_recovered")
-                self._store_trouble = ""
-
-    async def _watchdog(self) -> None:
-        interval = notify.watchdog_interval()
-        if interval is None:
-            return
-        while True:
-            healthy, reason = self.health()
-            if healthy:
-                notify.watchdog()
-            else:
-                log.error("watchdog_withheld", reason=reason)
-            await asyncio.sleep(interval)
-
-
-def _watches(
-    config: Config, actions: Mapping[str, Action]
-) -> dict[str, frozenset[tuple[str, RuleConfig]]]:
-    """Per source, what reads it: ``(monitor, rule)`` and ``("action:NAME", read)`` pairs."""
-    found: dict[str, set[tuple[str, RuleConfig]]] = {}
-    for name, monitor in config.monitors.items():
-        for rule in monitor.rules:
-            found.setdefault(rule.source, set()).add((name, rule))
-    for name, action in actions.items():
-        for read in action.watches() if isinstance(action, ReadsSources) else ():
-            found.setdefault(read.source, set()).add((f"action:{name}", read))
-    return {name: frozenset(pairs) for name, pairs in found.items()}
 
 
 def _warn_exposure(config: Config) -> None:

@@ -6,14 +6,17 @@ A database from a newer rollbackd, or one that is not a rollbackd store, is refu
 from __future__ import annotations
 
 import json
+import re
+import secrets
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 from rollbackd.codec import compact
 from rollbackd.engine import MonitorState, Outcome, Phase
 from rollbackd.errors import StateError
-from rollbackd.records import StepRecord, StepStatus
+from rollbackd.records import IncidentDraft, StepRecord, StepStatus
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: the first schema. Check results are compact JSON rows (see codec.encode_results).
@@ -54,6 +57,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 """``MIGRATIONS[i]`` takes the schema from version ``i`` to ``i + 1``; append, never edit."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
+_SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
 
 SAVE_STATE = "INSERT OR REPLACE INTO monitors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
@@ -187,3 +191,59 @@ def _open_error(path: Path, exc: sqlite3.Error) -> StateError:
         f"state database {path} cannot be read ({exc}); it is not overwritten: move it "
         "aside to start with empty state, or restore it from a backup"
     )
+
+
+# --- statements the store runs ---------------------------------------------------------
+
+INCIDENT = "SELECT id, monitor, event, reason, mode, opened_at, finished_at, details FROM incidents"
+NEWEST = "ORDER BY opened_at DESC, rowid DESC LIMIT ?"
+STEPS = (
+    "SELECT incident_id, step, action, status, attempts, started_at, finished_at, detail, "
+    "failures, interruptions, first_started_at FROM steps WHERE incident_id = ? ORDER BY step"
+)
+
+
+def insert_checks(
+    conn: sqlite3.Connection, monitor: str, rows: list[tuple[str, float, str, str]], history: int
+) -> None:
+    """Append checks of one monitor and keep only its newest ``history``."""
+    conn.executemany("INSERT INTO checks (monitor, at, outcome, results) VALUES (?, ?, ?, ?)", rows)
+    conn.execute(
+        "DELETE FROM checks WHERE monitor = ? AND id <= (SELECT id FROM checks "
+        "WHERE monitor = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+        (monitor, monitor, max(history, 1)),
+    )
+
+
+def insert_incident(conn: sqlite3.Connection, draft: IncidentDraft) -> str:
+    """Insert an incident and its pending steps; return its new id."""
+    incident_id = new_id(conn, draft.monitor, draft.opened_at)
+    conn.execute(
+        "INSERT INTO incidents VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+        (
+            incident_id,
+            draft.monitor,
+            draft.event,
+            draft.reason,
+            draft.mode,
+            draft.opened_at,
+            json.dumps(draft.details, separators=(",", ":"), default=str),
+        ),
+    )
+    conn.executemany(
+        "INSERT INTO steps (incident_id, step, action, status) VALUES (?, ?, ?, ?)",
+        [(incident_id, i, action, StepStatus.PENDING) for i, action in enumerate(draft.actions)],
+    )
+    return incident_id
+
+
+def new_id(conn: sqlite3.Connection, monitor: str, opened_at: float) -> str:
+    """``20261125T122301Z-payments-3f9a``: readable, sortable by time, unique in this store."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(opened_at))
+    slug = _SLUG.sub("-", monitor).strip("-")[:40] or "monitor"
+    size = 2
+    while True:
+        candidate = f"{stamp}-{slug}-{secrets.token_hex(size)}"
+        if conn.execute("SELECT 1 FROM incidents WHERE id = ?", (candidate,)).fetchone() is None:
+            return candidate
+        size += 1

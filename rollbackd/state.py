@@ -7,8 +7,6 @@ committed state; a database the code cannot read is an error, never a silent res
 from __future__ import annotations
 
 import json
-import re
-import secrets
 import sqlite3
 import threading
 import time
@@ -24,10 +22,20 @@ from rollbackd.codec import decode_results, encode_results
 from rollbackd.engine import Check, Event, MonitorState, Outcome
 from rollbackd.errors import StateError
 from rollbackd.records import IncidentDraft, IncidentRecord, StepRecord, StepStatus
-from rollbackd.schema import SAVE_STATE, connect, state_from_row, state_row, step_from_row
+from rollbackd.schema import (
+    INCIDENT,
+    NEWEST,
+    SAVE_STATE,
+    STEPS,
+    connect,
+    insert_checks,
+    insert_incident,
+    state_from_row,
+    state_row,
+    step_from_row,
+)
 
 DB_NAME = "state.db"
-_SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 GROUP_COMMIT_SECONDS = 1.0
@@ -182,9 +190,9 @@ class Store:
                 return None
             incident_id = None
             with self._tx("committing a check", write=True) as conn:
-                _insert_checks(conn, monitor, [row], history)
+                insert_checks(conn, monitor, [row], history)
                 if incident is not None:
-                    incident_id = _insert_incident(conn, incident)
+                    incident_id = insert_incident(conn, incident)
                     state = replace(state, incident_id=incident_id)
                 conn.execute(SAVE_STATE, state_row(monitor, state))
             self._saved[monitor] = state
@@ -229,7 +237,7 @@ class Store:
             incident_id = None
             with self._tx("saving monitor state", write=True) as conn:
                 if incident is not None:
-                    incident_id = _insert_incident(conn, incident)
+                    incident_id = insert_incident(conn, incident)
                 conn.execute(SAVE_STATE, state_row(monitor, state))
             self._saved[monitor] = state
         return incident_id
@@ -239,7 +247,7 @@ class Store:
     def open_incident(self, draft: IncidentDraft) -> str:
         """Create an incident with pending steps outside a check (alerts, test-action)."""
         with self._tx("opening an incident", write=True) as conn:
-            return _insert_incident(conn, draft)
+            return insert_incident(conn, draft)
 
     def step_started(self, incident_id: str, step: int, now: float) -> int:
         """Mark a step running and count the attempt; return the attempt number (1-based)."""
@@ -327,7 +335,7 @@ class Store:
 
     def incident(self, incident_id: str) -> IncidentRecord:
         """Return one incident with its steps; StateError if there is none with this id."""
-        found = self._incidents(f"{_INCIDENT} WHERE id = ?", (incident_id,))
+        found = self._incidents(f"{INCIDENT} WHERE id = ?", (incident_id,))
         if not found:
             raise StateError(f"no incident {incident_id!r} in {self.path}")
         return found[0]
@@ -335,19 +343,19 @@ class Store:
     def incidents(self, monitor: str | None = None, limit: int = 20) -> list[IncidentRecord]:
         """Return the newest incidents, of one monitor or of all, newest first."""
         if monitor is None:
-            return self._incidents(f"{_INCIDENT} {_NEWEST}", (limit,))
-        return self._incidents(f"{_INCIDENT} WHERE monitor = ? {_NEWEST}", (monitor, limit))
+            return self._incidents(f"{INCIDENT} {NEWEST}", (limit,))
+        return self._incidents(f"{INCIDENT} WHERE monitor = ? {NEWEST}", (monitor, limit))
 
     def unfinished_incidents(self) -> list[IncidentRecord]:
         """Return the incidents whose plan has not finished, oldest first (resume these)."""
-        return self._incidents(f"{_INCIDENT} WHERE finished_at IS NULL ORDER BY opened_at", ())
+        return self._incidents(f"{INCIDENT} WHERE finished_at IS NULL ORDER BY opened_at", ())
 
     def _incidents(self, query: str, args: tuple[Any, ...]) -> list[IncidentRecord]:
         with self._tx("reading incidents") as conn:
             rows = conn.execute(query, args).fetchall()
             steps: dict[str, list[StepRecord]] = {row[0]: [] for row in rows}
             for incident_id, found in steps.items():
-                found.extend(step_from_row(*s) for s in conn.execute(_STEPS, (incident_id,)))
+                found.extend(step_from_row(*s) for s in conn.execute(STEPS, (incident_id,)))
         return [
             IncidentRecord(
                 id=row[0],
@@ -364,67 +372,11 @@ class Store:
         ]
 
 
-_INCIDENT = (
-    "SELECT id, monitor, event, reason, mode, opened_at, finished_at, details FROM incidents"
-)
-_NEWEST = "ORDER BY opened_at DESC, rowid DESC LIMIT ?"
-_STEPS = (
-    "SELECT incident_id, step, action, status, attempts, started_at, finished_at, detail, "
-    "failures, interruptions, first_started_at FROM steps WHERE incident_id = ? ORDER BY step"
-)
-
-
-def _insert_checks(
-    conn: sqlite3.Connection, monitor: str, rows: list[tuple[str, float, str, str]], history: int
-) -> None:
-    """Append checks of one monitor and keep only its newest ``history``."""
-    conn.executemany("INSERT INTO checks (monitor, at, outcome, results) VALUES (?, ?, ?, ?)", rows)
-    conn.execute(
-        "DELETE FROM checks WHERE monitor = ? AND id <= (SELECT id FROM checks "
-        "WHERE monitor = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
-        (monitor, monitor, max(history, 1)),
-    )
-
-
 def _write_quiet(conn: sqlite3.Connection, quiet: dict[str, _Quiet]) -> None:
     """Write the held quiet checks and each monitor's latest state."""
     for monitor, waiting in quiet.items():
-        _insert_checks(conn, monitor, waiting.rows, waiting.history)
+        insert_checks(conn, monitor, waiting.rows, waiting.history)
         conn.execute(SAVE_STATE, state_row(monitor, waiting.state))
-
-
-def _insert_incident(conn: sqlite3.Connection, draft: IncidentDraft) -> str:
-    """Insert an incident and its pending steps; return its new id."""
-    incident_id = _new_id(conn, draft.monitor, draft.opened_at)
-    conn.execute(
-        "INSERT INTO incidents VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
-        (
-            incident_id,
-            draft.monitor,
-            draft.event,
-            draft.reason,
-            draft.mode,
-            draft.opened_at,
-            json.dumps(draft.details, separators=(",", ":"), default=str),
-        ),
-    )
-    conn.executemany(
-        "INSERT INTO steps (incident_id, step, action, status) VALUES (?, ?, ?, ?)",
-        [(incident_id, i, action, StepStatus.PENDING) for i, action in enumerate(draft.actions)],
-    )
-    return incident_id
-
-
-def _new_id(conn: sqlite3.Connection, monitor: str, opened_at: float) -> str:
-    """``20261125T122301Z-payments-3f9a``: readable, sortable by time, unique in this store."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(opened_at))
-    slug = _SLUG.sub("-", monitor).strip("-")[:40] or "monitor"
-    size = 2
-    while True:
-        candidate = f"{stamp}-{slug}-{secrets.token_hex(size)}"
-        if conn.execute("SELECT 1 FROM incidents WHERE id = ?", (candidate,)).fetchone() is None:
-            return candidate
-        size += 1
 
 
 def _identity(path: Path) -> tuple[int, int]:
