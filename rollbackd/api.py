@@ -237,33 +237,35 @@ class ApiServer:
             self._renders -= 1
 
     async def _rearm(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return _unauthorized(request, "rearm")
         monitor = request.match_info["monitor"]
-        try:
-            result = await self.surface.rearm(monitor)
-        except UnknownMonitorError as exc:
-            return _json({"error": "unknown_monitor", "message": str(exc)}, status=404)
-        except MonitorNotLatchedError as exc:
-            return _json(
-                {"error": "not_rolled_back", "message": str(exc), "state": exc.state}, status=409
-            )
-        log.info("rearm_accepted", monitor=monitor, remote=request.remote)
-        return _json(result)
+        return await self._control(request, "rearm", monitor, self.surface.rearm)
 
     async def _retry(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return _unauthorized(request, "retry")
         incident = request.match_info["incident"]
+        return await self._control(request, "retry", incident, self.surface.retry)
+
+    async def _control(
+        self,
+        request: web.Request,
+        what: str,
+        subject: str,
+        act: Callable[[str], Awaitable[dict[str, Any]]],
+    ) -> web.Response:
+        """An operator's token-guarded action on ``subject``; its refusals as 404 / 409."""
+        if not self._authorized(request):
+            return _unauthorized(request, what)
         try:
-            result = await self.surface.retry(incident)
-        except UnknownIncidentError as exc:
-            return _json({"error": "unknown_incident", "message": str(exc)}, status=404)
+            result = await act(subject)
+        except (UnknownMonitorError, UnknownIncidentError) as exc:
+            kind = "unknown_monitor" if isinstance(exc, UnknownMonitorError) else "unknown_incident"
+            return _json({"error": kind, "message": str(exc)}, status=404)
+        except MonitorNotLatchedError as exc:
+            body = {"error": "not_rolled_back", "message": str(exc), "state": exc.state}
+            return _json(body, status=409)
         except IncidentNotRetryableError as exc:
-            return _json(
-                {"error": "not_retryable", "message": str(exc), "reason": exc.reason}, status=409
-            )
-        log.info("retry_accepted", incident=incident, remote=request.remote)
+            body = {"error": "not_retryable", "message": str(exc), "reason": exc.reason}
+            return _json(body, status=409)
+        log.info(f"{what}_accepted", subject=subject, remote=request.remote)
         return _json(result)
 
     def _authorized(self, request: web.Request) -> bool:

@@ -37,36 +37,29 @@ async def get_status(
     return await _request("GET", listen, "/status", timeout=timeout, headers=_bearer(token))
 
 
-async def post_rearm(
+async def post_control(
     listen: str,
     token: str,
-    monitor: str,
+    action: str,
+    subject: str,
     timeout: float = 10.0,  # noqa: ASYNC109 - aiohttp enforces it (ClientTimeout)
 ) -> dict[str, Any]:
-    """``POST /rearm/{monitor}`` with the control token."""
-    return await _request(
-        "POST",
-        listen,
-        f"/rearm/{quote(monitor, safe='')}",
-        timeout=timeout,
-        headers=_bearer(token),
-    )
+    """``POST /{action}/{subject}`` with the control token; ApiError when the daemon refuses.
+
+    ``rearm`` a monitor, ``retry`` an incident's failed steps.
+    """
+    path = f"/{action}/{quote(subject, safe='')}"
+    return await _request("POST", listen, path, timeout=timeout, headers=_bearer(token))
 
 
-async def post_retry(
-    listen: str,
-    token: str,
-    incident: str,
-    timeout: float = 10.0,  # noqa: ASYNC109 - aiohttp enforces it (ClientTimeout)
-) -> dict[str, Any]:
-    """``POST /retry/{incident}`` with the control token: re-run a finished plan's failed steps."""
-    return await _request(
-        "POST",
-        listen,
-        f"/retry/{quote(incident, safe='')}",
-        timeout=timeout,
-        headers=_bearer(token),
-    )
+async def post_rearm(listen: str, token: str, monitor: str) -> dict[str, Any]:
+    """``POST /rearm/{monitor}``: clear a monitor's latch."""
+    return await post_control(listen, token, "rearm", monitor)
+
+
+async def post_retry(listen: str, token: str, incident: str) -> dict[str, Any]:
+    """``POST /retry/{incident}``: re-run a finished plan's failed steps."""
+    return await post_control(listen, token, "retry", incident)
 
 
 def _bearer(token: str | None) -> dict[str, str] | None:
@@ -112,4 +105,4 @@ def _error_message(status: int, body: dict[str, Any]) -> str:
     return message
 
 
-__all__ = ["base_url", "get_status", "post_rearm", "post_retry"]
+__all__ = ["base_url", "get_status", "post_control", "post_rearm", "post_retry"]
