@@ -64,7 +64,7 @@ class Surface(Protocol):
 def ensure_control_token(state_dir: Path) -> str:
     """Return the re-arm token in ``state_dir/control.token``, created (0600) if missing."""
     path = state_dir / TOKEN_FILE
-    state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:

@@ -77,6 +77,18 @@ class Assembly:
             sources[read.source].watch(f"action:{action.name}", read)
         return sources
 
+    def secret_values(self) -> list[str]:
+        """Every secret the plugin options name, read now (unreadable ones are left out)."""
+        found = []
+        for section, parts in (("sources", self.sources), ("actions", self.actions)):
+            for name, part in parts.items():
+                for _, ref in secret_refs(part.options, (section, name)):
+                    try:
+                        found.append(ref.reveal())
+                    except SecretError:
+                        continue
+        return found
+
     def resolves(self, action: str) -> bool:
         """The action's type tells people (an alert), so it hears of a re-arm."""
         part = self.actions.get(action)

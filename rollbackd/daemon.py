@@ -37,6 +37,7 @@ from rollbackd.monitor import MonitorRunner
 from rollbackd.parts import Parts
 from rollbackd.plan import PlanRunner, PlanTasks
 from rollbackd.records import IncidentDraft, IncidentRecord
+from rollbackd.redact import Redactor
 from rollbackd.schedule import Schedule
 from rollbackd.sources import Source
 from rollbackd.state import Store
@@ -52,8 +53,8 @@ def run(config_path: Path) -> int:
     """``rollbackd run``: load the config, serve until SIGTERM/SIGINT; the exit code."""
     assembly = load(config_path)
     daemon = assembly.config.daemon
-    logs.configure(daemon.log_format, daemon.log_level)
-    return asyncio.run(Daemon(assembly, config_path).serve())
+    redactor = logs.configure(daemon.log_format, daemon.log_level)
+    return asyncio.run(Daemon(assembly, config_path, redactor=redactor).serve())
 
 
 class Daemon:
@@ -67,8 +68,12 @@ class Daemon:
         registry: CollectorRegistry | None = None,
         registries: Registries | None = None,
         clock: Callable[[], float] = time.time,
+        redactor: Redactor | None = None,
     ) -> None:
         self.assembly = assembly
+        self.redactor = redactor or Redactor()
+        """Every secret of every config this daemon ran, kept out of what it writes and shows."""
+        self.redactor.learn(assembly.secret_values())
         self.config_path = config_path
         self.registries = registries or Registries()
         """The plugin types a reload resolves the new config with."""
@@ -199,6 +204,7 @@ class Daemon:
             on_incident=self.plans.start,
             clock=self.clock,
             observer=self._observe(name),
+            redactor=self.redactor,
         )
 
     async def _stop_checks(self) -> None:
@@ -253,6 +259,7 @@ class Daemon:
             config_sha256=self.config.sha256,
             on_attempt=self.metrics.action_attempt,
             on_failed_steps=self._alert_failed_steps,
+            redactor=self.redactor,
         )
 
     def _alert_failed_steps(self, record: IncidentRecord) -> None:
@@ -276,7 +283,11 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         """The ``/status`` document."""
         monitors = {name: runner.status() for name, runner in self.monitors.items()}
-        return status.document(__version__, self.config, monitors, self.store.incidents(limit=10))
+        document = status.document(
+            __version__, self.config, monitors, self.store.incidents(limit=10)
+        )
+        redacted: dict[str, Any] = self.redactor.value(document)
+        return redacted
 
     async def rearm(self, monitor: str) -> dict[str, Any]:
         """Clear a monitor's latch and tell the actions that alerted people (alerts resolve)."""
@@ -366,6 +377,7 @@ class Daemon:
                 notify.ready()
                 return False
             new = _keep_state_dir(new, self.config.daemon.state_dir)
+            self.redactor.learn(new.secret_values())
             old = self.parts
             next_runs = self._schedule.next_runs() if self._schedule is not None else {}
             await self._stop_checks()

@@ -1,28 +1,27 @@
 """Log setup: structlog as JSON lines in production, readable on a terminal, secrets redacted.
 
 Libraries' stdlib logging goes through the same renderer at warning level and above.
+Tracebacks carry no local variables, and redaction runs over the final rendered line, so
+no field, message or traceback text escapes it.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from typing import Any, Literal, TextIO
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+from rollbackd.redact import Redactor
 
 Format = Literal["auto", "json", "console"]
 
-REDACTED = "***"
-
-_SECRET_KEY = re.compile(
-    r"token|passw(or)?d|secret|authori[sz]ation|api_?key|cookie", re.IGNORECASE
-)
-_BEARER = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
-_URL_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*):[^/@\s]*@")
+EVENT_CHARS = 2000
+"""Longest text value a log event keeps (a 1 MB query is not echoed into every line)."""
 
 
 def configure(
@@ -31,26 +30,34 @@ def configure(
     *,
     stream: TextIO | None = None,
     quiet: Collection[str] = (),
-) -> None:
+    redactor: Redactor | None = None,
+) -> Redactor:
     """Set up structlog and stdlib logging for the process; ``auto`` is JSON unless on a TTY.
 
-    Events named in ``quiet`` are dropped (the demo shows checks its own way).
+    Events named in ``quiet`` are dropped (the demo shows checks its own way). Returns the
+    redactor in use: tell it the secrets (``learn``) as they are read.
     """
+    redactor = redactor or Redactor()
     out = sys.stderr if stream is None else stream
     as_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     threshold = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     shared: list[Processor] = [
         *([_dropper(frozenset(quiet))] if quiet else []),
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact,
+        _fields_redactor(redactor),
     ]
     renderer: Processor
+    tail: list[Processor]
     if as_json:
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
-        tail: list[Processor] = [structlog.processors.dict_tracebacks, renderer]
+        no_locals = ExceptionDictTransformer(show_locals=False)
+        tail = [structlog.processors.ExceptionRenderer(no_locals), renderer]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
         tail = [renderer]
+    tail.append(_line_redactor(redactor))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -65,6 +72,7 @@ def configure(
         cache_logger_on_first_use=False,
     )
     _route_stdlib(out, tail, shared, max(threshold, logging.WARNING))
+    return redactor
 
 
 def _route_stdlib(out: TextIO, tail: list[Processor], shared: list[Processor], level: int) -> None:
@@ -86,34 +94,33 @@ def _route_stdlib(out: TextIO, tail: list[Processor], shared: list[Processor], l
     root.setLevel(level)
 
 
-def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-    """Processor: replace values of secret-looking keys, bearer tokens and URL passwords."""
-    for key in list(event_dict):
-        if key != "event":
-            event_dict[key] = _clean(key, event_dict[key])
-    event = event_dict.get("event")
-    if isinstance(event, str):
-        event_dict["event"] = _scrub(event)
-    return event_dict
+def _fields_redactor(redactor: Redactor) -> Processor:
+    """Processor: secret-named fields lose their value; long texts are cut."""
+
+    def redact_fields(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+        for key in list(event_dict):
+            if key != "event":
+                event_dict[key] = _cut(redactor.value(event_dict[key], key))
+        return event_dict
+
+    return redact_fields
 
 
-def _clean(key: object, value: Any) -> Any:
-    if isinstance(key, str) and _SECRET_KEY.search(key) and value not in (None, ""):
-        return REDACTED
-    if isinstance(value, str):
-        return _scrub(value)
-    if isinstance(value, Mapping):
-        return {k: _clean(k, v) for k, v in value.items()}
+def _line_redactor(redactor: Redactor) -> Processor:
+    """Processor after the renderer: secrets out of the final line, tracebacks included."""
+
+    def redact_line(_logger: WrappedLogger, _method: str, line: Any) -> Any:
+        return redactor.text(line) if isinstance(line, str) else line
+
+    return redact_line
+
+
+def _cut(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > EVENT_CHARS:
+        return f"{value[:EVENT_CHARS]}… ({len(value)} characters)"
     if isinstance(value, list):
-        return [_clean(None, v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_clean(None, v) for v in value)
+        return [_cut(v) for v in value]
     return value
-
-
-def _scrub(text: str) -> str:
-    text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-    return _URL_USERINFO.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
 
 
 def _dropper(events: frozenset[str]) -> Processor:

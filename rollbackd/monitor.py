@@ -22,6 +22,7 @@ from rollbackd.errors import MonitorNotLatchedError, StateError
 from rollbackd.readings import Reading, ReadingStatus
 from rollbackd.readings import error as error_reading
 from rollbackd.records import IncidentDraft
+from rollbackd.redact import Redactor
 from rollbackd.sources import Source
 from rollbackd.state import Store
 
@@ -44,6 +45,8 @@ class MonitorRunner:
     on_incident: Callable[[str], None]
     clock: Callable[[], float] = time.time
     observer: CheckObserver | None = None
+    redactor: Redactor = field(default_factory=Redactor)
+    """Secrets out of the reasons sources give (they reach the store, /status and logs)."""
     state: MonitorState = field(init=False)
     last_check: Check | None = field(init=False, default=None)
     policy: Policy = field(init=False)
@@ -210,10 +213,13 @@ class MonitorRunner:
         if source is None:
             return [error_reading(f"source {rule.source!r} is not running", now)]
         try:
-            return await source.read(rule, now)
+            readings = await source.read(rule, now)
         except Exception as exc:  # a source's bug costs this rule's reading, not the check
             log.exception("source_read_crashed", monitor=self.name, rule=rule.name)
-            return [error_reading(f"reading failed: {type(exc).__name__}: {str(exc)[:200]}", now)]
+            why = f"reading failed: {type(exc).__name__}: {str(exc)[:200]}"
+            readings = [error_reading(why, now)]
+        text = self.redactor.text
+        return [replace(r, reason=text(r.reason)) if r.reason else r for r in readings]
 
     def _commit(
         self, readings: Mapping[str, Sequence[Reading]], now: float, started: float

@@ -26,6 +26,7 @@ from rollbackd.codec import result_to_json
 from rollbackd.config import ActionConfig
 from rollbackd.errors import ActionError, RollbackdError
 from rollbackd.records import IncidentRecord, StepRecord, StepStatus
+from rollbackd.redact import Redactor
 from rollbackd.sources import Source
 from rollbackd.state import Store
 
@@ -64,6 +65,8 @@ class PlanRunner:
     samples: int = 50
     """Recent checks of the monitor copied into the incident record."""
     clock: Callable[[], float] = time.time
+    redactor: Redactor = field(default_factory=Redactor)
+    """Secrets out of step details and incident records."""
     on_failed_steps: Callable[[IncidentRecord], None] | None = None
     """Told of every finished plan just before it is marked finished (the daemon alerts on a
     rollback with failed steps); after a crash right there it is told again: at least once."""
@@ -172,7 +175,7 @@ class PlanRunner:
         detail: str,
         attempt: int = 0,
     ) -> None:
-        detail = detail[:DETAIL_CHARS]
+        detail = self.redactor.text(detail)[:DETAIL_CHARS]
         self.store.step_finished(incident.id, step.step, status, detail, self.clock())
         fields = {"action": step.action, "incident": incident.id, "step": step.step}
         if status is StepStatus.FAILED:
@@ -191,7 +194,7 @@ class PlanRunner:
         now = self.clock()
         record = self.store.incident(incident_id)
         path = self.state_dir / "incidents" / f"{incident_id}.json"
-        document = self.incident_document(record, now)
+        document = self.redactor.value(self.incident_document(record, now))
         try:
             await asyncio.to_thread(_write_json, path, document)
         except OSError as exc:  # the store still holds everything; the plan must finish
@@ -263,9 +266,7 @@ class PlanTasks:
         if incident_id in self._tasks:
             self._again.add(incident_id)  # e.g. a retry just as the plan was finishing
             return
-        task = asyncio.get_running_loop().create_task(self._run(incident_id))
-        self._tasks[incident_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(incident_id, None))
+        self._tasks[incident_id] = asyncio.get_running_loop().create_task(self._run(incident_id))
 
     def resume_unfinished(self, store: Store) -> None:
         """Start every plan a previous run left unfinished (after a crash or a stop)."""
@@ -293,15 +294,18 @@ class PlanTasks:
 
     async def _run(self, incident_id: str) -> None:
         again = True
-        while again:
-            self._again.discard(incident_id)
-            try:
-                await self.runner().run(incident_id)
-            except RollbackdError as exc:  # e.g. the store failing: resumed at next start
-                log.error(
-                    "plan_aborted", incident=incident_id, error=str(exc), resume="at next start"
-                )
-            again = incident_id in self._again
+        try:
+            while again:
+                self._again.discard(incident_id)
+                try:
+                    await self.runner().run(incident_id)
+                except RollbackdError as exc:  # e.g. the store failing: resumed at next start
+                    log.error(
+                        "plan_aborted", incident=incident_id, error=str(exc), resume="at next start"
+                    )
+                again = incident_id in self._again
+        finally:  # unregistered in the same step that decided not to run again: no lost start
+            self._tasks.pop(incident_id, None)
 
 
 async def attempt_once(
@@ -351,9 +355,12 @@ def transient(exc: BaseException) -> bool:
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write an incident record readable by the service's user only (it holds evidence)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
     text = json.dumps(document, indent=2, sort_keys=True, default=str) + "\n"
     atomic_write(path, text.encode("utf-8"))
+    path.chmod(0o600)
 
 
 async def fire_action(

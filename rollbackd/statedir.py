@@ -28,7 +28,17 @@ def refuse_lost_database(database: Path) -> None:
 
 
 def mark_database(database: Path) -> None:
-    """Leave the marker that makes a later start refuse to run without ``database``."""
+    """Leave the marker that makes a later start refuse to run without ``database``.
+
+    Also make the database and its journals readable by the service's user only.
+    """
+    for path in (database, *(database.with_name(database.name + x) for x in ("-wal", "-shm"))):
+        try:
+            path.chmod(0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StateError(f"cannot make {path} private (chmod 600): {exc.strerror}") from exc
     marker = database.parent / MARKER
     if marker.exists():
         return
@@ -52,7 +62,8 @@ class StateDirLock:
 
     def __init__(self, state_dir: Path) -> None:
         try:
-            state_dir.mkdir(parents=True, exist_ok=True)
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            state_dir.chmod(0o700)  # it holds evidence and the control token: the service's only
             self._fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise StateError(

@@ -391,6 +391,12 @@ class Rollbackd:
             self.process.wait(30)
         return self.process.returncode
 
+    def log_bytes(self) -> bytes:
+        """Everything the daemon logged, every start, as written."""
+        return b"".join(
+            (self.workdir / f"daemon-{n}.log").read_bytes() for n in range(1, self.starts + 1)
+        )
+
     def log(self) -> str:
         """Everything the daemon logged (last start)."""
         return (self.workdir / f"daemon-{self.starts}.log").read_text(errors="replace")[-4000:]

@@ -110,9 +110,61 @@ def test_secrets_never_reach_the_output() -> None:
 
 
 def test_redact_leaves_ordinary_events_alone() -> None:
-    """The processor changes nothing in an event without secrets."""
-    event = {"event": "check", "monitor": "payments", "failures": 3, "values": [1.0, 2.0]}
-    assert logs.redact(None, "info", dict(event)) == event
+    """Redaction changes nothing in an event without secrets."""
+    out = io.StringIO()
+    logs.configure("json", "info", stream=out)
+    structlog.get_logger("t").info("check", monitor="payments", failures=3, values=[1.0, 2.0])
+    (line,) = _lines(out)
+    assert (line["monitor"], line["failures"], line["values"]) == ("payments", 3, [1.0, 2.0])
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_tracebacks_carry_no_locals_and_no_known_secret(fmt: str) -> None:
+    """A traceback shows no local variables, and a known secret in its text is redacted."""
+    out = io.StringIO()
+    password = "pw-\u20ac-CANARY\nsecond-line"  # a € and a line break, as read from a file
+    redactor = logs.configure(fmt, "info", stream=out)
+    redactor.learn([password])
+
+    def refuse(topic: str) -> None:
+        credentials = {"password": password}  # a local a traceback would otherwise show
+        raise ValueError(f"broker refused {topic!r} for {credentials['password']!r}")
+
+    try:
+        refuse("alerts/x")
+    except ValueError:
+        structlog.get_logger("t").exception("publish_failed")
+    text = out.getvalue()
+    assert "publish_failed" in text
+    assert "broker refused" in text
+    for piece in ("CANARY", "second-line", "\\u20ac", "\\xe2\\x82\\xac"):
+        assert piece not in text, piece
+    if fmt == "json":
+        (line,) = _lines(out)
+        frames = line["exception"][0]["frames"]
+        assert all("locals" not in frame for frame in frames), "no locals in tracebacks"
+    assert "{'password'" not in text, "no locals in tracebacks"
+
+
+def test_credentials_in_command_output_are_redacted() -> None:
+    """Schemes beyond Bearer/Basic (an exec's output with ``Authorization: Token``) are hidden."""
+    out = io.StringIO()
+    logs.configure("json", "info", stream=out)
+    structlog.get_logger("t").info(
+        "action_ok", detail="curl said: Authorization: Token 9f8e7d6c; X-Api-Key: k-1234"
+    )
+    (line,) = _lines(out)
+    assert "9f8e7d6c" not in line["detail"]
+    assert "k-1234" not in line["detail"]
+    assert "Authorization: Token ***" in line["detail"]
+
+
+def test_long_values_are_cut() -> None:
+    """A 1 MB query is not echoed whole into a log line."""
+    out = io.StringIO()
+    logs.configure("json", "info", stream=out)
+    structlog.get_logger("t").info("check_failed", reasons=["x" * 1_000_000])
+    assert len(out.getvalue()) < 5000
 
 
 def test_stdlib_libraries_at_warning() -> None:

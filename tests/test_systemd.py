@@ -53,7 +53,7 @@ def test_unit_declares_the_service_contract() -> None:
         "TimeoutStopSec": "60s",
         "LimitNOFILE": "65536",
         "StateDirectory": "rollbackd",
-        "StateDirectoryMode": "0750",
+        "StateDirectoryMode": "0700",
         "UMask": "0077",
         "CapabilityBoundingSet": "",
         "ProtectSystem": "strict",
