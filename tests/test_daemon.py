@@ -661,3 +661,59 @@ async def test_retry_reruns_only_the_failed_steps_of_a_finished_plan(tmp_path: P
         assert '"defaultVariant": "off"' in (missing / "flags.json").read_text()
 
     await running(from_dict(raw), body)
+
+
+@dataclass
+class BrokenSource(ScriptedSource):
+    """A third-party source with a bug: its ``read`` raises for the query ``boom``."""
+
+    async def read(self, rule: RuleConfig, now: float) -> Sequence[Reading]:
+        """Raise for ``boom``; answer the script otherwise."""
+        if rule.query == "boom":
+            raise ValueError("metric is not an object")
+        return await super().read(rule, now)
+
+
+register("test.broken", lambda name, options: BrokenSource(name))
+
+
+async def test_a_crashing_rule_does_not_stop_the_other_from_rolling_back(tmp_path: Path) -> None:
+    """One rule whose source raises is inconclusive with the reason; the breaching one counts."""
+    prepare(tmp_path)
+    raw = config_dict(tmp_path)
+    raw["sources"]["script"]["type"] = "test.broken"
+    rules = raw["monitors"]["payments"]["rules"]
+    rules.append({**rules[0], "name": "odd", "query": "boom"})
+    SCRIPT.value = 5.0
+
+    async def body(daemon: Daemon) -> None:
+        await wait_until(lambda: plan_done(daemon))
+        assert daemon.monitors["payments"].state.consecutive_failures == 3
+        [odd] = daemon.status()["monitors"]["payments"]["rules"]["odd"]
+        assert odd["verdict"] == "error"
+        assert "reading failed: ValueError: metric is not an object" in odd["reason"]
+
+    await running(from_dict(raw), body)
+
+
+async def test_a_monitor_whose_checks_keep_crashing_goes_blind_and_alerts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checks that crash are recorded as inconclusive: blind after blind_after, an alert, 503."""
+    prepare(tmp_path)
+
+    def bug(*_: object) -> None:
+        raise RuntimeError("a bug in deciding")
+
+    async def body(daemon: Daemon) -> None:
+        monkeypatch.setattr("rollbackd.monitor.engine.decide", bug)
+        monitor = daemon.monitors["payments"]
+        await wait_until(lambda: monitor.state.phase is Phase.BLIND)
+        (blind,) = [i for i in daemon.store.incidents() if i.event == "blind"]
+        assert "check failed to run: RuntimeError: a bug in deciding" in blind.reason
+        assert [s.action for s in blind.steps] == ["note"]
+        healthy, why = daemon.health()
+        assert not healthy
+        assert "checks in a row failed" in why
+
+    await running(from_dict(config_dict(tmp_path)), body)
