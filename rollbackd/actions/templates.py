@@ -57,7 +57,7 @@ TemplateTree = Annotated[Template | dict[str, Any], AfterValidator(check_tree)]
 def fields(ctx: ActionContext) -> dict[str, str]:
     """Return the values of the template fields for this attempt."""
     incident = ctx.incident
-    return {
+    values = {
         "monitor": incident.monitor,
         "incident": incident.id,
         "reason": incident.reason,
@@ -66,6 +66,8 @@ def fields(ctx: ActionContext) -> dict[str, str]:
         "mode": incident.mode,
         "environment": incident.environment,
     }
+    # A NUL (from a series label, say) cannot travel in argv, env or a header: spell it.
+    return {k: v.replace("\0", "\\0") for k, v in values.items()}
 
 
 def render(text: str, values: Mapping[str, str], escape: Callable[[str], str] = str) -> str:
