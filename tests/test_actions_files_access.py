@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 # groups, as systemd's User= and SupplementaryGroups= do): the interpreter and the checkout
 # may live where that user cannot read (CI's Python is under /root).
 ACTION_SCRIPT = """
-import asyncio, json, os, sys
+import asyncio, concurrent.futures.thread, json, os, sys  # loaded lazily elsewhere
 from rollbackd.actions.files import FLAG_FILE, ROUTE_FILE
 from rollbackd.plan import attempt_once
 from tests.test_actions_files import context
@@ -163,7 +163,7 @@ def run_as_service(people: People, kind: str, **options: str) -> tuple[bool, str
         env=_env(),
     )
     assert result.returncode == 0, result.stderr
-    ok, detail = json.loads(result.stdout)
+    ok, detail = json.loads(result.stdout.splitlines()[-1])  # after any log lines
     return ok, detail
 
 
