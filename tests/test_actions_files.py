@@ -335,3 +335,16 @@ def test_process_with_a_stuck_file_write_still_exits(tmp_path: Path) -> None:
     )
     assert result.stdout.splitlines() == ["(False, 'timed out after 0.5s')", "stopped"]
     assert result.returncode == 0, result.stderr
+
+
+async def test_route_file_value_already_set_in_quotes_is_left_alone(tmp_path: Path) -> None:
+    """A KEY line that already holds the value, however quoted, is not rewritten (no diff)."""
+    path = tmp_path / "traffic.env"
+    text = "# stage\nBOOP_TRAFFIC_PERCENT=\"0\"\nOTHER='x y'\n"
+    path.write_text(text)
+    inode = path.stat().st_ino
+    detail = await route_action(path).run(context())
+    assert detail == f"BOOP_TRAFFIC_PERCENT already '0' in {path}"
+    assert (path.read_text(), path.stat().st_ino) == (text, inode)
+    await route_action(path, key="OTHER", value="x y").run(context())
+    assert path.read_text() == text

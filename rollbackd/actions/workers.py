@@ -84,7 +84,7 @@ class BlockingPool:
             raise ActionError(
                 f"{what} not started: {self.name}'s file I/O is still blocked in an earlier "
                 f"call: {held}; the file system may be hung (an NFS mount?) or the path may "
-                "be a pipe: check it, the step is retried"
+                "be a pipe: check that reading it returns (e.g. stat it)"
             )
 
     def _start_thread(self) -> None:
