@@ -128,14 +128,16 @@ def as_user(user: str) -> dict[str, Any]:
 @pytest.fixture
 def etc(people: People) -> Iterator[Path]:
     """A directory like /etc/boop: group shared may write in it; the service user can reach it."""
-    top = Path(tempfile.mkdtemp(prefix="rollbackd-access-"))
-    top.chmod(0o755)
-    directory = top / "boop"
-    directory.mkdir()
-    os.chown(directory, 0, people.gid(people.shared))
-    directory.chmod(0o775)
-    yield directory
-    shutil.rmtree(top)
+    top = Path(tempfile.mkdtemp(prefix="rollbackd-access-"))  # pytest's tmp_path is 0700
+    try:
+        top.chmod(0o755)
+        directory = top / "boop"
+        directory.mkdir()
+        os.chown(directory, 0, people.gid(people.shared))
+        directory.chmod(0o775)
+        yield directory
+    finally:
+        shutil.rmtree(top)
 
 
 def _env() -> dict[str, str]:
