@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +26,7 @@ from rollbackd.actions.files import (
     RouteFileOptions,
 )
 from rollbackd.errors import ActionError
+from rollbackd.plan import attempt_once
 from tests import helpers
 
 FLAGS: dict[str, Any] = {
@@ -212,3 +219,128 @@ async def test_readers_never_see_a_partial_file(tmp_path: Path) -> None:
     assert reads[0] > 10
     assert json.loads(flags.read_text())["flags"]["boop-payments"]["defaultVariant"] == "off"
     assert "BOOP_TRAFFIC_PERCENT=59" in env.read_text()
+
+
+# --- a target that blocks (issue 11, item 3) ----------------------------------------------
+
+
+def _release_readers(fifo: Path) -> None:
+    """Give any thread stuck opening ``fifo`` for reading a writer, so it sees EOF and ends."""
+    for _ in range(100):
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: nobody is waiting to read any more
+            return
+        os.close(fd)
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Iterator[Path]:
+    """A FIFO where a flag or env file should be (a reader of it blocks until a writer comes)."""
+    path = tmp_path / "flags.json"
+    os.mkfifo(path)
+    yield path
+    _release_readers(path)
+
+
+@pytest.mark.parametrize("kind", ["flag.file", "route.file"])
+async def test_fifo_target_fails_fast_and_threads_do_not_grow(fifo: Path, kind: str) -> None:
+    """A FIFO target is refused at once, naming it; repeated attempts leave no thread behind."""
+    action = flag_action(fifo) if kind == "flag.file" else route_action(fifo)
+    before = threading.active_count()
+    for _ in range(8):
+        started = time.monotonic()
+        ok, detail, _ = await attempt_once(action, context(), 1.0)  # type: ignore[arg-type]
+        assert (ok, detail) == (
+            False,
+            f"{fifo} is a FIFO (named pipe), not a regular file: point the action at the "
+            "file its readers load",
+        )
+        assert time.monotonic() - started < 0.5
+    assert threading.active_count() <= before + 1  # at most the action's own worker
+    await action.aclose()
+    assert fifo.exists()  # not replaced by a regular file either
+
+
+@pytest.fixture
+def hung_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Make every file write hang like one to a dead NFS mount, until the test releases it."""
+    release = threading.Event()
+    monkeypatch.setattr("rollbackd.actions.files.atomic_write", lambda path, data: release.wait(60))
+    yield release
+    release.set()
+
+
+async def test_hung_file_system_holds_one_thread_and_starves_nothing(
+    tmp_path: Path, hung_writes: threading.Event
+) -> None:
+    """A write stuck in the kernel holds one thread: later attempts fail fast, saying so.
+
+    No thread is added per attempt, and the loop's default executor stays free.
+    """
+    path = tmp_path / "traffic.env"
+    path.write_text(ENV)
+    action = route_action(path)
+    action.pool.stuck_after = 0.2
+    before = threading.active_count()
+    ok, detail, _ = await attempt_once(action, context(), 0.3)
+    assert (ok, detail) == (False, "timed out after 0.3s")
+    await asyncio.sleep(0.2)  # the stuck write is now older than stuck_after
+    for _ in range(10):
+        ok, detail, _ = await attempt_once(action, context(), 0.3)
+        assert not ok
+        assert "still blocked in an earlier call: edit of" in detail
+        assert "the file system may be hung" in detail
+    assert threading.active_count() <= before + 1
+    loop = asyncio.get_running_loop()
+    assert await asyncio.wait_for(loop.run_in_executor(None, lambda: "free"), 1.0) == "free"
+    await action.aclose()
+
+
+STOP_SCRIPT = """
+import asyncio, sys, threading
+from pathlib import Path
+import rollbackd.actions.files as files
+from rollbackd.plan import attempt_once
+from tests.test_actions_files import context, route_action
+
+files.atomic_write = lambda path, data: threading.Event().wait()  # a write that never returns
+
+async def main():
+    action = route_action(Path(sys.argv[1]))
+    print(await attempt_once(action, context(), 0.5), flush=True)
+    await action.aclose()
+
+asyncio.run(main())
+print("stopped", flush=True)
+"""
+
+
+def test_process_with_a_stuck_file_write_still_exits(tmp_path: Path) -> None:
+    """A stopping daemon is not held by a file action's thread stuck in a write."""
+    path = tmp_path / "traffic.env"
+    path.write_text(ENV)
+    result = subprocess.run(
+        [sys.executable, "-c", STOP_SCRIPT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert result.stdout.splitlines() == ["(False, 'timed out after 0.5s', True)", "stopped"]
+    assert result.returncode == 0, result.stderr
+
+
+async def test_route_file_value_already_set_in_quotes_is_left_alone(tmp_path: Path) -> None:
+    """A KEY line that already holds the value, however quoted, is not rewritten (no diff)."""
+    path = tmp_path / "traffic.env"
+    text = "# stage\nBOOP_TRAFFIC_PERCENT=\"0\"\nOTHER='x y'\n"
+    path.write_text(text)
+    inode = path.stat().st_ino
+    detail = await route_action(path).run(context())
+    assert detail == f"BOOP_TRAFFIC_PERCENT already '0' in {path}"
+    assert (path.read_text(), path.stat().st_ino) == (text, inode)
+    await route_action(path, key="OTHER", value="x y").run(context())
+    assert path.read_text() == text

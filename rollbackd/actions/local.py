@@ -2,6 +2,8 @@
 
 ``exec`` runs an argv list in its own process group with the configured environment; its
 output is captured (bounded) into the detail, and a cancelled attempt kills the whole group.
+Each started command is noted in the state directory (``children.py``): a daemon killed
+while it ran does not start a second copy at restart while the first one lives.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import structlog
 from pydantic import Field, field_validator
 
 from rollbackd.actions import ActionContext, ActionType, OptionsAction
+from rollbackd.actions.children import Child, ChildNotes, start_time, wait_for_earlier
 from rollbackd.actions.templates import Template, fields, render
 from rollbackd.errors import ActionError, SecretError
 from rollbackd.options import Frozen, SecretRef
@@ -116,10 +119,18 @@ class ExecAction(OptionsAction[ExecOptions]):
     """Runs one command per attempt (which owns its process); exit status 0 is success."""
 
     async def run(self, ctx: ActionContext) -> str:
-        """Run the command to completion; cancellation (the step's timeout) kills its group."""
+        """Run the command to completion; cancellation (the step's timeout) kills its group.
+
+        With a state directory, a copy an earlier attempt of the same step started (before a
+        daemon crash) is waited for first: never two at once.
+        """
         o = self.options
         values = fields(ctx)
         argv = [render(arg, values) for arg in o.argv]
+        notes = None if ctx.state_dir is None else ChildNotes.under(ctx.state_dir)
+        if notes is not None:
+            notes.prepare()
+            await wait_for_earlier(notes, ctx.idempotency_key, ctx.deadline)
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
@@ -133,16 +144,36 @@ class ExecAction(OptionsAction[ExecOptions]):
         except OSError as exc:
             raise ActionError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
         try:
+            if notes is not None:
+                _note(notes, ctx.idempotency_key, process.pid, argv[0])
             output = await _read_tail(process, max(o.output_limit * 4, _CHUNK))
             code = await process.wait()
         except BaseException:
             await _kill(process)
             raise
+        finally:
+            if notes is not None:  # the child has exited (or was killed and reaped)
+                notes.forget(ctx.idempotency_key)
         shown = _tail(output, o.output_limit)
         if code != 0:
             status = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
             raise ActionError(f"{argv[0]}: {status}" + (f": {shown}" if shown else ""))
         return f"{argv[0]}: exit status 0" + (f": {shown}" if shown else "")
+
+
+def _note(notes: ChildNotes, key: str, pid: int, program: str) -> None:
+    """Note the child just started; a child that cannot be tracked is not left running."""
+    started = start_time(pid)
+    if started is None:
+        return  # already exited: nothing a restart could collide with
+    try:
+        notes.record(key, Child(pid, started, program))
+    except OSError as exc:
+        raise ActionError(
+            f"{program}: stopped, because it could not be noted in {notes.directory} "
+            f"({exc.strerror}); a restart could otherwise run it twice: make the state "
+            "directory writable"
+        ) from exc
 
 
 async def _read_tail(process: asyncio.subprocess.Process, keep: int) -> bytes:
