@@ -26,10 +26,7 @@ from rollbackd.config import Config, MonitorConfig, exposure_warnings
 from rollbackd.engine import Check, Event, MonitorState, Transition
 from rollbackd.errors import (
     ConfigError,
-    IncidentNotRetryableError,
     RollbackdError,
-    StateError,
-    UnknownIncidentError,
     UnknownMonitorError,
 )
 from rollbackd.metrics import Metrics
@@ -312,18 +309,7 @@ class Daemon:
 
     async def retry(self, incident: str) -> dict[str, Any]:
         """Re-run the failed steps of a finished plan (``rollbackd retry``)."""
-        try:
-            record = self.store.incident(incident)
-        except StateError as exc:
-            raise UnknownIncidentError(incident) from exc
-        if record.finished_at is None:
-            raise IncidentNotRetryableError(incident, "its plan is still running")
-        steps = self.store.reopen_failed_steps(incident)
-        if not steps:
-            raise IncidentNotRetryableError(incident, "no step failed")
-        log.warning("plan_retried", incident=incident, steps=steps)
-        self.plans.start(incident)
-        return {"incident": incident, "steps": steps}
+        return {"incident": incident, "steps": self.plans.retry(self.store, incident)}
 
     async def _start_surface(self, stack: contextlib.AsyncExitStack) -> None:
         address = self.config.daemon.listen_address()

@@ -22,9 +22,14 @@ from rollbackd import incidents
 from rollbackd.actions import Action, ActionContext, Incident
 from rollbackd.assemble import Assembly
 from rollbackd.atomic import atomic_write
-from rollbackd.codec import result_to_json
 from rollbackd.config import ActionConfig
-from rollbackd.errors import ActionError, RollbackdError
+from rollbackd.errors import (
+    ActionError,
+    IncidentNotRetryableError,
+    RollbackdError,
+    StateError,
+    UnknownIncidentError,
+)
 from rollbackd.records import IncidentRecord, StepRecord, StepStatus
 from rollbackd.redact import Redactor
 from rollbackd.sources import Source
@@ -194,7 +199,11 @@ class PlanRunner:
         now = self.clock()
         record = self.store.incident(incident_id)
         path = self.state_dir / "incidents" / f"{incident_id}.json"
-        document = self.redactor.value(self.incident_document(record, now))
+        samples = self.store.recent_checks(record.monitor, self.samples)
+        document = record.document(
+            samples, environment=self.environment, config_sha256=self.config_sha256, at=now
+        )
+        document = self.redactor.value(document)
         try:
             await asyncio.to_thread(_write_json, path, document)
         except OSError as exc:  # the store still holds everything; the plan must finish
@@ -213,44 +222,6 @@ class PlanRunner:
             record=str(path),
         )
 
-    def incident_document(self, record: IncidentRecord, finished_at: float) -> dict[str, Any]:
-        """Build the incident record: trigger, recent samples of every rule, config hash, steps."""
-        samples: dict[str, list[dict[str, Any]]] = {}
-        for check in self.store.recent_checks(record.monitor, self.samples):
-            for result in check.results:
-                sample = result_to_json(result)
-                samples.setdefault(sample.pop("rule"), []).append(sample)
-        return {
-            "id": record.id,
-            "monitor": record.monitor,
-            "event": record.event,
-            "reason": record.reason,
-            "mode": record.mode,
-            "environment": self.environment,
-            "opened_at": record.opened_at,
-            "finished_at": finished_at,
-            "config_sha256": self.config_sha256,
-            "details": record.details,
-            "recent_samples": samples,
-            "steps": [
-                {
-                    "step": s.step,
-                    "action": s.action,
-                    "status": s.status,
-                    "attempts": s.attempts,
-                    "started_at": s.started_at,
-                    "finished_at": s.finished_at,
-                    "seconds": (
-                        None
-                        if s.started_at is None or s.finished_at is None
-                        else round(s.finished_at - s.started_at, 6)
-                    ),
-                    "detail": s.detail,
-                }
-                for s in record.steps
-            ],
-        }
-
 
 @dataclass(slots=True)
 class PlanTasks:
@@ -267,6 +238,24 @@ class PlanTasks:
             self._again.add(incident_id)  # e.g. a retry just as the plan was finishing
             return
         self._tasks[incident_id] = asyncio.get_running_loop().create_task(self._run(incident_id))
+
+    def retry(self, store: Store, incident_id: str) -> list[int]:
+        """Re-run a finished plan's failed steps; their numbers.
+
+        UnknownIncidentError, or IncidentNotRetryableError while it runs or if none failed.
+        """
+        try:
+            record = store.incident(incident_id)
+        except StateError as exc:
+            raise UnknownIncidentError(incident_id) from exc
+        if record.finished_at is None:
+            raise IncidentNotRetryableError(incident_id, "its plan is still running")
+        steps = store.reopen_failed_steps(incident_id)
+        if not steps:
+            raise IncidentNotRetryableError(incident_id, "no step failed")
+        log.warning("plan_retried", incident=incident_id, steps=steps)
+        self.start(incident_id)
+        return steps
 
     def resume_unfinished(self, store: Store) -> None:
         """Start every plan a previous run left unfinished (after a crash or a stop)."""

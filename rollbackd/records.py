@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from rollbackd.engine import Event
+from rollbackd.codec import result_to_json
+from rollbackd.engine import Check, Event
 
 
 class StepStatus(StrEnum):
@@ -47,6 +49,22 @@ class StepRecord:
     first_started_at: float | None = None
     """When the first attempt started (``give_up_after`` counts from here)."""
 
+    def document(self) -> dict[str, Any]:
+        """The step as the incident record shows it."""
+        took = None
+        if self.started_at is not None and self.finished_at is not None:
+            took = round(self.finished_at - self.started_at, 6)
+        return {
+            "step": self.step,
+            "action": self.action,
+            "status": self.status,
+            "attempts": self.attempts,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "seconds": took,
+            "detail": self.detail,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class IncidentRecord:
@@ -65,6 +83,34 @@ class IncidentRecord:
     def failed_steps(self) -> list[StepRecord]:
         """The steps that ended failed."""
         return [s for s in self.steps if s.status is StepStatus.FAILED]
+
+    def document(
+        self, samples: Sequence[Check], *, environment: str, config_sha256: str, at: float
+    ) -> dict[str, Any]:
+        """The incident record written when its plan finishes.
+
+        Its trigger, recent samples of every rule, the config's hash, every step with its
+        result and times.
+        """
+        recent: dict[str, list[dict[str, Any]]] = {}
+        for check in samples:
+            for result in check.results:
+                sample = result_to_json(result)
+                recent.setdefault(sample.pop("rule"), []).append(sample)
+        return {
+            "id": self.id,
+            "monitor": self.monitor,
+            "event": self.event,
+            "reason": self.reason,
+            "mode": self.mode,
+            "environment": environment,
+            "opened_at": self.opened_at,
+            "finished_at": at,
+            "config_sha256": config_sha256,
+            "details": self.details,
+            "recent_samples": recent,
+            "steps": [s.document() for s in self.steps],
+        }
 
 
 @dataclass(frozen=True, slots=True)
