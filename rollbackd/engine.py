@@ -6,12 +6,13 @@ No I/O, no clock, no asyncio: time arrives in the readings and checks, so tests 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Literal, Protocol
 
 from rollbackd.readings import Labels, Reading, ReadingStatus, format_value, labels_text
+from rollbackd.readings import error as error_reading
 
 
 class Verdict(StrEnum):
@@ -235,6 +236,27 @@ def decide(monitor: str, results: Sequence[RuleResult], at: float) -> Check:
         if verdict is not Verdict.OK:
             outcome = Outcome.INCONCLUSIVE
     return Check(monitor, at, outcome, tuple(results))
+
+
+def judge_rules(
+    monitor: str, rules: Sequence[RuleSpec], readings: Mapping[str, Sequence[Reading]], at: float
+) -> Check:
+    """One check of a monitor from its rules' readings (rules without readings are skipped).
+
+    The daemon and the backtest both judge through here. A rule that cannot be judged (a bug
+    on odd input) is that rule's inconclusive result with the reason, never a lost check.
+    """
+    results: list[RuleResult] = []
+    for rule in rules:
+        series = readings.get(rule.name)
+        if series is None:
+            continue
+        try:
+            results.extend(evaluate_rule(rule, series, at=at))
+        except Exception as exc:  # noqa: BLE001 - one odd reading is that rule's result
+            why = f"judging failed: {type(exc).__name__}: {str(exc)[:200]}"
+            results.extend(evaluate_rule(rule, [error_reading(why, at)], at=at))
+    return decide(monitor, results, at)
 
 
 # --- the monitor state machine -----------------------------------------------------------

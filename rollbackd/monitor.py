@@ -224,13 +224,8 @@ class MonitorRunner:
     def _commit(
         self, readings: Mapping[str, Sequence[Reading]], now: float, started: float
     ) -> Check:
-        results = [
-            result
-            for rule in self.config.rules
-            if rule.name in readings
-            for result in self._evaluate(rule, readings[rule.name], now)
-        ]
-        return self._record(engine.decide(self.name, results, now), now, started)
+        check = engine.judge_rules(self.name, self.config.rules, readings, now)
+        return self._record(check, now, started)
 
     def _record(self, check: Check, now: float, started: float) -> Check:
         """Advance the state on ``check``, commit both (with any incident), hand it on."""
@@ -260,16 +255,6 @@ class MonitorRunner:
             except Exception:  # metrics or a listener: never the check's business
                 log.exception("check_observer_failed", monitor=self.name)
         return check
-
-    def _evaluate(
-        self, rule: RuleConfig, readings: Sequence[Reading], now: float
-    ) -> list[engine.RuleResult]:
-        try:
-            return engine.evaluate_rule(rule, readings, at=now)
-        except Exception as exc:  # one odd reading is that rule's inconclusive result
-            log.exception("rule_crashed", monitor=self.name, rule=rule.name)
-            why = f"judging failed: {type(exc).__name__}: {str(exc)[:200]}"
-            return engine.evaluate_rule(rule, [error_reading(why, now)], at=now)
 
     def _log(self, check: Check, transition: Transition, incident: str | None) -> None:
         state = transition.state
