@@ -314,19 +314,19 @@ class Transition:
 
 def advance(state: MonitorState, check: Check, policy: Policy) -> Transition:
     """Return the monitor's next state after ``check`` (PRODUCT.md, "Check outcome")."""
+    if check.outcome is Outcome.OK and state.phase is not Phase.ROLLED_BACK:
+        fresh = MonitorState(
+            failure_times=_window(state.failure_times, check.at, policy),
+            checks=state.checks + 1,
+            last_check_at=check.at,
+            last_outcome=check.outcome,
+        )
+        return Transition(fresh, (), "all rules within their thresholds")
     seen = replace(
         state, checks=state.checks + 1, last_check_at=check.at, last_outcome=check.outcome
     )
     if state.phase is Phase.ROLLED_BACK:
         return Transition(seen, (), _latched_reason(state))
-    if check.outcome is Outcome.OK:
-        fresh = MonitorState(
-            failure_times=_window(state.failure_times, check.at, policy),
-            checks=seen.checks,
-            last_check_at=check.at,
-            last_outcome=check.outcome,
-        )
-        return Transition(fresh, (), "all rules within their thresholds")
     if check.outcome is Outcome.BREACH:
         return _breach(seen, check, policy)
     return _inconclusive(seen, check, policy)

@@ -57,6 +57,8 @@ class MonitorRunner:
     """Checks in a row that crashed or could not be committed (0 while all is well)."""
     trouble: str = field(init=False, default="")
     """Why the last of those failed."""
+    _local: bool = field(init=False, default=False)
+    _debug: bool = field(init=False, default=False)
     _lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _arrival_waiting: bool = field(init=False, default=False)
 
@@ -65,6 +67,10 @@ class MonitorRunner:
         self.push = all(
             getattr(self.sources.get(rule.source), "push", False) for rule in self.config.rules
         )
+        self._local = all(
+            getattr(self.sources.get(rule.source), "local", False) for rule in self.config.rules
+        )
+        self._debug = log.is_enabled_for(logging.DEBUG)  # asked per check, it costs a bind
         self.state = self.store.monitor_state(self.name) or MonitorState()
         recent = self.store.recent_checks(self.name, 1)
         self.last_check = recent[-1] if recent else None
@@ -202,8 +208,8 @@ class MonitorRunner:
 
     async def _read_all(self, now: float) -> dict[str, Sequence[Reading]]:
         rules = self.config.rules
-        if len(rules) == 1:  # no task needed for a single read (most monitors, and cheaper)
-            return {rules[0].name: await self._read(rules[0], now)}
+        if len(rules) == 1 or self._local:  # one read, or reads that do no I/O: no tasks
+            return {rule.name: await self._read(rule, now) for rule in rules}
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(self._read(rule, now)) for rule in rules]
         return {rule.name: task.result() for rule, task in zip(rules, tasks, strict=True)}
@@ -258,7 +264,7 @@ class MonitorRunner:
 
     def _log(self, check: Check, transition: Transition, incident: str | None) -> None:
         state = transition.state
-        if log.is_enabled_for(logging.DEBUG):  # the results' JSON is built only when shown
+        if self._debug:  # the results' JSON is built only when shown
             log.debug(
                 "check",
                 monitor=self.name,

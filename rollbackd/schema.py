@@ -203,16 +203,20 @@ STEPS = (
 )
 
 
+INSERT_CHECK = "INSERT INTO checks (monitor, at, outcome, results) VALUES (?, ?, ?, ?)"
+TRIM_CHECKS = (
+    "DELETE FROM checks WHERE monitor = ? AND id <= (SELECT id FROM checks "
+    "WHERE monitor = ? ORDER BY id DESC LIMIT 1 OFFSET ?)"
+)
+"""Keep a monitor's newest ``history`` checks: parameters (monitor, monitor, history)."""
+
+
 def insert_checks(
     conn: sqlite3.Connection, monitor: str, rows: list[tuple[str, float, str, str]], history: int
 ) -> None:
     """Append checks of one monitor and keep only its newest ``history``."""
-    conn.executemany("INSERT INTO checks (monitor, at, outcome, results) VALUES (?, ?, ?, ?)", rows)
-    conn.execute(
-        "DELETE FROM checks WHERE monitor = ? AND id <= (SELECT id FROM checks "
-        "WHERE monitor = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
-        (monitor, monitor, max(history, 1)),
-    )
+    conn.executemany(INSERT_CHECK, rows)
+    conn.execute(TRIM_CHECKS, (monitor, monitor, max(history, 1)))
 
 
 def insert_incident(conn: sqlite3.Connection, draft: IncidentDraft) -> str:

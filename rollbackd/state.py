@@ -24,9 +24,11 @@ from rollbackd.errors import StateError
 from rollbackd.records import IncidentDraft, IncidentRecord, StepRecord, StepStatus
 from rollbackd.schema import (
     INCIDENT,
+    INSERT_CHECK,
     NEWEST,
     SAVE_STATE,
     STEPS,
+    TRIM_CHECKS,
     connect,
     insert_checks,
     insert_incident,
@@ -373,10 +375,13 @@ class Store:
 
 
 def _write_quiet(conn: sqlite3.Connection, quiet: dict[str, _Quiet]) -> None:
-    """Write the held quiet checks and each monitor's latest state."""
-    for monitor, waiting in quiet.items():
-        insert_checks(conn, monitor, waiting.rows, waiting.history)
-        conn.execute(SAVE_STATE, state_row(monitor, waiting.state))
+    """Write the held quiet checks and each monitor's latest state (a few statements for all)."""
+    if not quiet:
+        return
+    rows = [row for waiting in quiet.values() for row in waiting.rows]
+    conn.executemany(INSERT_CHECK, rows)
+    conn.executemany(TRIM_CHECKS, [(m, m, max(w.history, 1)) for m, w in quiet.items()])
+    conn.executemany(SAVE_STATE, [state_row(m, w.state) for m, w in quiet.items()])
 
 
 def _identity(path: Path) -> tuple[int, int]:

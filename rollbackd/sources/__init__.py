@@ -19,7 +19,11 @@ ArrivalListener = Callable[[str], None]
 
 
 class Source(Protocol):
-    """A place numbers come from. ``read`` never raises: failures are readings with a reason."""
+    """A place numbers come from. ``read`` never raises: failures are readings with a reason.
+
+    Optional: a class attribute ``local = True`` declares that ``read`` does no I/O (the
+    synthetic and MQTT sources), so a monitor reads its rules in turn instead of in tasks.
+    """
 
     name: str
     push: bool

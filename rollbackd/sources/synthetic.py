@@ -142,6 +142,8 @@ class SyntheticSource:
     """Reads the scenario; needs no server, so every method is immediate."""
 
     push = False
+    local = True
+    """``read`` does no I/O: a monitor reads it without a task per rule."""
 
     def __init__(self, name: str, options: SyntheticOptions) -> None:
         self.name = name
