@@ -301,6 +301,12 @@ class MonitorState:
     checks: int = 0
     last_check_at: float | None = None
     last_outcome: Outcome | None = None
+    shadow_failures: int = 0
+    """Consecutive checks where a shadow rule breached (they never count toward a rollback)."""
+    shadow_alerted: bool = False
+    """The shadow incident was already raised for the current shadow streak."""
+    held_alerted: bool = False
+    """The rollback is held by a failing dependency (``held_by``) and that was alerted."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,3 +124,6 @@ class IncidentDraft:
     opened_at: float
     actions: tuple[str, ...]
     details: dict[str, Any]
+    waiting: str | None = None
+    """Why its plan must not start yet: ``approval`` (past ``max_rollbacks``) or ``cooldown``
+    (a re-arm's ``rearm_cooldown``); None runs it at once."""

@@ -53,13 +53,27 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE steps ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE steps ADD COLUMN first_started_at REAL",
     ),
+    # 3: decisions at the 5 % stage: shadow rules' own streak, dependency holds, and plans
+    # that wait (for an operator's approval past max_rollbacks, or a re-arm's cooldown).
+    (
+        "ALTER TABLE monitors ADD COLUMN shadow_failures INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE monitors ADD COLUMN shadow_alerted INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE monitors ADD COLUMN held_alerted INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE incidents ADD COLUMN waiting TEXT",
+        "ALTER TABLE incidents ADD COLUMN approved_at REAL",
+    ),
 )
 """``MIGRATIONS[i]`` takes the schema from version ``i`` to ``i + 1``; append, never edit."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
 _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
 
-SAVE_STATE = "INSERT OR REPLACE INTO monitors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+SAVE_STATE = (
+    "INSERT OR REPLACE INTO monitors (name, phase, consecutive_failures, consecutive_errors, "
+    "alerted, blind_alerted, failure_times, incident_id, checks, last_check_at, last_outcome, "
+    "shadow_failures, shadow_alerted, held_alerted) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 def state_row(monitor: str, state: MonitorState) -> tuple[Any, ...]:
@@ -76,6 +90,9 @@ def state_row(monitor: str, state: MonitorState) -> tuple[Any, ...]:
         state.checks,
         state.last_check_at,
         None if state.last_outcome is None else state.last_outcome.value,
+        state.shadow_failures,
+        int(state.shadow_alerted),
+        int(state.held_alerted),
     )
 
 
@@ -92,6 +109,9 @@ def state_from_row(row: tuple[Any, ...]) -> MonitorState:
         checks=row[8],
         last_check_at=row[9],
         last_outcome=None if row[10] is None else Outcome(row[10]),
+        shadow_failures=row[11],
+        shadow_alerted=bool(row[12]),
+        held_alerted=bool(row[13]),
     )
 
 
@@ -223,7 +243,8 @@ def insert_incident(conn: sqlite3.Connection, draft: IncidentDraft) -> str:
     """Insert an incident and its pending steps; return its new id."""
     incident_id = new_id(conn, draft.monitor, draft.opened_at)
     conn.execute(
-        "INSERT INTO incidents VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+        "INSERT INTO incidents (id, monitor, event, reason, mode, opened_at, details, waiting) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
             incident_id,
             draft.monitor,
@@ -232,6 +253,7 @@ def insert_incident(conn: sqlite3.Connection, draft: IncidentDraft) -> str:
             draft.mode,
             draft.opened_at,
             json.dumps(draft.details, separators=(",", ":"), default=str),
+            draft.waiting,
         ),
     )
     conn.executemany(
