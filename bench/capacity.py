@@ -16,10 +16,11 @@ from typing import Any
 
 from bench.common import parse_args, table, write_result
 from rollbackd.config import MonitorConfig, RuleConfig
-from rollbackd.engine import MonitorState, Policy, advance, decide, evaluate_rule
+from rollbackd.engine import MonitorState, Policy, advance, decide
 from rollbackd.readings import Reading, ReadingStatus, labels_of, ok
 from rollbackd.sources.prometheus import PrometheusOptions, PrometheusSource
 from rollbackd.state import Store
+from rollbackd.verdicts import evaluate_rule
 from tests.servers import Exporter, Prometheus, wait_for
 
 SERIES = (1, 100, 10_000)

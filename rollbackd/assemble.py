@@ -186,8 +186,9 @@ def _check_read(assembly: Assembly, at: str, read: object) -> Iterator[str]:
             yield f"{at}.{key}: required for {kind} sources"
         elif key not in required and present:
             yield f"{at}.{key}: not used by {kind} sources"
-    if getattr(read, "json_field", None) is not None and "topic" not in required:
-        yield f"{at}.json_field: only used with topic-based sources"
+    for key, needs in (("json_field", "topic"), ("volume_field", "topic"), ("volume", "query")):
+        if getattr(read, key, None) is not None and needs not in required:
+            yield f"{at}.{key}: only used with {needs}-based sources"
 
 
 def _verify(assembly: Assembly) -> Iterator[str]:

@@ -10,8 +10,9 @@ import math
 from operator import attrgetter
 from typing import Any
 
-from rollbackd.engine import Check, Outcome, RuleResult, Verdict
+from rollbackd.engine import Check, Outcome
 from rollbackd.readings import labels_of
+from rollbackd.verdicts import RuleResult, Verdict
 
 _SPELLED = {math.inf: "+Inf", -math.inf: "-Inf"}
 _UNSPELLED = {"+Inf": math.inf, "-Inf": -math.inf, "Inf": math.inf, "NaN": math.nan}

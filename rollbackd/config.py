@@ -116,6 +116,14 @@ class RuleConfig(Frozen):
     below: float | None = None
     unit: str = ""
     no_data: Literal["inconclusive", "breach", "ok"] = "inconclusive"
+    volume: str | None = None
+    """Query giving, per series, the number of events behind the figure (query sources)."""
+    volume_field: str | None = None
+    """JSON field of the payload holding that number (topic sources)."""
+    min_volume: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    """Below it (or without a volume) a series is ``insufficient``: inconclusive, not judged."""
+    shadow: bool = False
+    """Evaluated and shown, never counted toward a rollback (its own ``shadow_failures``)."""
 
     @model_validator(mode="after")
     def _one_direction(self) -> RuleConfig:
@@ -124,7 +132,20 @@ class RuleConfig(Frozen):
         threshold = self.threshold
         if math.isnan(threshold) or math.isinf(threshold):
             raise ValueError("the threshold must be a finite number")
+        if self.volume is not None and self.volume_field is not None:
+            raise ValueError("give at most one of volume (query) / volume_field (topic)")
+        if (self.min_volume is None) != (self.volume is None and self.volume_field is None):
+            raise ValueError("volume (or volume_field) and min_volume go together")
         return self
+
+    def volume_read(self) -> RuleConfig | None:
+        """The read that gives this rule's volumes (same source, labels, topic), if any."""
+        if self.volume is not None:
+            return self.model_copy(update={"query": self.volume, "min_volume": None})
+        if self.volume_field is not None:
+            update = {"json_field": self.volume_field, "min_volume": None}
+            return self.model_copy(update=update)
+        return None
 
     @property
     def direction(self) -> Literal["above", "below"]:
@@ -151,6 +172,10 @@ class MonitorConfig(Frozen):
     failure_window: FailureWindow = 3600.0
     on_alert: list[str] = Field(default_factory=list)
     on_rollback: list[str] = Field(default_factory=list)
+    shadow: bool = False
+    """Every rule in shadow: evaluated and shown, never rolls back (its incidents are alerts)."""
+    held_by: list[str] = Field(default_factory=list)
+    """Monitors whose failing (failing, blind, rolled back) holds this monitor's rollback."""
     rules: list[RuleConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -298,12 +323,40 @@ def cross_check(config: Config) -> Iterator[str]:
             for i, action in enumerate(getattr(monitor, key)):
                 if action not in config.actions:
                     yield f"{here}.{key}[{i}]: no action named {action!r} in [actions]"
+        for i, other in enumerate(monitor.held_by):
+            if other not in config.monitors:
+                yield f"{here}.held_by[{i}]: no monitor named {other!r} in [monitors]"
+    if cycle := _held_cycle(config):
+        yield f"monitors.{cycle[0]}.held_by: a cycle ({' -> '.join(cycle)}): nothing could act"
     daemon = config.daemon
     if daemon.armed and daemon.is_production and not daemon.confirm_production:
         yield (
             "daemon.mode: armed in production needs daemon.confirm_production = true "
             "(or ROLLBACKD_CONFIRM_PRODUCTION=true): acting on production must be explicit"
         )
+
+
+def _held_cycle(config: Config) -> list[str] | None:
+    """A chain of ``held_by`` that comes back to where it started, if there is one."""
+    held = {name: [m for m in monitor.held_by if m in config.monitors]
+            for name, monitor in config.monitors.items()}  # fmt: skip
+    done: set[str] = set()
+
+    def walk(name: str, path: list[str]) -> list[str] | None:
+        if name in path:
+            return [*path[path.index(name) :], name]
+        if name in done:
+            return None
+        for other in held[name]:
+            if found := walk(other, [*path, name]):
+                return found
+        done.add(name)
+        return None
+
+    for name in sorted(held):
+        if found := walk(name, []):
+            return found
+    return None
 
 
 def _bad_names(raw: dict[str, Any]) -> Iterator[str]:

@@ -19,8 +19,9 @@ from rollbackd import logs
 from rollbackd.assemble import Assembly, from_dict
 from rollbackd.config import Config
 from rollbackd.daemon import Daemon
-from rollbackd.engine import Check, MonitorState, Outcome, Verdict
+from rollbackd.engine import Check, MonitorState, Outcome
 from rollbackd.errors import RollbackdError
+from rollbackd.verdicts import Verdict
 
 FLAG = "boop-payments"
 DEADLINE_SECONDS = 120.0

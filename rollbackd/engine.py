@@ -1,27 +1,18 @@
-"""Pure decisions: readings -> rule results -> check outcome -> monitor state and events.
+"""Pure decisions: rule results -> check outcome -> monitor state and events.
 
 No I/O, no clock, no asyncio: time arrives in the readings and checks, so tests control it.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
-from rollbackd.readings import Labels, Reading, ReadingStatus, format_value, labels_text
+from rollbackd.readings import Reading, format_value
 from rollbackd.readings import error as error_reading
-
-
-class Verdict(StrEnum):
-    """How one series of one rule was judged."""
-
-    OK = "ok"
-    BREACH = "breach"
-    NO_DATA = "no_data"
-    ERROR = "error"
+from rollbackd.verdicts import RuleResult, RuleSpec, Verdict, evaluate_rule
 
 
 class Outcome(StrEnum):
@@ -49,30 +40,7 @@ class Event(StrEnum):
     ROLLBACK = "rollback"  # rollback_after (or failure_limit) reached: run the plan
     REARM = "rearm"  # an operator re-armed the monitor (alerts resolve)
     TEST = "test"  # fired on purpose by `rollbackd test-action`
-
-
-class RuleSpec(Protocol):
-    """What the engine needs of a rule (``config.RuleConfig`` is one)."""
-
-    @property
-    def name(self) -> str:
-        """The rule's name, unique in its monitor."""
-
-    @property
-    def threshold(self) -> float:
-        """The number a value is compared with."""
-
-    @property
-    def direction(self) -> Literal["above", "below"]:
-        """Which side of the threshold is a breach."""
-
-    @property
-    def unit(self) -> str:
-        """Shown after values ("%", "ms"); may be empty."""
-
-    @property
-    def no_data(self) -> Literal["inconclusive", "breach", "ok"]:
-        """How a series without a value counts."""
+    SHADOW = "shadow"  # shadow rules would have rolled back (nothing is rolled back)
 
 
 class LimitsSpec(Protocol):
@@ -104,56 +72,6 @@ class LimitsSpec(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class RuleResult:
-    """One series of one rule, judged and explained."""
-
-    rule: str
-    labels: Labels
-    value: float | None
-    threshold: float
-    direction: Literal["above", "below"]
-    unit: str
-    verdict: Verdict
-    reason: str
-    at: float
-
-    def describe(self) -> str:
-        """``rule{labels}: reason``, for logs and incident reasons."""
-        return f"{self.rule}{labels_text(self.labels)}: {self.reason}"
-
-
-def _result_factory() -> Callable[..., RuleResult]:
-    """Build RuleResults by setting their slots directly, in field order.
-
-    Why: the generated frozen ``__init__`` costs ~1 us, half of the per-series budget
-    (200,000 evaluations/s); the objects are identical (``==``, hash, still frozen).
-    """
-    names = tuple(RuleResult.__dataclass_fields__)
-    s0, s1, s2, s3, s4, s5, s6, s7, s8 = (getattr(RuleResult, n).__set__ for n in names)
-    new = object.__new__
-
-    def make(  # noqa: PLR0917 - positional on purpose, as in RuleResult(...)
-        a: Any, b: Any, c: Any, d: Any, e: Any, f: Any, g: Any, h: Any, i: Any
-    ) -> RuleResult:
-        obj: RuleResult = new(RuleResult)
-        s0(obj, a)
-        s1(obj, b)
-        s2(obj, c)
-        s3(obj, d)
-        s4(obj, e)
-        s5(obj, f)
-        s6(obj, g)
-        s7(obj, h)
-        s8(obj, i)
-        return obj
-
-    return make
-
-
-_result = _result_factory()
-
-
-@dataclass(frozen=True, slots=True)
 class Check:
     """One monitor tick: its outcome and every rule result behind it."""
 
@@ -161,102 +79,71 @@ class Check:
     at: float
     outcome: Outcome
     results: tuple[RuleResult, ...]
+    shadow_outcome: Outcome | None = None
+    """The outcome of the shadow rules alone (None: no shadow rule); ``outcome`` ignores them."""
 
 
-# --- rule evaluation ------------------------------------------------------------------
-
-_POLICY_VERDICT = {"inconclusive": Verdict.NO_DATA, "breach": Verdict.BREACH, "ok": Verdict.OK}
+# --- one check ---------------------------------------------------------------------------
 
 
-def evaluate_rule(rule: RuleSpec, readings: Sequence[Reading], at: float = 0.0) -> list[RuleResult]:
-    """Judge each series on its own; ``at`` dates the single result of an empty reading list.
+def decide(
+    monitor: str,
+    results: Sequence[RuleResult],
+    at: float,
+    shadow: frozenset[str] = frozenset(),
+) -> Check:
+    """Any breach -> BREACH; else any no data / error / insufficient -> INCONCLUSIVE; else OK.
 
-    A value strictly beyond the threshold breaches (equal is ok); +Inf breaches ``above``
-    and -Inf breaches ``below``. Missing values follow ``rule.no_data``; source errors are
-    always ERROR (inconclusive), never a breach and never ok.
+    Results of the rules named in ``shadow`` make the check's ``shadow_outcome`` instead.
     """
-    name, unit, threshold = rule.name, rule.unit, rule.threshold
-    direction = rule.direction
-    above = direction == "above"
-    direction_word: str = direction
-    not_word = "not " + direction
-    sfx = f" {unit}" if unit else ""
-    limit = f"threshold {format_value(threshold)}{sfx}"
-    if not readings:
-        return [_no_data(rule, (), "the source returned no series", at)]
-    results: list[RuleResult] = []
-    append = results.append
-    for reading in readings:
-        value = reading.value
-        if reading.status is ReadingStatus.OK and value is not None and not math.isnan(value):
-            if (value > threshold) if above else (value < threshold):
-                verdict, word = Verdict.BREACH, direction_word
-            else:
-                verdict, word = Verdict.OK, not_word
-            reason = f"value {format_value(value)}{sfx} {word} {limit}"
-            append(
-                _result(
-                    name, reading.labels, value, threshold, direction, unit, verdict, reason,
-                    reading.at,
-                )
-            )  # fmt: skip
-        elif reading.status is ReadingStatus.ERROR:
-            reason = f"source error: {reading.reason or 'unknown'}"
-            append(
-                _result(
-                    name, reading.labels, None, threshold, direction, unit, Verdict.ERROR, reason,
-                    reading.at,
-                )
-            )  # fmt: skip
-        else:
-            why = reading.reason or ("value is NaN" if value is not None else "no value")
-            append(_no_data(rule, reading.labels, why, reading.at))
-    return results
+    if not shadow:
+        return Check(monitor, at, _outcome(results), tuple(results))
+    real = [r for r in results if r.rule not in shadow]
+    spied = [r for r in results if r.rule in shadow]
+    return Check(monitor, at, _outcome(real), tuple(results), _outcome(spied))
 
 
-def _no_data(rule: RuleSpec, labels: Labels, why: str, at: float) -> RuleResult:
-    verdict = _POLICY_VERDICT[rule.no_data]
-    if verdict is Verdict.NO_DATA:
-        reason = f"no data: {why}"
-    else:
-        reason = f'no data: {why} (counted as {verdict.value}: no_data = "{rule.no_data}")'
-    return RuleResult(
-        rule.name, labels, None, rule.threshold, rule.direction, rule.unit, verdict, reason, at
-    )
-
-
-def decide(monitor: str, results: Sequence[RuleResult], at: float) -> Check:
-    """Any breach -> BREACH; else any no data / error -> INCONCLUSIVE; else OK."""
+def _outcome(results: Sequence[RuleResult]) -> Outcome:
     outcome = Outcome.OK
     for result in results:
         verdict = result.verdict
         if verdict is Verdict.BREACH:
-            outcome = Outcome.BREACH
-            break
+            return Outcome.BREACH
         if verdict is not Verdict.OK:
             outcome = Outcome.INCONCLUSIVE
-    return Check(monitor, at, outcome, tuple(results))
+    return outcome
 
 
 def judge_rules(
-    monitor: str, rules: Sequence[RuleSpec], readings: Mapping[str, Sequence[Reading]], at: float
+    monitor: str,
+    rules: Sequence[RuleSpec],
+    readings: Mapping[str, Sequence[Reading]],
+    at: float,
+    *,
+    volumes: Mapping[str, Sequence[Reading]] | None = None,
+    shadow: frozenset[str] = frozenset(),
 ) -> Check:
     """One check of a monitor from its rules' readings (rules without readings are skipped).
 
-    The daemon and the backtest both judge through here. A rule that cannot be judged (a bug
-    on odd input) is that rule's inconclusive result with the reason, never a lost check.
+    The daemon and the backtest both judge through here. ``volumes`` holds the volume
+    readings of rules with a volume guard; ``shadow`` names the rules in shadow. A rule that
+    cannot be judged (a bug on odd input) is that rule's inconclusive result with the
+    reason, never a lost check.
     """
     results: list[RuleResult] = []
     for rule in rules:
         series = readings.get(rule.name)
         if series is None:
             continue
+        by_labels = None
+        if volumes is not None and rule.name in volumes:
+            by_labels = {v.labels: v for v in volumes[rule.name]}
         try:
-            results.extend(evaluate_rule(rule, series, at=at))
+            results.extend(evaluate_rule(rule, series, at, by_labels))
         except Exception as exc:  # noqa: BLE001 - one odd reading is that rule's result
             why = f"judging failed: {type(exc).__name__}: {str(exc)[:200]}"
             results.extend(evaluate_rule(rule, [error_reading(why, at)], at=at))
-    return decide(monitor, results, at)
+    return decide(monitor, results, at, shadow)
 
 
 # --- the monitor state machine -----------------------------------------------------------
@@ -318,27 +205,58 @@ class Transition:
     reason: str
 
 
-def advance(state: MonitorState, check: Check, policy: Policy) -> Transition:
-    """Return the monitor's next state after ``check`` (PRODUCT.md, "Check outcome")."""
+def advance(
+    state: MonitorState, check: Check, policy: Policy, held: str | None = None
+) -> Transition:
+    """Return the monitor's next state after ``check`` (PRODUCT.md, "Check outcome").
+
+    ``held`` (``held_by``: e.g. ``"infrastructure (failing)"``) holds a rollback that is due:
+    counting goes on, one alert says so, and the rollback runs at the first check after the
+    hold lifts while the monitor is still at its limit. Shadow rules keep their own streak.
+    """
     if check.outcome is Outcome.OK and state.phase is not Phase.ROLLED_BACK:
         fresh = MonitorState(
             failure_times=_window(state.failure_times, check.at, policy),
             checks=state.checks + 1,
             last_check_at=check.at,
             last_outcome=check.outcome,
+            shadow_failures=state.shadow_failures,
+            shadow_alerted=state.shadow_alerted,
         )
-        return Transition(fresh, (), "all rules within their thresholds")
-    seen = replace(
-        state, checks=state.checks + 1, last_check_at=check.at, last_outcome=check.outcome
-    )
-    if state.phase is Phase.ROLLED_BACK:
-        return Transition(seen, (), _latched_reason(state))
-    if check.outcome is Outcome.BREACH:
-        return _breach(seen, check, policy)
-    return _inconclusive(seen, check, policy)
+        real = Transition(fresh, (), "all rules within their thresholds")
+    else:
+        seen = replace(
+            state, checks=state.checks + 1, last_check_at=check.at, last_outcome=check.outcome
+        )
+        if state.phase is Phase.ROLLED_BACK:
+            real = Transition(seen, (), _latched_reason(state))
+        elif check.outcome is Outcome.BREACH:
+            real = _breach(seen, check, policy, held)
+        else:
+            real = _inconclusive(seen, check, policy, held)
+    return real if check.shadow_outcome is None else _shadow(real, check, policy)
 
 
-def _breach(state: MonitorState, check: Check, policy: Policy) -> Transition:
+def _shadow(real: Transition, check: Check, policy: Policy) -> Transition:
+    """Count the shadow rules' own streak; raise SHADOW once where a rollback would be."""
+    failures, alerted = real.state.shadow_failures, real.state.shadow_alerted
+    events, reason = real.events, real.reason
+    if check.shadow_outcome is Outcome.BREACH:
+        failures += 1
+        if failures >= policy.rollback_after and not alerted and not events:
+            # One incident per check: beside a real event, the shadow one waits a check.
+            events, alerted = (Event.SHADOW,), True
+            reason = (
+                f"shadow rules would have rolled back: {failures} consecutive failing checks "
+                f"(rollback_after {policy.rollback_after}): {_evidence(check, Verdict.BREACH)}"
+            )
+    elif check.shadow_outcome is Outcome.OK:
+        failures, alerted = 0, False
+    nxt = replace(real.state, shadow_failures=failures, shadow_alerted=alerted)
+    return Transition(nxt, events, reason)
+
+
+def _breach(state: MonitorState, check: Check, policy: Policy, held: str | None) -> Transition:
     failures = state.consecutive_failures + 1
     times = _window((*state.failure_times, check.at), check.at, policy)
     events: list[Event] = []
@@ -356,6 +274,13 @@ def _breach(state: MonitorState, check: Check, policy: Policy) -> Transition:
             f"{len(times)} failing checks within {format_value(policy.failure_window)} s "
             f"(failure_limit {policy.failure_limit})"
         )
+    held_alerted = state.held_alerted
+    if held and Event.ROLLBACK in events:
+        events.remove(Event.ROLLBACK)
+        reason = f"rollback held by {held}: {reason}"
+        if not held_alerted and Event.ALERT not in events:
+            events.append(Event.ALERT)
+        held_alerted = True
     latched = Event.ROLLBACK in events
     nxt = replace(
         state,
@@ -365,13 +290,24 @@ def _breach(state: MonitorState, check: Check, policy: Policy) -> Transition:
         alerted=alerted,
         blind_alerted=False,
         failure_times=times,
+        held_alerted=held_alerted,
     )
     return Transition(nxt, tuple(events), f"{reason}: {why}")
 
 
-def _inconclusive(state: MonitorState, check: Check, policy: Policy) -> Transition:
+def _inconclusive(
+    state: MonitorState, check: Check, policy: Policy, held: str | None
+) -> Transition:
     errors = state.consecutive_errors + 1
-    why = _evidence(check, Verdict.NO_DATA, Verdict.ERROR)
+    why = _evidence(check, Verdict.NO_DATA, Verdict.ERROR, Verdict.INSUFFICIENT)
+    due = state.consecutive_failures >= policy.rollback_after
+    if state.held_alerted and due and not held:  # the hold lifted; the limit still stands
+        reason = (
+            f"hold lifted, rolling back: {state.consecutive_failures} consecutive failing "
+            f"checks (rollback_after {policy.rollback_after})"
+        )
+        nxt = replace(state, phase=Phase.ROLLED_BACK, consecutive_errors=errors)
+        return Transition(nxt, (Event.ROLLBACK,), f"{reason}: {why}")
     reason = f"{errors} consecutive inconclusive checks (blind_after {policy.blind_after})"
     events: tuple[Event, ...] = ()
     blind_alerted = state.blind_alerted
@@ -380,7 +316,7 @@ def _inconclusive(state: MonitorState, check: Check, policy: Policy) -> Transiti
         phase = Phase.BLIND
         if not blind_alerted:
             blind_alerted = True
-            if policy.on_blind == "rollback":
+            if policy.on_blind == "rollback" and not held:
                 events, phase = (Event.ROLLBACK,), Phase.ROLLED_BACK
                 reason = f"blind, rolling back (on_blind = rollback): {reason}"
             else:
@@ -416,7 +352,11 @@ def _latched_reason(state: MonitorState) -> str:
 
 
 def rearm(state: MonitorState) -> MonitorState:
-    """Return a fresh state; keeps the check count and the last check's time and outcome."""
+    """Return a fresh state; keeps the check count, the last check, the shadow streak."""
     return MonitorState(
-        checks=state.checks, last_check_at=state.last_check_at, last_outcome=state.last_outcome
+        checks=state.checks,
+        last_check_at=state.last_check_at,
+        last_outcome=state.last_outcome,
+        shadow_failures=state.shadow_failures,
+        shadow_alerted=state.shadow_alerted,
     )

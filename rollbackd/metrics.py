@@ -11,16 +11,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.process_collector import ProcessCollector
 
 from rollbackd.config import MonitorConfig
-from rollbackd.engine import (
-    Check,
-    Event,
-    MonitorState,
-    Outcome,
-    Phase,
-    Transition,
-    Verdict,
-)
+from rollbackd.engine import Check, Event, MonitorState, Outcome, Phase, Transition
 from rollbackd.readings import labels_text
+from rollbackd.verdicts import Verdict
 
 MAX_SERIES_PER_RULE = 100
 """Series of one rule exported as ``rollbackd_rule_value``; more are left out (cardinality)."""

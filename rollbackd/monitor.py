@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from rollbackd import engine, incidents
+from rollbackd import engine, incidents, verdicts
 from rollbackd.codec import result_to_json
 from rollbackd.config import MonitorConfig, RuleConfig
 from rollbackd.engine import Check, Event, MonitorState, Outcome, Phase, Policy, Transition
@@ -135,7 +135,7 @@ class MonitorRunner:
             results = tuple(
                 result
                 for rule in self.config.rules
-                for result in engine.evaluate_rule(rule, [error_reading(why, now)], at=now)
+                for result in verdicts.evaluate_rule(rule, [error_reading(why, now)], at=now)
             )
             self._record(Check(self.name, now, Outcome.INCONCLUSIVE, results), now, started)
             return None

@@ -13,8 +13,9 @@ from rollbackd.codec import (
     encode_results,
 )
 from rollbackd.config import RuleConfig
-from rollbackd.engine import decide, evaluate_rule
+from rollbackd.engine import decide
 from rollbackd.readings import error, labels_of, ok
+from rollbackd.verdicts import evaluate_rule
 
 AT = 1_790_000_000.0
 INF = math.inf

@@ -20,14 +20,12 @@ from rollbackd.engine import (
     Outcome,
     Phase,
     Policy,
-    RuleResult,
-    Verdict,
     advance,
     decide,
-    evaluate_rule,
     rearm,
 )
 from rollbackd.readings import Reading, ReadingStatus, error, labels_of, no_data, ok
+from rollbackd.verdicts import RuleResult, Verdict, evaluate_rule
 
 INF = math.inf
 AT = 1_000.0

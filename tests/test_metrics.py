@@ -7,18 +7,10 @@ from prometheus_client import CollectorRegistry
 
 from rollbackd import metrics as metrics_module
 from rollbackd.config import MonitorConfig
-from rollbackd.engine import (
-    Check,
-    Event,
-    MonitorState,
-    Outcome,
-    Phase,
-    RuleResult,
-    Transition,
-    Verdict,
-)
+from rollbackd.engine import Check, Event, MonitorState, Outcome, Phase, Transition
 from rollbackd.metrics import Metrics
 from rollbackd.readings import Labels, labels_of
+from rollbackd.verdicts import RuleResult, Verdict
 
 MONITOR = MonitorConfig.model_validate(
     {

@@ -18,13 +18,14 @@ from rollbackd.actions import ActionContext, ActionType
 from rollbackd.assemble import Registries, from_dict
 from rollbackd.codec import check_to_json
 from rollbackd.config import ActionConfig, RuleConfig
-from rollbackd.engine import Check, MonitorState, Outcome, RuleResult, Verdict
+from rollbackd.engine import Check, MonitorState, Outcome
 from rollbackd.errors import ActionError
 from rollbackd.options import Frozen
 from rollbackd.plan import MAX_INTERRUPTIONS, PlanRunner, fire_action
 from rollbackd.readings import Reading, ok
 from rollbackd.records import IncidentDraft
 from rollbackd.state import Store
+from rollbackd.verdicts import RuleResult, Verdict
 from tests.helpers import daemon_table
 from tests.test_actions_web import HookServer
 

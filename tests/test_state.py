@@ -16,22 +16,13 @@ from pathlib import Path
 import pytest
 
 from rollbackd.config import RuleConfig
-from rollbackd.engine import (
-    Check,
-    Event,
-    MonitorState,
-    Outcome,
-    Phase,
-    Policy,
-    advance,
-    decide,
-    evaluate_rule,
-)
+from rollbackd.engine import Check, Event, MonitorState, Outcome, Phase, Policy, advance, decide
 from rollbackd.errors import StateError
 from rollbackd.readings import error, labels_of, no_data, ok
 from rollbackd.records import IncidentDraft
 from rollbackd.schema import SCHEMA_VERSION
 from rollbackd.state import Store
+from rollbackd.verdicts import evaluate_rule
 
 POLICY = Policy(
     rollback_after=5,
@@ -317,7 +308,8 @@ CHILD = textwrap.dedent(
     from dataclasses import replace
     from pathlib import Path
     from rollbackd.config import RuleConfig
-    from rollbackd.engine import Event, MonitorState, Policy, advance, decide, evaluate_rule
+    from rollbackd.engine import Event, MonitorState, Policy, advance, decide
+    from rollbackd.verdicts import evaluate_rule
     from rollbackd.readings import labels_of, ok
     from rollbackd.records import IncidentDraft
     from rollbackd.state import Store
