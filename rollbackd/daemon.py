@@ -23,7 +23,7 @@ from rollbackd.actions import Action
 from rollbackd.api import ApiServer, ensure_control_token
 from rollbackd.assemble import Assembly, Registries, load
 from rollbackd.config import Config, MonitorConfig, exposure_warnings
-from rollbackd.engine import Check, Event, MonitorState, Transition
+from rollbackd.engine import Check, Event, MonitorState, Phase, Transition
 from rollbackd.errors import (
     ConfigError,
     RollbackdError,
@@ -202,7 +202,20 @@ class Daemon:
             clock=self.clock,
             observer=self._observe(name),
             redactor=self.redactor,
+            held=self._holder(config.held_by) if config.held_by else None,
         )
+
+    def _holder(self, held_by: list[str]) -> Callable[[], str | None]:
+        """What holds a monitor's rollback now: the first of ``held_by`` not healthy."""
+
+        def held() -> str | None:
+            for name in held_by:
+                runner = self.monitors.get(name)
+                if runner is not None and runner.state.phase is not Phase.OK:
+                    return f"{name} ({runner.state.phase})"
+            return None
+
+        return held
 
     async def _stop_checks(self) -> None:
         """Stop scheduling checks; a check in flight finishes and commits."""

@@ -37,6 +37,8 @@ def for_transition(
         event, actions = Event.ALERT, config.on_alert
     elif Event.BLIND in events:
         event, actions = Event.BLIND, config.on_alert
+    elif Event.SHADOW in events:  # no rollback step: the people who hear alerts hear it
+        event, actions = Event.SHADOW, config.on_alert
     else:
         return None
     streak = max(config.rollback_after, config.blind_after) - 1

@@ -33,7 +33,7 @@ class Metrics:
         self._per_monitor: dict[str, tuple[dict[Outcome, Counter], Histogram]] = {}
         """Per monitor, the children of checks_total by outcome and of the duration histogram."""
         self._rule_sources: dict[str, dict[str, str]] = {}
-        self._shown: dict[str, tuple[int, int, Phase]] = {}
+        self._shown: dict[str, tuple[int, int, Phase, int]] = {}
         """Per monitor, the counters and phase last exported: unchanged ones are not set again."""
         self.checks = Counter(
             "rollbackd_checks_total",
@@ -50,6 +50,12 @@ class Metrics:
         self.consecutive_errors = Gauge(
             "rollbackd_consecutive_errors",
             "Consecutive inconclusive checks of a monitor (blind at blind_after).",
+            ["monitor"],
+            registry=registry,
+        )
+        self.shadow_failures = Gauge(
+            "rollbackd_shadow_failures",
+            "Consecutive checks a monitor's shadow rules breached (never rolls back).",
             ["monitor"],
             registry=registry,
         )
@@ -127,6 +133,7 @@ class Metrics:
                 _remove(self.state, monitor, phase.value)
             _remove(self.consecutive_failures, monitor)
             _remove(self.consecutive_errors, monitor)
+            _remove(self.shadow_failures, monitor)
             for outcome in Outcome:
                 _remove(self.checks, monitor, outcome.value)
             _remove(self.check_duration, monitor)
@@ -134,13 +141,19 @@ class Metrics:
 
     def monitor_state(self, monitor: str, state: MonitorState) -> None:
         """Export a monitor's counters and state (after a check, a rearm or at start)."""
-        shown = (state.consecutive_failures, state.consecutive_errors, state.phase)
+        shown = (
+            state.consecutive_failures,
+            state.consecutive_errors,
+            state.phase,
+            state.shadow_failures,
+        )
         if self._shown.get(monitor) == shown:
             return  # the common healthy case: nothing to update
         self._shown[monitor] = shown
         self._monitors.add(monitor)
         self.consecutive_failures.labels(monitor).set(state.consecutive_failures)
         self.consecutive_errors.labels(monitor).set(state.consecutive_errors)
+        self.shadow_failures.labels(monitor).set(state.shadow_failures)
         for phase in Phase:
             self.state.labels(monitor, phase.value).set(1 if phase is state.phase else 0)
 

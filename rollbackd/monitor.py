@@ -28,6 +28,9 @@ from rollbackd.state import Store
 
 log = structlog.get_logger("rollbackd.monitor")
 
+VOLUME = "volume:"
+"""Key prefix of a rule's volume readings among a check's reads (rule names cannot hold ':')."""
+
 CheckObserver = Callable[[Check, Transition, float], None]
 """Told of every committed check with its transition and evaluation time (metrics)."""
 
@@ -57,6 +60,10 @@ class MonitorRunner:
     """Checks in a row that crashed or could not be committed (0 while all is well)."""
     trouble: str = field(init=False, default="")
     """Why the last of those failed."""
+    held: Callable[[], str | None] | None = None
+    """What holds this monitor's rollback now (``held_by``), e.g. ``infrastructure (failing)``."""
+    _reads: list[tuple[str, RuleConfig]] = field(init=False, default_factory=list)
+    _shadow: frozenset[str] = field(init=False, default=frozenset())
     _local: bool = field(init=False, default=False)
     _debug: bool = field(init=False, default=False)
     _lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
@@ -71,6 +78,12 @@ class MonitorRunner:
             getattr(self.sources.get(rule.source), "local", False) for rule in self.config.rules
         )
         self._debug = log.is_enabled_for(logging.DEBUG)  # asked per check, it costs a bind
+        rules = self.config.rules
+        self._reads = [(rule.name, rule) for rule in rules] + [
+            (VOLUME + rule.name, read) for rule in rules if (read := rule.volume_read()) is not None
+        ]
+        shadowed = self.config.shadow
+        self._shadow = frozenset(rule.name for rule in rules if shadowed or rule.shadow)
         self.state = self.store.monitor_state(self.name) or MonitorState()
         recent = self.store.recent_checks(self.name, 1)
         self.last_check = recent[-1] if recent else None
@@ -201,18 +214,22 @@ class MonitorRunner:
             "last_check_at": state.last_check_at,
             "last_outcome": str(state.last_outcome) if state.last_outcome else None,
             "incident": state.incident_id,
+            "shadow_failures": state.shadow_failures,
+            "shadow_rules": sorted(self._shadow),
+            "held": self.held() if self.held is not None else None,
             "failed_runs": self.failed_runs,
             "trouble": self.trouble or None,
             "rules": values,
         }
 
     async def _read_all(self, now: float) -> dict[str, Sequence[Reading]]:
-        rules = self.config.rules
-        if len(rules) == 1 or self._local:  # one read, or reads that do no I/O: no tasks
-            return {rule.name: await self._read(rule, now) for rule in rules}
+        """Every rule's readings by rule name, and each volume guard's under ``VOLUME + name``."""
+        reads = self._reads
+        if len(reads) == 1 or self._local:  # one read, or reads that do no I/O: no tasks
+            return {key: await self._read(rule, now) for key, rule in reads}
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self._read(rule, now)) for rule in rules]
-        return {rule.name: task.result() for rule, task in zip(rules, tasks, strict=True)}
+            tasks = [group.create_task(self._read(rule, now)) for _, rule in reads]
+        return {key: task.result() for (key, _), task in zip(reads, tasks, strict=True)}
 
     async def _read(self, rule: RuleConfig, now: float) -> Sequence[Reading]:
         source = self.sources.get(rule.source)
@@ -230,12 +247,20 @@ class MonitorRunner:
     def _commit(
         self, readings: Mapping[str, Sequence[Reading]], now: float, started: float
     ) -> Check:
-        check = engine.judge_rules(self.name, self.config.rules, readings, now)
+        volumes = {
+            key.removeprefix(VOLUME): series
+            for key, series in readings.items()
+            if key.startswith(VOLUME)
+        }
+        check = engine.judge_rules(
+            self.name, self.config.rules, readings, now, volumes=volumes, shadow=self._shadow
+        )
         return self._record(check, now, started)
 
     def _record(self, check: Check, now: float, started: float) -> Check:
         """Advance the state on ``check``, commit both (with any incident), hand it on."""
-        transition = engine.advance(self.state, check, self.policy)
+        held = self.held() if self.held is not None else None
+        transition = engine.advance(self.state, check, self.policy, held)
         draft = incidents.for_transition(
             self.name,
             self.config,
