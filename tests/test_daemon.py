@@ -29,7 +29,7 @@ from rollbackd.errors import (
 )
 from rollbackd.options import Frozen
 from rollbackd.readings import Reading
-from rollbackd.sources import ArrivalListener, SourceType
+from rollbackd.sources import Arrival, ArrivalListener, SourceType
 from tests.helpers import (
     config_file,
     daemon_table,
@@ -424,12 +424,18 @@ class PushedSource(ScriptedSource):
 
 register("test.pushed", lambda name, options: PushedSource(name), key="topic")
 
+PUSHED_RULE = "payment-error-rate"
+"""The rule of ``push_config``'s monitor that the pushed values answer."""
+
 
 def publish(value: float) -> None:
-    """A new sample arrives on the push source."""
+    """A new sample arrives on the push source (carrying its value, as MQTT's do)."""
     SCRIPT.value = value
+    arrival = Arrival(
+        "payments", "bus", "boop/payments/error_rate", {PUSHED_RULE: readings.ok(value, 0.0)}
+    )
     for listener in SCRIPT.listeners:
-        listener("payments")
+        listener(arrival)
 
 
 def push_config(tmp_path: Path, interval: str) -> Assembly:

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from rollbackd.config import RuleConfig
 from rollbackd.readings import Reading, ReadingStatus
-from rollbackd.sources import source_types
+from rollbackd.sources import Arrival, source_types
 from rollbackd.sources.mqtt import MQTT, MqttOptions, MqttSource, parse_payload
 from tests.servers import Mosquitto, free_port
 
@@ -65,17 +65,21 @@ def has_value(readings: Sequence[Reading]) -> bool:
 
 
 class Arrivals:
-    """A listener recording the monitor names it is called with."""
+    """A listener recording the arrivals it is called with."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.queue: asyncio.Queue[Arrival] = asyncio.Queue()
 
-    def __call__(self, monitor: str) -> None:
+    def __call__(self, arrival: Arrival) -> None:
         """Record one arrival."""
-        self.queue.put_nowait(monitor)
+        self.queue.put_nowait(arrival)
 
     async def next(self) -> str:
-        """Return the next monitor name, failing after ``WAIT`` seconds."""
+        """Return the next arrival's monitor name, failing after ``WAIT`` seconds."""
+        return (await self.next_arrival()).monitor
+
+    async def next_arrival(self) -> Arrival:
+        """Return the next arrival, failing after ``WAIT`` seconds."""
         async with asyncio.timeout(WAIT):
             return await self.queue.get()
 
@@ -277,8 +281,8 @@ async def test_failing_listener_does_not_stop_the_subscription(
     """A listener that raises is logged and the next listener and next value still arrive."""
     arrivals = Arrivals()
 
-    def broken(monitor: str) -> None:
-        raise RuntimeError(monitor)
+    def broken(arrival: Arrival) -> None:
+        raise RuntimeError(arrival.monitor)
 
     r = rule("boop/auth/success_rate")
     source = make_source(mosquitto.port)
