@@ -489,3 +489,30 @@ async def test_a_long_topic_is_echoed_truncated(mosquitto: Mosquitto) -> None:
         assert "…" in reading.reason
     finally:
         await source.aclose()
+
+
+@pytest.mark.slow
+async def test_each_arrival_carries_its_own_value_not_the_latest(mosquitto: Mosquitto) -> None:
+    """Two values taken back to back: each arrival holds its own, while read() says the latest."""
+    plain, regions = rule("boop/auth/rate"), rule("boop/+/rate", json_field="v", name="regional")
+    source = await start_direct(mosquitto.port, plain, regions)
+    arrivals = Arrivals()
+    source.add_listener(arrivals)
+    try:
+        source.take(message("boop/auth/rate", b"1.5"))
+        source.take(message("boop/auth/rate", b"2.5"))
+        first, second = await arrivals.next_arrival(), await arrivals.next_arrival()
+        assert (first.monitor, first.source, first.topic) == ("auth", "bus", "boop/auth/rate")
+        assert first.readings["r"].value == 1.5
+        assert second.readings["r"].value == 2.5
+        assert first.readings["regional"].status is ReadingStatus.ERROR  # no field "v"
+        assert dict(first.readings["regional"].labels) == {"topic": "boop/auth/rate"}
+        assert first.readings["r"].labels == ()
+        [latest] = await source.read(plain, time.time())
+        assert latest.value == 2.5
+        source.take(message("boop/eu/rate", b'{"v": 7}'))
+        regional = await arrivals.next_arrival()
+        assert set(regional.readings) == {"regional"}  # the plain rule's topic did not match
+        assert regional.readings["regional"].value == 7.0
+    finally:
+        await source.aclose()
