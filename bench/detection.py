@@ -7,6 +7,7 @@ an alerting rule with the equivalent ``for:`` through a real Alertmanager (defau
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import random
@@ -39,6 +40,10 @@ INTERVAL = 1.0  # seconds between the daemon's checks of a polled monitor
 ROLLBACK_AFTER = 3
 FLOOR = ROLLBACK_AFTER * INTERVAL
 MQTT_GAP = 0.1  # seconds between the breaching samples of one MQTT trial
+BURST = 100  # samples per burst trial, published back to back with QoS 1
+BURST_BREACHING = frozenset({20, 21, 50, 51, 52, *range(80, 90)})
+"""A streak of 2 (reset), the first streak of ROLLBACK_AFTER = 3 (ends at 52), then latched."""
+BURST_TRIGGER = 52
 POLL_PAUSE = 0.002  # between the bench's queries while it waits for the breach to show
 
 
@@ -218,8 +223,10 @@ def settle(daemon: DaemonProcess, broker: Mosquitto, topics: int) -> None:
         client.disconnect()
 
 
-def publisher(port: int) -> mqtt.Client:
+def publisher(port: int, max_inflight: int = 20) -> mqtt.Client:
+    """A connected paho client; ``max_inflight``: QoS 1 messages awaiting an ack (0: no cap)."""
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.max_inflight_messages_set(max_inflight)
     client.connect("127.0.0.1", port)
     client.loop_start()
     return client
@@ -285,6 +292,51 @@ def mqtt_trials(
     return out
 
 
+def burst_value(i: int) -> float:
+    """Sample ``i`` of a burst: unique, so the check that triggered tells which sample it was."""
+    return round(BREACHING + i / 1000 if i in BURST_BREACHING else HEALTHY + i / 10_000, 4)
+
+
+def burst_trials(
+    *, trials: int, first: int, daemon: DaemonProcess, broker: Mosquitto, receiver: Receiver
+) -> list[dict[str, Any]]:
+    """Publish BURST samples back to back (QoS 1) per trial; count the checks they made."""
+    client = publisher(broker.port, max_inflight=0)  # no cap: the whole burst goes out at once
+    out = []
+    try:
+        for j in range(first, first + trials):
+            name = f"mqtt-{j}"
+            before = daemon.status()["monitors"][name]["checks"]
+            sent, trigger_published = [], 0.0
+            for i in range(BURST):
+                if i == BURST_TRIGGER:
+                    trigger_published = time.time()
+                sent.append(client.publish(f"bench/{j}", str(burst_value(i)), qos=1))
+            for info in sent:
+                info.wait_for_publish(5)
+            action = receiver.wait(from_daemon(name), 5)
+            with contextlib.suppress(TimeoutError):  # fewer checks than samples: reported
+                wait_for(
+                    lambda: daemon.status()["monitors"][name]["checks"] >= before + BURST,  # noqa: B023
+                    10,
+                    interval=0.05,
+                    what=f"{BURST} checks of {name}",
+                )
+            out.append(
+                {
+                    "trial": j,
+                    "samples_sent": BURST,
+                    "checks_counted": daemon.status()["monitors"][name]["checks"] - before,
+                    "trigger_published": trigger_published,
+                    "rollbackd_action": action.at if action else None,
+                }
+            )
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return out
+
+
 def incidents(state_dir: Path) -> dict[str, dict[str, Any]]:
     """Per monitor: the first step's start and the times of the checks behind its rollback."""
     out: dict[str, dict[str, Any]] = {}
@@ -294,7 +346,11 @@ def incidents(state_dir: Path) -> dict[str, dict[str, Any]]:
                 continue
             checks = incident.details.get("checks", [])
             streak = [c["at"] for c in checks if c["outcome"] == "breach"][-ROLLBACK_AFTER:]
+            previous = out.get(incident.monitor, {}).get("rollbacks", 0)
+            trigger = incident.details.get("trigger", {}).get("results", [{}])
             out[incident.monitor] = {
+                "rollbacks": previous + 1,
+                "trigger_value": trigger[0].get("value") if trigger else None,
                 "opened_at": incident.opened_at,
                 "step_started": incident.steps[0].started_at,
                 "first_breach_check": streak[0] if streak else None,
@@ -308,7 +364,7 @@ def main() -> None:
     args = parse_args(__doc__ or "")
     prom_n = 3 if args.quick else 8
     mqtt_n = 15 if args.quick else 50
-    burst_n = 3
+    burst_n = 3 if args.quick else 10
     random.seed(7)
     with tempfile.TemporaryDirectory(prefix="rollbackd-bench-") as tmp:
         workdir = Path(tmp)
@@ -347,11 +403,10 @@ def main() -> None:
             mq = mqtt_trials(
                 trials=mqtt_n, first=0, gap=MQTT_GAP, broker=broker, receiver=receiver, wait=5
             )
-            print(f"MQTT burst probe: {burst_n} trials, samples back to back")
-            burst = mqtt_trials(
-                trials=burst_n, first=mqtt_n, gap=0.0, broker=broker, receiver=receiver, wait=2
+            print(f"MQTT burst: {burst_n} trials, {BURST} samples back to back (QoS 1)")
+            burst = burst_trials(
+                trials=burst_n, first=mqtt_n, daemon=daemon, broker=broker, receiver=receiver
             )
-            burst_status = daemon.status()["monitors"]
             print(f"Prometheus: {prom_n} trials (Alertmanager default group_wait arrives later)")
             pr = prometheus_trials(prom_n, exporter, prom, receiver)
             for row in pr:
@@ -364,8 +419,10 @@ def main() -> None:
             exporter.close()
             receiver.close()
         found = incidents(workdir / "state")
-        for j, row in enumerate(burst):
-            row["consecutive_failures"] = burst_status[f"mqtt-{mqtt_n + j}"]["consecutive_failures"]
+        for row in burst:
+            inc = found.get(f"mqtt-{row['trial']}", {})
+            row["rollbacks"] = inc.get("rollbacks", 0)
+            row["trigger_right"] = inc.get("trigger_value") == burst_value(BURST_TRIGGER)
         report(args, pr, mq, burst, found)
 
 
@@ -390,6 +447,9 @@ def report(
             if row.get(key):
                 lat[name].append(row[key] - vis)
     mqtt_lat = [r["rollbackd_action"] - r["last_published"] for r in mq if r["rollbackd_action"]]
+    burst_lat = [
+        r["rollbackd_action"] - r["trigger_published"] for r in burst if r["rollbackd_action"]
+    ]
     mqtt_step = [
         found[f"mqtt-{r['trial']}"]["step_started"] - r["last_published"]
         for r in mq
@@ -404,6 +464,7 @@ def report(
         "alertmanager_default_latency": summary(lat["default"], 1000),
         "mqtt_rollbackd_latency": summary(mqtt_lat, 1000),
         "mqtt_rollbackd_to_step_started": summary(mqtt_step, 1000),
+        "mqtt_burst_latency": summary(burst_lat, 1000),
         "visibility_window": summary([r["visibility_window_s"] for r in pr], 1000),
     }
     med = {k: v["median"] for k, v in rows.items()}
@@ -426,6 +487,10 @@ def report(
         "alertmanager_default_latency": ("Prometheus for: 3s + Alertmanager default 30s", "ms"),
         "mqtt_rollbackd_latency": ("rollbackd, MQTT: 3rd sample published -> action", "ms"),
         "mqtt_rollbackd_to_step_started": ("  3rd sample published -> step started", "ms"),
+        "mqtt_burst_latency": (
+            f"  burst of {BURST}: sample #{BURST_TRIGGER} published -> action",
+            "ms",
+        ),
         "visibility_window": ("bench's uncertainty on 'visible' (poll window)", "ms"),
     }
     print()
@@ -439,12 +504,20 @@ def report(
             ],
         )
     )
-    fired = sum(1 for r in burst if r["rollbackd_action"])
+    counted = [r["checks_counted"] for r in burst]
+    exact = sum(
+        1
+        for r in burst
+        if r["checks_counted"] == BURST and r["rollbacks"] == 1 and r["trigger_right"]
+    )
     print(
         f"\nrollbackd acts {speedup}x sooner than Alertmanager with the default group_wait "
-        f"(tuned: {speedup_tuned}x); MQTT bursts of {ROLLBACK_AFTER} back-to-back samples "
-        f"rolled back in {fired}/{len(burst)} trials (failures counted: "
-        f"{[r['consecutive_failures'] for r in burst]})"
+        f"(tuned: {speedup_tuned}x)"
+    )
+    print(
+        f"MQTT bursts of {BURST} back-to-back samples: checks counted {counted} "
+        f"(samples sent {BURST} each); exactly one rollback at sample #{BURST_TRIGGER} "
+        f"in {exact}/{len(burst)} trials"
     )
     write_result(
         "detection",
@@ -470,17 +543,23 @@ def report(
                 "mqtt": f"Mosquitto; per trial a fresh monitor gets {ROLLBACK_AFTER} breaching "
                 f"samples {MQTT_GAP * 1000:.0f} ms apart (paho, QoS 0); latency from the "
                 f"publish call of the {ROLLBACK_AFTER}rd sample to the webhook's arrival; "
-                "burst probe: the same samples back to back",
+                f"burst: per trial a fresh monitor gets {BURST} samples back to back (paho, "
+                f"QoS 1, no in-flight cap), breaching at {sorted(BURST_BREACHING)}; counted = "
+                "the monitor's checks after minus before (from /status); right = exactly one "
+                f"rollback, triggered by sample #{BURST_TRIGGER}'s check",
             },
             "targets": {
                 "above_floor_median_ms": 50,
                 "mqtt_p99_ms": 20,
+                "mqtt_burst_checks_per_sample": 1,
                 "times_sooner_than_alertmanager_default": 10,
             },
             "summary": rows,
             "times_sooner_than_alertmanager_default": speedup,
             "times_sooner_than_alertmanager_tuned": speedup_tuned,
             "mqtt_burst": burst,
+            "mqtt_burst_checks_counted": counted,
+            "mqtt_burst_exact_trials": f"{exact}/{len(burst)}",
             "prometheus_trials": pr,
             "mqtt_trials": mq,
         },

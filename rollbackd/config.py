@@ -103,6 +103,10 @@ class DaemonConfig(BaseSettings):
         return self
 
 
+VOLUME = "volume:"
+"""Name prefix of a rule's volume read (written names cannot hold ':', so none collides)."""
+
+
 class RuleConfig(Frozen):
     """One threshold on one metric of one source."""
 
@@ -140,10 +144,11 @@ class RuleConfig(Frozen):
 
     def volume_read(self) -> RuleConfig | None:
         """The read that gives this rule's volumes (same source, labels, topic), if any."""
+        name = VOLUME + self.name
         if self.volume is not None:
-            return self.model_copy(update={"query": self.volume, "min_volume": None})
+            return self.model_copy(update={"name": name, "query": self.volume, "min_volume": None})
         if self.volume_field is not None:
-            update = {"json_field": self.volume_field, "min_volume": None}
+            update = {"name": name, "json_field": self.volume_field, "min_volume": None}
             return self.model_copy(update=update)
         return None
 

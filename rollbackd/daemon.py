@@ -36,7 +36,7 @@ from rollbackd.plan import PlanRunner, PlanTasks
 from rollbackd.records import IncidentDraft, IncidentRecord
 from rollbackd.redact import Redactor
 from rollbackd.schedule import Schedule
-from rollbackd.sources import Source
+from rollbackd.sources import Arrival, Source
 from rollbackd.state import Store
 from rollbackd.statedir import StateDirLock
 
@@ -243,9 +243,9 @@ class Daemon:
 
     # --- checks -------------------------------------------------------------------------
 
-    def _on_arrival(self, monitor: str) -> None:
+    def _on_arrival(self, arrival: Arrival) -> None:
         if self._schedule is not None and not self._stop.is_set():
-            self._schedule.arrival(monitor)
+            self._schedule.arrival(arrival)
 
     def _observe(self, name: str) -> Callable[[Check, Transition, float], None]:
         def observe(check: Check, transition: Transition, seconds: float) -> None:

@@ -16,20 +16,18 @@ import structlog
 
 from rollbackd import engine, incidents, verdicts
 from rollbackd.codec import result_to_json
-from rollbackd.config import MonitorConfig, RuleConfig
+from rollbackd.config import VOLUME, MonitorConfig, RuleConfig
 from rollbackd.engine import Check, Event, MonitorState, Outcome, Phase, Policy, Transition
 from rollbackd.errors import MonitorNotLatchedError, StateError
 from rollbackd.readings import Reading, ReadingStatus
 from rollbackd.readings import error as error_reading
 from rollbackd.records import IncidentDraft
 from rollbackd.redact import Redactor
-from rollbackd.sources import Source
+from rollbackd.sources import Arrival, Source
 from rollbackd.state import Store
 
 log = structlog.get_logger("rollbackd.monitor")
 
-VOLUME = "volume:"
-"""Key prefix of a rule's volume readings among a check's reads (rule names cannot hold ':')."""
 
 CheckObserver = Callable[[Check, Transition, float], None]
 """Told of every committed check with its transition and evaluation time (metrics)."""
@@ -67,7 +65,6 @@ class MonitorRunner:
     _local: bool = field(init=False, default=False)
     _debug: bool = field(init=False, default=False)
     _lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
-    _arrival_waiting: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.policy = Policy.of(self.config)
@@ -80,7 +77,7 @@ class MonitorRunner:
         self._debug = log.is_enabled_for(logging.DEBUG)  # asked per check, it costs a bind
         rules = self.config.rules
         self._reads = [(rule.name, rule) for rule in rules] + [
-            (VOLUME + rule.name, read) for rule in rules if (read := rule.volume_read()) is not None
+            (read.name, read) for rule in rules if (read := rule.volume_read()) is not None
         ]
         shadowed = self.config.shadow
         self._shadow = frozenset(rule.name for rule in rules if shadowed or rule.shadow)
@@ -98,18 +95,14 @@ class MonitorRunner:
         async with self._lock:
             return await self._checked(self._tick)
 
-    async def arrival(self) -> Check | None:
-        """Check now: a push source has a new value.
+    async def arrival(self, arrival: Arrival) -> Check | None:
+        """Judge one value a push source received: one check, on that value.
 
-        An arrival while a check runs waits for it and then reads the latest values; arrivals
-        while one is already waiting are folded into that one (a burst is one check).
+        The caller hands arrivals over one at a time in arrival order (``Schedule``), so a
+        burst of samples is as many checks, each judging its own sample.
         """
-        if self._arrival_waiting:
-            return None
-        self._arrival_waiting = True
         async with self._lock:
-            self._arrival_waiting = False
-            return await self._checked(self._arrival)
+            return await self._checked(lambda now, started: self._arrival(arrival, now, started))
 
     async def _tick(self, now: float, started: float) -> Check | None:
         readings = await self._read_all(now)
@@ -123,8 +116,33 @@ class MonitorRunner:
                 return None
         return self._commit(readings, now, started)
 
-    async def _arrival(self, now: float, started: float) -> Check | None:
-        return self._commit(await self._read_all(now), now, started)
+    async def _arrival(self, arrival: Arrival, now: float, started: float) -> Check | None:
+        return self._commit(await self._read_arrived(arrival, now), now, started)
+
+    async def _read_arrived(self, arrival: Arrival, now: float) -> dict[str, Sequence[Reading]]:
+        """The readings as of ``arrival``: the arrived series from its value, the rest latest.
+
+        A rule the arrival answers with a series of its own (a plain topic) is not read at
+        all; a wildcard's other series, and the monitor's other rules, read as they are now.
+        """
+        arrived = {
+            name: replace(r, reason=self.redactor.text(r.reason)) if r.reason else r
+            for name, r in arrival.readings.items()
+        }
+        rules = [r for _, r in self._reads if r.name not in arrived or arrived[r.name].labels]
+        readings: dict[str, Sequence[Reading]] = {}
+        for rule, series in zip(rules, await self._read_rules(rules, now), strict=True):
+            readings[rule.name] = series
+        for name, reading in arrived.items():
+            readings[name] = _with_series(readings.get(name, ()), reading)
+        return readings
+
+    async def _read_rules(self, rules: Sequence[RuleConfig], now: float) -> list[Sequence[Reading]]:
+        if len(rules) <= 1:  # no task needed for zero or one read
+            return [await self._read(rule, now) for rule in rules]
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(self._read(rule, now)) for rule in rules]
+        return [task.result() for task in tasks]
 
     async def _checked(
         self, body: Callable[[float, float], Awaitable[Check | None]]
@@ -314,3 +332,11 @@ class MonitorRunner:
                 mode=self.mode,
                 reason=transition.reason,
             )
+
+
+def _with_series(latest: Sequence[Reading], arrived: Reading) -> list[Reading]:
+    """``latest`` with the arrived reading in place of its series (added if it was not there)."""
+    series = [r for r in latest if r.labels != arrived.labels]
+    if len(series) == len(latest):
+        return [*series, arrived]
+    return [arrived if r.labels == arrived.labels else r for r in latest]

@@ -94,6 +94,8 @@ def watches_of(config: Config, actions: Mapping[str, Action]) -> Watches:
     for name, monitor in config.monitors.items():
         for rule in monitor.rules:
             found.setdefault(rule.source, set()).add((name, rule))
+            if (volume := rule.volume_read()) is not None:  # from the same payloads, on push
+                found.setdefault(rule.source, set()).add((name, volume))
     for name, action in actions.items():
         for read in action.watches() if isinstance(action, ReadsSources) else ():
             found.setdefault(read.source, set()).add((f"action:{name}", read))

@@ -1,7 +1,8 @@
 """When checks run: each monitor on its interval (APScheduler), push monitors also on arrival.
 
 A monitor's check never overlaps itself (its runner's lock); a crash costs one check, never
-the daemon.
+the daemon. A push monitor's arrivals wait in its own bounded queue, judged one by one in
+order by one consumer task per monitor, owned by the schedule.
 """
 
 from __future__ import annotations
@@ -17,8 +18,71 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from rollbackd.errors import RollbackdError
 from rollbackd.monitor import MonitorRunner
+from rollbackd.sources import Arrival
 
 log = structlog.get_logger("rollbackd.schedule")
+
+BACKLOG = 10_000
+"""Arrivals a push monitor may have waiting; past it the oldest are dropped (and counted)."""
+
+STOP_DRAIN_SECONDS = 2.0
+"""How long a stop keeps judging arrivals already queued before dropping the rest."""
+
+
+class Backlog:
+    """One push monitor's arrivals waiting to be judged, in order, at most ``limit``.
+
+    A flood past the limit drops the oldest: one warning per episode (until the queue is
+    empty again), every drop counted in ``dropped``.
+    """
+
+    def __init__(self, monitor: str, limit: int = BACKLOG) -> None:
+        self.monitor = monitor
+        self.limit = limit
+        self.dropped = 0
+        """Arrivals dropped unjudged since the schedule started (flood or stop)."""
+        self._queue: asyncio.Queue[Arrival | None] = asyncio.Queue()
+        self._warned = False
+
+    def __len__(self) -> int:
+        return self._queue.qsize()
+
+    def put(self, arrival: Arrival) -> None:
+        """Queue ``arrival``; drop the oldest one when ``limit`` are already waiting."""
+        if self._queue.qsize() >= self.limit:
+            self._queue.get_nowait()
+            self.dropped += 1
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "arrivals_dropped",
+                    monitor=self.monitor,
+                    backlog=self.limit,
+                    action="values arrive faster than this monitor's checks: the oldest "
+                    "waiting values are dropped unjudged; slow the sender or split the monitor",
+                )
+        self._queue.put_nowait(arrival)
+
+    async def get(self) -> Arrival | None:
+        """The oldest waiting arrival, or None once closed and empty."""
+        arrival = await self._queue.get()
+        if self._queue.empty() and self._warned:
+            self._warned = False
+            log.info("arrival_backlog_cleared", monitor=self.monitor, dropped=self.dropped)
+        return arrival
+
+    def close(self) -> None:
+        """No more arrivals: ``get`` returns None once those queued are taken."""
+        self._queue.put_nowait(None)
+
+    def discard(self) -> int:
+        """Drop what is still queued (counted); return how many arrivals that was."""
+        left = 0
+        while not self._queue.empty():
+            if self._queue.get_nowait() is not None:
+                left += 1
+        self.dropped += left
+        return left
 
 
 class Schedule:
@@ -29,14 +93,17 @@ class Schedule:
         monitors: Mapping[str, MonitorRunner],
         *,
         clock: Callable[[], float] = time.monotonic,
+        backlog: int = BACKLOG,
     ) -> None:
         self.monitors = monitors
         self._clock = clock
         self._scheduler: AsyncIOScheduler | None = None
         self._last_tick: dict[str, float] = {}
-        self._arrivals: set[asyncio.Task[None]] = set()
         self._ticks: dict[str, asyncio.Task[None]] = {}
         """Each monitor's check in flight, if any."""
+        self.backlogs = {name: Backlog(name, backlog) for name, r in monitors.items() if r.push}
+        """Per push monitor, its arrivals waiting to be judged."""
+        self._consumers: dict[str, asyncio.Task[None]] = {}
         self._stopped = False
 
     def start(self, next_runs: Mapping[str, dt.datetime] | None = None) -> None:
@@ -68,6 +135,10 @@ class Schedule:
                 next_run_time=first,
             )
         self._scheduler.start()
+        loop = asyncio.get_running_loop()
+        for name, backlog in self.backlogs.items():
+            consumer = _consume(self.monitors[name], backlog)
+            self._consumers[name] = loop.create_task(consumer, name=f"arrivals-{name}")
 
     def next_runs(self) -> dict[str, dt.datetime]:
         """When each monitor's next check is due (a reload starts the new schedule there)."""
@@ -79,26 +150,40 @@ class Schedule:
                 found.update(dict.fromkeys(job.args[0], job.next_run_time))
         return found
 
-    def arrival(self, monitor: str) -> None:
-        """A push source has a new value for ``monitor``: check it now (in a task)."""
-        runner = self.monitors.get(monitor)
-        if runner is not None and not self._stopped:
-            task = asyncio.get_running_loop().create_task(_guarded(runner.arrival(), monitor))
-            self._arrivals.add(task)
-            task.add_done_callback(self._arrivals.discard)
+    def arrival(self, arrival: Arrival) -> None:
+        """A push source received a value for a push monitor: queue it to be judged in order.
+
+        Arrivals for anything else (a monitor that also polls, an action's read) are not
+        checks: those monitors judge their latest values on their interval.
+        """
+        backlog = self.backlogs.get(arrival.monitor)
+        if backlog is not None and not self._stopped:
+            backlog.put(arrival)
 
     async def stop(self) -> None:
-        """Stop scheduling checks; a check in flight finishes and commits."""
+        """Stop scheduling checks; a check in flight finishes and commits.
+
+        Arrivals already queued are still judged for up to ``STOP_DRAIN_SECONDS``; what is
+        left then is dropped, counted and logged.
+        """
         self._stopped = True
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
-        for task in list(self._arrivals):
-            task.cancel()
-        if self._arrivals:
-            await asyncio.wait(self._arrivals)
         if self._ticks:  # checks in flight finish and commit
             await asyncio.wait(list(self._ticks.values()))
+        for backlog in self.backlogs.values():
+            backlog.close()
+        consumers, self._consumers = self._consumers, {}
+        if consumers:
+            _, late = await asyncio.wait(consumers.values(), timeout=STOP_DRAIN_SECONDS)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        for backlog in self.backlogs.values():
+            if left := backlog.discard():
+                log.warning("arrivals_dropped_at_stop", monitor=backlog.monitor, dropped=left)
         for runner in self.monitors.values():
             await runner.idle()
 
@@ -126,6 +211,12 @@ class Schedule:
 
     def _done(self, name: str, _task: asyncio.Task[None]) -> None:
         self._ticks.pop(name, None)
+
+
+async def _consume(runner: MonitorRunner, backlog: Backlog) -> None:
+    """Judge ``backlog``'s arrivals one by one, in order, until it is closed and empty."""
+    while (arrival := await backlog.get()) is not None:
+        await _guarded(runner.arrival(arrival), runner.name)
 
 
 async def _guarded(check: Awaitable[object], monitor: str) -> None:

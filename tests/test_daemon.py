@@ -29,7 +29,7 @@ from rollbackd.errors import (
 )
 from rollbackd.options import Frozen
 from rollbackd.readings import Reading
-from rollbackd.sources import ArrivalListener, SourceType
+from rollbackd.sources import Arrival, ArrivalListener, SourceType
 from tests.helpers import (
     config_file,
     daemon_table,
@@ -424,12 +424,18 @@ class PushedSource(ScriptedSource):
 
 register("test.pushed", lambda name, options: PushedSource(name), key="topic")
 
+PUSHED_RULE = "payment-error-rate"
+"""The rule of ``push_config``'s monitor that the pushed values answer."""
+
 
 def publish(value: float) -> None:
-    """A new sample arrives on the push source."""
+    """A new sample arrives on the push source (carrying its value, as MQTT's do)."""
     SCRIPT.value = value
+    arrival = Arrival(
+        "payments", "bus", "boop/payments/error_rate", {PUSHED_RULE: readings.ok(value, 0.0)}
+    )
     for listener in SCRIPT.listeners:
-        listener("payments")
+        listener(arrival)
 
 
 def push_config(tmp_path: Path, interval: str) -> Assembly:
@@ -717,3 +723,42 @@ async def test_a_monitor_whose_checks_keep_crashing_goes_blind_and_alerts(
         assert "checks in a row failed" in why
 
     await running(from_dict(config_dict(tmp_path)), body)
+
+
+async def test_a_burst_of_pushed_values_is_one_check_each_in_order(tmp_path: Path) -> None:
+    """Values pushed faster than checks run are judged one by one, each on its own value."""
+    prepare(tmp_path)
+    SCRIPT.listeners.clear()
+    config = push_config(tmp_path, "1h")
+    burst = [0.2, 5.0, 5.1, 0.3, 5.2, 5.3, 5.4, 0.4]  # only 5.2-5.4 is a streak of three
+
+    async def body(daemon: Daemon) -> None:
+        monitor = daemon.monitors["payments"]
+        before = monitor.state.checks  # ticks over fresh values add no checks
+        for value in burst:  # no await in between: all queued while the first check runs
+            publish(value)
+        await wait_until(lambda: monitor.state.checks == before + len(burst), what="8 checks")
+        judged = [c.results[0].value for c in daemon.store.recent_checks("payments", len(burst))]
+        assert judged == burst
+        await wait_until(lambda: plan_done(daemon))
+        (rollback,) = [i for i in daemon.store.incidents() if i.event == "rollback"]
+        assert rollback.details["trigger"]["results"][0]["value"] == 5.4
+
+    await running(config, body)
+
+
+async def test_stop_judges_the_arrivals_already_queued(tmp_path: Path) -> None:
+    """Values that arrived before a stop are still checks: the schedule drains its queue."""
+    prepare(tmp_path)
+    SCRIPT.listeners.clear()
+    config = push_config(tmp_path, "1h")
+    daemon = Daemon(config, registry=CollectorRegistry(), registries=REGISTRIES)
+    serving = asyncio.create_task(daemon.serve())
+    await asyncio.wait_for(daemon.ready.wait(), 10)
+    monitor = daemon.monitors["payments"]
+    before = monitor.state.checks  # ticks over fresh values add no checks
+    for value in (0.2, 0.3, 0.4):
+        publish(value)
+    daemon.stop()
+    assert await asyncio.wait_for(serving, 30) == 0
+    assert monitor.state.checks == before + 3

@@ -20,6 +20,7 @@ class FakeRunner:
     checks: int = 0
     running: int = 0
     most: int = 0
+    push: bool = False
     config: Any = field(init=False)
 
     def __post_init__(self) -> None:

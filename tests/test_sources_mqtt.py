@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from rollbackd.config import RuleConfig
 from rollbackd.readings import Reading, ReadingStatus
-from rollbackd.sources import source_types
+from rollbackd.sources import Arrival, source_types
 from rollbackd.sources.mqtt import MQTT, MqttOptions, MqttSource, parse_payload
 from tests.servers import Mosquitto, free_port
 
@@ -65,17 +65,21 @@ def has_value(readings: Sequence[Reading]) -> bool:
 
 
 class Arrivals:
-    """A listener recording the monitor names it is called with."""
+    """A listener recording the arrivals it is called with."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.queue: asyncio.Queue[Arrival] = asyncio.Queue()
 
-    def __call__(self, monitor: str) -> None:
+    def __call__(self, arrival: Arrival) -> None:
         """Record one arrival."""
-        self.queue.put_nowait(monitor)
+        self.queue.put_nowait(arrival)
 
     async def next(self) -> str:
-        """Return the next monitor name, failing after ``WAIT`` seconds."""
+        """Return the next arrival's monitor name, failing after ``WAIT`` seconds."""
+        return (await self.next_arrival()).monitor
+
+    async def next_arrival(self) -> Arrival:
+        """Return the next arrival, failing after ``WAIT`` seconds."""
         async with asyncio.timeout(WAIT):
             return await self.queue.get()
 
@@ -277,8 +281,8 @@ async def test_failing_listener_does_not_stop_the_subscription(
     """A listener that raises is logged and the next listener and next value still arrive."""
     arrivals = Arrivals()
 
-    def broken(monitor: str) -> None:
-        raise RuntimeError(monitor)
+    def broken(arrival: Arrival) -> None:
+        raise RuntimeError(arrival.monitor)
 
     r = rule("boop/auth/success_rate")
     source = make_source(mosquitto.port)
@@ -483,5 +487,32 @@ async def test_a_long_topic_is_echoed_truncated(mosquitto: Mosquitto) -> None:
         assert reading.status is ReadingStatus.NO_DATA
         assert len(reading.reason) < 400
         assert "…" in reading.reason
+    finally:
+        await source.aclose()
+
+
+@pytest.mark.slow
+async def test_each_arrival_carries_its_own_value_not_the_latest(mosquitto: Mosquitto) -> None:
+    """Two values taken back to back: each arrival holds its own, while read() says the latest."""
+    plain, regions = rule("boop/auth/rate"), rule("boop/+/rate", json_field="v", name="regional")
+    source = await start_direct(mosquitto.port, plain, regions)
+    arrivals = Arrivals()
+    source.add_listener(arrivals)
+    try:
+        source.take(message("boop/auth/rate", b"1.5"))
+        source.take(message("boop/auth/rate", b"2.5"))
+        first, second = await arrivals.next_arrival(), await arrivals.next_arrival()
+        assert (first.monitor, first.source, first.topic) == ("auth", "bus", "boop/auth/rate")
+        assert first.readings["r"].value == 1.5
+        assert second.readings["r"].value == 2.5
+        assert first.readings["regional"].status is ReadingStatus.ERROR  # no field "v"
+        assert dict(first.readings["regional"].labels) == {"topic": "boop/auth/rate"}
+        assert first.readings["r"].labels == ()
+        [latest] = await source.read(plain, time.time())
+        assert latest.value == 2.5
+        source.take(message("boop/eu/rate", b'{"v": 7}'))
+        regional = await arrivals.next_arrival()
+        assert set(regional.readings) == {"regional"}  # the plain rule's topic did not match
+        assert regional.readings["regional"].value == 7.0
     finally:
         await source.aclose()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -14,8 +14,25 @@ if TYPE_CHECKING:
     from rollbackd.config import RuleConfig
     from rollbackd.readings import Reading
 
-ArrivalListener = Callable[[str], None]
-"""Called with a monitor's name when a push source received a new value for one of its rules."""
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """One value a push source received, for one monitor: judged as one check, on its own.
+
+    The value travels with the arrival, so a check waiting behind others still judges its own
+    sample, not whatever arrived last.
+    """
+
+    monitor: str
+    source: str
+    topic: str
+    """Where the value came from (the concrete topic, for logs)."""
+    readings: Mapping[str, Reading]
+    """Per rule name of ``monitor``: the arrived series' reading (a wildcard's carries labels)."""
+
+
+ArrivalListener = Callable[[Arrival], None]
+"""Called once per received value and monitor whose rules it answers, in arrival order."""
 
 
 class Source(Protocol):
@@ -33,7 +50,7 @@ class Source(Protocol):
         """Declare, before ``start``, that ``monitor``'s ``rule`` reads this source."""
 
     def add_listener(self, listener: ArrivalListener) -> None:
-        """Be told (with the monitor name) when a watched rule has a new value; no-op for polls."""
+        """Be told of each value a watched rule receives (an ``Arrival``); no-op for polls."""
 
     async def start(self) -> None:
         """Connect / subscribe; must return promptly even if the server is down."""

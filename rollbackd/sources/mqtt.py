@@ -1,8 +1,8 @@
 """The ``mqtt`` source: the latest value per topic from a broker (aiomqtt), pushed to monitors.
 
 A task owned by the source keeps one connection, subscribes to every watched topic filter,
-reconnects with capped exponential backoff, and tells listeners which monitors got a new value.
-Ages are measured on the monotonic clock; readings are stamped with the ``now`` they are read at.
+reconnects with capped exponential backoff, and hands listeners each value as it arrives (an
+``Arrival`` per monitor, carrying the value). Ages are measured on the monotonic clock.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from rollbackd.readings import (
     ok,
     parse_number,
 )
-from rollbackd.sources import ArrivalListener, SourceType
+from rollbackd.sources import Arrival, ArrivalListener, SourceType
 
 log = structlog.get_logger(__name__)
 
@@ -108,6 +108,8 @@ class MqttSource:
     """
 
     push = True
+    local = True
+    """``read`` answers from the latest values held: no I/O, no task per rule."""
 
     def __init__(
         self,
@@ -115,12 +117,14 @@ class MqttSource:
         options: MqttOptions,
         make_client: ClientFactory | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
         self.options = options
         self._make_client = make_client or client_factory(options)
         self._clock = clock
-        self._watched: dict[str, set[str]] = {}  # topic filter -> monitors
+        self._wall_clock = wall_clock  # stamps an arrival's readings (unix seconds)
+        self._watched: dict[str, set[tuple[str, RuleConfig]]] = {}  # topic filter -> readers
         self._series: dict[str, dict[str, Sample]] = {}  # topic filter -> topic -> latest
         self._full: set[str] = set()  # filters that reached max_topics_per_rule (warned)
         self._invalid: dict[str, str] = {}  # topic filter -> why it cannot be subscribed
@@ -139,11 +143,11 @@ class MqttSource:
         except ValueError as exc:
             self._invalid[topic] = str(exc)
             return
-        self._watched.setdefault(topic, set()).add(monitor)
+        self._watched.setdefault(topic, set()).add((monitor, rule))
         self._series.setdefault(topic, {})
 
     def add_listener(self, listener: ArrivalListener) -> None:
-        """Call ``listener(monitor)`` whenever a watched topic of ``monitor`` gets a value."""
+        """Call ``listener(arrival)`` for each value a watched topic gets, once per monitor."""
         self._listeners.append(listener)
 
     @property
@@ -204,7 +208,11 @@ class MqttSource:
         self.subscribed.clear()
 
     def take(self, message: aiomqtt.Message) -> None:
-        """Keep ``message`` as the latest of its topic and tell the monitors watching it."""
+        """Keep ``message`` as the latest of its topic and hand it to the monitors watching it.
+
+        Each monitor gets one ``Arrival`` carrying this value's reading for each of its rules
+        the topic answers, so the value is judged on its own however long it waits.
+        """
         payload = message.payload
         if isinstance(payload, str):
             payload = payload.encode()
@@ -212,7 +220,8 @@ class MqttSource:
             payload = str(payload).encode()  # int/float/None as paho may hand them over
         sample = Sample(bytes(payload), self._clock())
         concrete = message.topic.value
-        monitors: set[str] = set()
+        at = self._wall_clock()
+        found: dict[str, dict[str, Reading]] = {}
         for topic_filter, series in self._series.items():
             if not message.topic.matches(topic_filter):
                 continue
@@ -220,13 +229,18 @@ class MqttSource:
                 self._limit_reached(topic_filter)
                 continue
             series[concrete] = sample
-            monitors |= self._watched[topic_filter]
-        for monitor in sorted(monitors):
-            for listener in self._listeners:
-                try:
-                    listener(monitor)
-                except Exception:  # a listener's bug must not stop the subscription
-                    log.exception("listener_failed", source=self.name, monitor=monitor)
+            labels = labels_of({"topic": concrete}) if _wildcard(topic_filter) else ()
+            for monitor, rule in self._watched[topic_filter]:
+                found.setdefault(monitor, {})[rule.name] = _fresh(sample, rule, at, labels)
+        for monitor in sorted(found):
+            self._tell(Arrival(monitor, self.name, concrete, found[monitor]))
+
+    def _tell(self, arrival: Arrival) -> None:
+        for listener in self._listeners:
+            try:
+                listener(arrival)
+            except Exception:  # a listener's bug must not stop the subscription
+                log.exception("listener_failed", source=self.name, monitor=arrival.monitor)
 
     def _limit_reached(self, topic_filter: str) -> None:
         if topic_filter in self._full:
@@ -262,7 +276,7 @@ class MqttSource:
                 return [error(f"broker unreachable: {excerpt(self._down_reason)}", now)]
             return [no_data("not connected to the broker yet", now)]
         series = self._series.get(topic, {})
-        if "+" not in topic and "#" not in topic:
+        if not _wildcard(topic):
             sample = series.get(topic)
             if sample is None:
                 return [no_data(f"nothing received on {excerpt(topic)} yet", now)]
@@ -277,10 +291,19 @@ class MqttSource:
         age = self._clock() - sample.arrived
         if age > self.options.stale_after:
             return no_data(f"stale: last value {age:.0f}s ago", now, labels)
-        value, problem = sample.value(rule.json_field)
-        if value is None:
-            return error(problem, now, labels)
-        return ok(value, now, labels)
+        return _fresh(sample, rule, now, labels)
+
+
+def _fresh(sample: Sample, rule: RuleConfig, at: float, labels: Labels) -> Reading:
+    """``sample``'s reading for ``rule`` (its value, or why it has none), age not considered."""
+    value, problem = sample.value(rule.json_field)
+    if value is None:
+        return error(problem, at, labels)
+    return ok(value, at, labels)
+
+
+def _wildcard(topic_filter: str) -> bool:
+    return "+" in topic_filter or "#" in topic_filter
 
 
 def parse_payload(payload: bytes, json_field: str | None) -> tuple[float | None, str]:
