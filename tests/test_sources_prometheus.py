@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import shutil
 import socket
 import ssl
 import threading
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -481,6 +483,30 @@ async def test_missing_secret_reads_error_without_leaking() -> None:
     assert reading.status is ReadingStatus.ERROR
     assert "ROLLBACKD_TEST_UNSET_TOKEN" in reading.reason
     await source.aclose()
+
+
+async def test_an_unreadable_ca_file_reads_error_until_it_is_back(
+    certificate: Certificate, tmp_path: Path
+) -> None:
+    """A ca_file gone after the config loaded makes reads errors naming it; back, reads heal."""
+    ca_file = tmp_path / "ca.pem"
+    shutil.copy(certificate.cert, ca_file)
+    port = free_port()
+    options = PrometheusOptions.model_validate(
+        {"url": f"https://127.0.0.1:{port}", "ca_file": str(ca_file)}
+    )
+    ca_file.unlink()
+    source = PrometheusSource("prom", options)
+    await source.start()
+    try:
+        [gone] = await source.read(rule("up"), NOW)
+        shutil.copy(certificate.cert, ca_file)
+        [back] = await source.read(rule("up"), NOW)
+    finally:
+        await source.aclose()
+    assert gone.status is ReadingStatus.ERROR
+    assert gone.reason.startswith(f"cannot read ca_file {ca_file}: ")
+    assert back.reason.startswith(f"cannot connect to https://127.0.0.1:{port}: connection refused")
 
 
 @pytest.mark.slow

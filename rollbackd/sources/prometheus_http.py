@@ -41,6 +41,8 @@ class InstantQueries(Protocol):
 class PrometheusHttp:
     """One ``aiohttp.ClientSession`` for one Prometheus, its headers and TLS fixed when built.
 
+    Build it in a running event loop; ``aclose`` it there.
+
     Answers are asked for uncompressed: gzip of a small answer costs Prometheus and the daemon
     more CPU than it saves (a 1,000-rule cycle takes about 3x as long with it on loopback). Proxy
     variables and ``~/.netrc`` are not read (``trust_env`` off, as in the HTTP actions): each
