@@ -200,9 +200,9 @@ class PrometheusSource:
             return [self._failed(query, f"timed out after {timeout:g}s", now)]
         if not problem:
             readings, problem = parse_result(result, now)
-        if problem:
-            return [self._failed(query, problem, now)]
-        return readings
+            if not problem:
+                return readings
+        return [self._failed(query, problem, now)]
 
     def _failed(self, query: str, reason: str, now: float) -> Reading:
         log.warning("source_error", source=self.name, query=excerpt(query), reason=reason)
