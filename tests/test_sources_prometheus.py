@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import math
+import shutil
 import socket
+import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from rollbackd.config import RuleConfig
@@ -20,9 +26,18 @@ from rollbackd.sources.prometheus import (
     PROMETHEUS,
     PrometheusOptions,
     PrometheusSource,
+    open_client,
     parse_result,
 )
+from rollbackd.sources.prometheus_http import (
+    ERROR_BODY_BYTES,
+    MAX_RESPONSE_BYTES,
+    Answer,
+    InstantQueries,
+)
+from tests.helpers import wait_until
 from tests.servers import Exporter, Prometheus, free_port
+from tests.test_actions_web import Certificate, self_signed
 
 NOW = 1_700_000_000.0
 
@@ -32,10 +47,10 @@ def rule(query: str) -> RuleConfig:
     return RuleConfig(name="r", source="prom", query=query, above=1.0)
 
 
-def make_source(url: str, timeout: float = 2.0) -> PrometheusSource:
+def make_source(url: str, timeout: float = 2.0, **extra: object) -> PrometheusSource:
     """Build a source for ``url`` through the registry, as the daemon does."""
     kind = source_types().get("prometheus")
-    options = kind.options.model_validate({"url": url, "timeout": f"{timeout}s"})
+    options = kind.options.model_validate({"url": url, "timeout": f"{timeout}s", **extra})
     source = kind.build("prom", options)
     assert isinstance(source, PrometheusSource)
     return source
@@ -63,6 +78,12 @@ async def prom_source(prometheus: Prometheus) -> AsyncIterator[PrometheusSource]
     await source.start()
     yield source
     await source.aclose()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    """One self-signed loopback certificate for the module's TLS tests."""
+    return self_signed(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture
@@ -140,42 +161,29 @@ def test_malformed_results_are_problems_not_raises(result: object) -> None:
 
 
 class FakeClient:
-    """Stands in for PrometheusConnect: answers, raises or blocks, and notes its threads."""
+    """Stands in for the HTTP client: answers ``answer`` as a result, or raises it."""
 
-    def __init__(self, answer: object = (), block: threading.Event | None = None) -> None:
+    def __init__(self, answer: object = ()) -> None:
         self.answer = answer
-        self.block = block
-        self.threads: set[str] = set()
-        self.active = 0
-        self.most_active = 0
-        self._lock = threading.Lock()
+        self.closed = False
 
-    def custom_query(self, query: str, timeout: float | None = None) -> object:
-        """Answer ``answer`` (raise it if it is an exception), after ``block`` is set."""
-        with self._lock:
-            self.threads.add(threading.current_thread().name)
-            self.active += 1
-            self.most_active = max(self.most_active, self.active)
-        try:
-            if self.block is not None:
-                self.block.wait(10)
-            if isinstance(self.answer, BaseException):
-                raise self.answer
-            return self.answer
-        finally:
-            with self._lock:
-                self.active -= 1
+    async def query(self, query: str) -> Answer:
+        """Answer ``answer`` as ``data.result`` (raise it if it is an exception)."""
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer, ""
 
-    def close(self) -> None:
-        """Nothing to close."""
+    async def aclose(self) -> None:
+        """Note the close."""
+        self.closed = True
 
 
-def fake_source(client: FakeClient, timeout: str = "2s", **extra: object) -> PrometheusSource:
+def fake_source(client: InstantQueries, timeout: str = "2s", **extra: object) -> PrometheusSource:
     """A source answering from ``client``."""
     options = PrometheusOptions.model_validate(
         {"url": "http://127.0.0.1:1", "timeout": timeout, **extra}
     )
-    return PrometheusSource("prom", options, client=client)  # type: ignore[arg-type]
+    return PrometheusSource("prom", options, client=client)
 
 
 @pytest.mark.parametrize(
@@ -191,7 +199,8 @@ def fake_source(client: FakeClient, timeout: str = "2s", **extra: object) -> Pro
 )
 async def test_read_turns_any_failure_into_an_error_reading(answer: object) -> None:
     """Whatever the client answers or raises, read returns the rule's error reading, with why."""
-    source = fake_source(FakeClient(answer))
+    client = FakeClient(answer)
+    source = fake_source(client)
     await source.start()
     try:
         [reading] = await source.read(rule("up"), NOW)
@@ -199,35 +208,134 @@ async def test_read_turns_any_failure_into_an_error_reading(answer: object) -> N
         await source.aclose()
     assert reading.status is ReadingStatus.ERROR
     assert reading.reason.endswith("(query: up)")
+    assert client.closed
 
 
-async def test_queries_run_on_the_sources_own_bounded_threads() -> None:
-    """Queries run on threads named after the source, at most max_concurrency of them at once."""
-    release = threading.Event()
-    client = FakeClient([NOW, "1"], block=release)
-    source = fake_source(client, max_concurrency=2)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def scalar(value: str) -> dict[str, object]:
+    """Prometheus's answer to a scalar query."""
+    return {"status": "success", "data": {"resultType": "scalar", "result": [NOW, value]}}
+
+
+@dataclass
+class QueryServer:
+    """A stand-in Prometheus on 127.0.0.1: answers ``/api/v1/query`` with ``handler``.
+
+    It counts the requests in flight; while ``hold`` is clear, every request waits for it.
+    """
+
+    handler: Handler | None = None
+    tls: ssl.SSLContext | None = None
+    received: list[web.Request] = field(default_factory=list)
+    in_flight: int = 0
+    most_in_flight: int = 0
+    hold: asyncio.Event = field(default_factory=asyncio.Event)
+    port: int = 0
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        """The base URL a source is configured with."""
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.received.append(request)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await self.hold.wait()
+            if self.handler is not None:
+                return await self.handler(request)
+            return web.json_response(scalar("1"))
+        finally:
+            self.in_flight -= 1
+
+    async def start(self) -> QueryServer:
+        """Listen on a free loopback port; requests are answered at once."""
+        self.hold.set()
+        app = web.Application()
+        app.router.add_get("/api/v1/query", self._handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls).start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        """Release held requests and stop."""
+        self.hold.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[QueryServer]:
+    """Run a stand-in Prometheus on loopback for one test."""
+    running = await QueryServer().start()
+    yield running
+    await running.stop()
+
+
+async def test_reads_in_flight_never_exceed_max_concurrency(server: QueryServer) -> None:
+    """Twenty reads at once reach the server at most max_concurrency at a time, then all read ok."""
+    server.hold.clear()
+    source = make_source(server.url, timeout=5.0, max_concurrency=3)
     await source.start()
     try:
-        reads = [asyncio.create_task(source.read(rule(f"q{i}"), NOW)) for i in range(6)]
-        await asyncio.sleep(0.2)
-        release.set()
+        reads = [asyncio.create_task(source.read(rule(f"q{i}"), NOW)) for i in range(20)]
+        await wait_until(lambda: server.in_flight == 3, what="3 queries at the server")
+        await asyncio.sleep(0.2)  # room for a 4th query to arrive if the bound leaked
+        assert server.in_flight == 3
+        server.hold.set()
         for [reading] in await asyncio.gather(*reads):
-            assert reading.value == 1.0
+            assert (reading.status, reading.value) == (ReadingStatus.OK, 1.0)
     finally:
         await source.aclose()
-    assert client.most_active == 2
-    assert client.threads
-    assert all(name.startswith("rollbackd-prometheus-prom") for name in client.threads)
+    assert server.most_in_flight == 3
+    assert sorted(r.query["query"] for r in server.received) == sorted(f"q{i}" for i in range(20))
 
 
-async def test_an_exhausted_default_executor_does_not_stall_queries() -> None:
+async def test_aclose_closes_the_session_and_later_reads_open_none(server: QueryServer) -> None:
+    """Closing the source closes its aiohttp session; a later read is an error, sending nothing."""
+    options = PrometheusOptions.model_validate({"url": server.url})
+    client = open_client(options)
+    source = PrometheusSource("prom", options, client=client)
+    await source.start()
+    [before] = await source.read(rule("up"), NOW)
+    assert before.status is ReadingStatus.OK
+    assert not client.closed
+    await source.aclose()
+    assert client.closed
+    [after] = await source.read(rule("up"), NOW)
+    assert after.status is ReadingStatus.ERROR
+    assert after.reason == "the source is closed (query: up)"
+    assert len(server.received) == 1
+
+
+async def test_a_query_in_flight_at_aclose_reads_error_at_once(server: QueryServer) -> None:
+    """Closing the source ends a query the server holds: it reads error well before its timeout."""
+    server.hold.clear()
+    source = make_source(server.url, timeout=10.0)
+    await source.start()
+    read = asyncio.create_task(source.read(rule("up"), NOW))
+    await wait_until(lambda: server.in_flight == 1, what="the query at the server")
+    started = time.monotonic()
+    await source.aclose()
+    [reading] = await asyncio.wait_for(read, 2.0)
+    assert time.monotonic() - started < 2.0
+    assert reading.status is ReadingStatus.ERROR
+
+
+async def test_an_exhausted_default_executor_does_not_stall_queries(server: QueryServer) -> None:
     """Blocking work filling the loop's default pool (a stuck file action) leaves queries alone."""
     loop = asyncio.get_running_loop()
     stuck = threading.Event()
     default = ThreadPoolExecutor(max_workers=1)
     loop.set_default_executor(default)
     blocker = loop.run_in_executor(None, stuck.wait, 10)
-    source = fake_source(FakeClient([NOW, "4"]), timeout="1s")
+    source = make_source(server.url, timeout=1.0)
     await source.start()
     try:
         [reading] = await source.read(rule("up"), NOW)
@@ -235,21 +343,118 @@ async def test_an_exhausted_default_executor_does_not_stall_queries() -> None:
         stuck.set()
         await blocker
         await source.aclose()
-    assert (reading.status, reading.value) == (ReadingStatus.OK, 4.0)
+    assert (reading.status, reading.value) == (ReadingStatus.OK, 1.0)
 
 
-async def test_no_query_thread_outlives_aclose() -> None:
-    """Closing waits for queries still running in threads; afterwards none of its threads lives."""
-    release = threading.Event()
-    source = fake_source(FakeClient([NOW, "1"], block=release), timeout="300ms")
+async def test_the_query_and_the_credentials_are_sent_as_requests_sent_them(
+    server: QueryServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET /api/v1/query?query=..., the bearer token or basic auth revealed from its reference."""
+    monkeypatch.setenv("ROLLBACKD_TEST_TOKEN", "tok-1")
+    monkeypatch.setenv("ROLLBACKD_TEST_PASSWORD", "pa:ss é")
+    for auth in (
+        {"bearer_token": {"env": "ROLLBACKD_TEST_TOKEN"}},
+        {"basic_auth": {"username": "ops", "password": {"env": "ROLLBACKD_TEST_PASSWORD"}}},
+    ):
+        options = PrometheusOptions.model_validate({"url": server.url, **auth})
+        source = PrometheusSource("prom", options)
+        await source.start()
+        try:
+            [reading] = await source.read(rule('sum(rate(x{a="b c"}[1m]))'), NOW)
+        finally:
+            await source.aclose()
+        assert reading.status is ReadingStatus.OK
+    bearer, basic = server.received
+    assert bearer.method == "GET"
+    assert bearer.query["query"] == 'sum(rate(x{a="b c"}[1m]))'
+    assert bearer.headers["Authorization"] == "Bearer tok-1"
+    assert basic.headers["Authorization"] == "Basic b3BzOnBhOnNzIOk="  # requests' Latin-1 form
+
+
+async def _chunked(request: web.Request, size: int) -> web.StreamResponse:
+    response = web.StreamResponse()
+    await response.prepare(request)
+    for _ in range(size // 2**20 + 1):
+        await response.write(b" " * 2**20)
+    await response.write_eof()
+    return response
+
+
+def _answer(status: int, body: str) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=status, text=body)
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("handler", "says"),
+    [
+        (
+            _answer(503, '{"status":"error","errorType":"timeout","error":"query timed out"}'),
+            "HTTP 503: timeout: query timed out (query: up)",
+        ),
+        (_answer(502, "<html>\n  Bad   gateway\n</html>"), "HTTP 502: <html> Bad gateway </html>"),
+        (_answer(500, ""), "HTTP 500: (empty body)"),
+        (_answer(200, "<html>login</html>"), "malformed JSON in response: Expecting value"),
+        (_answer(200, '{"status":"success"}'), "malformed response: KeyError 'data'"),
+        (_answer(200, "[1]"), "malformed response: TypeError"),
+        (_answer(200, '{"data":{"result":"x"}}'), "unexpected result: str"),
+        (_answer(200, "[" * 100_000), "JSON nested too deep"),
+        (_answer(200, " " * (MAX_RESPONSE_BYTES + 1)), "response larger than 16 MiB"),
+        (partial(_chunked, size=MAX_RESPONSE_BYTES), "response larger than 16 MiB"),
+        (_answer(404, "x" * (ERROR_BODY_BYTES + 1)), "HTTP 404: (a body of more than 64 KiB)"),
+    ],
+)
+async def test_http_failures_read_as_errors_with_the_reason(
+    server: QueryServer, handler: Handler, says: str
+) -> None:
+    """Error statuses (with Prometheus's error JSON or not), odd and oversized bodies are errors."""
+    server.handler = handler
+    source = make_source(server.url)
     await source.start()
-    [reading] = await source.read(rule("up"), NOW)
-    assert "timed out" in reading.reason
-    assert any(t.name.startswith("rollbackd-prometheus-prom") for t in threading.enumerate())
-    loop = asyncio.get_running_loop()
-    loop.call_later(0.2, release.set)
-    await source.aclose()
-    assert not [t for t in threading.enumerate() if t.name.startswith("rollbackd-prometheus-")]
+    try:
+        [reading] = await source.read(rule("up"), NOW)
+    finally:
+        await source.aclose()
+    assert reading.status is ReadingStatus.ERROR
+    assert says in reading.reason
+    assert reading.reason.endswith("(query: up)")
+    assert len(reading.reason) < 500
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({}, "certificate verification failed: self-signed certificate"),
+        ({"tls_verify": False}, ""),
+        ({"ca_file": "CA"}, ""),
+        ({"ca_file": "CA", "tls_verify": False}, ""),
+    ],
+)
+async def test_https_is_verified_with_ca_file_or_not_at_all(
+    certificate: Certificate, extra: dict[str, object], says: str
+) -> None:
+    """The system CAs refuse a self-signed server; ca_file naming it, or tls_verify false, read."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certificate.cert, certificate.key)
+    server = await QueryServer(tls=context).start()
+    if extra.get("ca_file"):
+        extra = {**extra, "ca_file": str(certificate.cert)}
+    options = PrometheusOptions.model_validate({"url": server.url, **extra})
+    source = PrometheusSource("prom", options)
+    await source.start()
+    try:
+        [reading] = await source.read(rule("up"), NOW)
+    finally:
+        await source.aclose()
+        await server.stop()
+    if says:
+        assert reading.status is ReadingStatus.ERROR
+        assert f"cannot connect to {server.url}: {says}" in reading.reason
+        assert server.received == []
+    else:
+        assert (reading.status, reading.value) == (ReadingStatus.OK, 1.0)
 
 
 async def test_a_long_query_is_echoed_truncated() -> None:
@@ -278,6 +483,30 @@ async def test_missing_secret_reads_error_without_leaking() -> None:
     assert reading.status is ReadingStatus.ERROR
     assert "ROLLBACKD_TEST_UNSET_TOKEN" in reading.reason
     await source.aclose()
+
+
+async def test_an_unreadable_ca_file_reads_error_until_it_is_back(
+    certificate: Certificate, tmp_path: Path
+) -> None:
+    """A ca_file gone after the config loaded makes reads errors naming it; back, reads heal."""
+    ca_file = tmp_path / "ca.pem"
+    shutil.copy(certificate.cert, ca_file)
+    port = free_port()
+    options = PrometheusOptions.model_validate(
+        {"url": f"https://127.0.0.1:{port}", "ca_file": str(ca_file)}
+    )
+    ca_file.unlink()
+    source = PrometheusSource("prom", options)
+    await source.start()
+    try:
+        [gone] = await source.read(rule("up"), NOW)
+        shutil.copy(certificate.cert, ca_file)
+        [back] = await source.read(rule("up"), NOW)
+    finally:
+        await source.aclose()
+    assert gone.status is ReadingStatus.ERROR
+    assert gone.reason.startswith(f"cannot read ca_file {ca_file}: ")
+    assert back.reason.startswith(f"cannot connect to https://127.0.0.1:{port}: connection refused")
 
 
 @pytest.mark.slow

@@ -1,49 +1,36 @@
-"""The ``prometheus`` source: PromQL instant queries through prometheus-api-client, off the loop.
+"""The ``prometheus`` source: PromQL instant queries through one aiohttp session per source.
 
 Each series of a vector is one reading with its labels; a scalar is one reading without labels.
 Every failure (HTTP, connection, timeout, bad JSON, unexpected result type) is an error reading.
-Queries run on the source's own bounded thread pool, started with it and shut down by ``aclose``.
 """
 
 from __future__ import annotations
 
-import ast
 import asyncio
-import json
+import base64
 import math
+import ssl
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
-import requests
 import structlog
-from prometheus_api_client import PrometheusConnect
-from prometheus_api_client.exceptions import PrometheusApiClientException
 from pydantic import Field, field_validator, model_validator
-from urllib3.util.retry import Retry
 
 from rollbackd.config import RuleConfig
 from rollbackd.errors import SecretError
 from rollbackd.options import CaFile, Duration, Frozen, HttpSecretRef, NoUserinfo
 from rollbackd.readings import Reading, error, excerpt, labels_of, no_data, ok, parse_number
 from rollbackd.sources import ArrivalListener, SourceType
+from rollbackd.sources.prometheus_http import InstantQueries, PrometheusHttp
+
+if TYPE_CHECKING:
+    from prometheus_api_client import PrometheusConnect
 
 log = structlog.get_logger(__name__)
 
 _PAIR = 2  # a sample is [time, "value"]
-_FAILURES = (
-    TimeoutError,
-    PrometheusApiClientException,
-    requests.exceptions.RequestException,
-    KeyError,
-    TypeError,
-    ValueError,  # e.g. a JSON integer of more than 4300 digits
-    RecursionError,  # JSON nested too deep for the parser
-)
 _SPECIAL = {"NaN": math.nan, "+Inf": math.inf, "Inf": math.inf, "-Inf": -math.inf}
 """How Prometheus writes its non-finite sample values (Go's strconv)."""
-CLOSE_GRACE = 1.0
-"""Seconds beyond ``timeout`` that ``aclose`` waits for a query still running in a thread."""
 
 
 class BasicAuth(Frozen):
@@ -72,7 +59,7 @@ class PrometheusOptions(Frozen):
     """PEM bundle to verify the server's certificate with (https URLs)."""
     tls_verify: bool = True
     max_concurrency: int = Field(default=4, ge=1, le=64)
-    """Queries of this source in flight at once (each runs in a worker thread)."""
+    """Queries of this source in flight at once (and its kept-alive connections)."""
 
     @field_validator("url")
     @classmethod
@@ -88,12 +75,38 @@ class PrometheusOptions(Frozen):
         return self
 
 
-def connect(options: PrometheusOptions) -> PrometheusConnect:
-    """Build a client for ``options``, revealing its secrets (SecretError if one is unreadable).
+def open_client(options: PrometheusOptions) -> PrometheusHttp:
+    """The instant-query client for ``options``, revealing its secret now.
 
-    Retries are off: the engine polls again at the next check, and a retry with backoff
-    inside one query would only make an outage look like a timeout.
+    SecretError if a secret is unreadable, OSError if ``ca_file`` is (the text names neither
+    value). As with requests before, a ``ca_file`` verifies whatever ``tls_verify`` says.
     """
+    headers = {}
+    if options.bearer_token is not None:
+        headers["Authorization"] = f"Bearer {_reveal('bearer_token', options.bearer_token)}"
+    if options.basic_auth is not None:
+        password = _reveal("basic_auth.password", options.basic_auth.password)
+        # HttpSecretRef and the username's validator admit Latin-1 text only
+        pair = f"{options.basic_auth.username}:{password}".encode("latin-1")
+        headers["Authorization"] = f"Basic {base64.b64encode(pair).decode('ascii')}"
+    tls: ssl.SSLContext | bool = options.tls_verify
+    if options.ca_file is not None:
+        tls = ssl.create_default_context(cafile=options.ca_file)
+    return PrometheusHttp(options.url, headers, tls, options.max_concurrency)
+
+
+def connect(options: PrometheusOptions) -> PrometheusConnect:
+    """A prometheus-api-client for range queries (the backtest); the daemon does not use it.
+
+    Its secrets are revealed now (SecretError if one is unreadable). Retries are off: the
+    engine polls again at the next check, and a retry with backoff inside one query would only
+    make an outage look like a timeout. requests runs synchronously: call it in a thread.
+    """
+    # Imported here: the daemon never needs requests or prometheus-api-client (memory).
+    import requests  # noqa: PLC0415
+    from prometheus_api_client import PrometheusConnect  # noqa: PLC0415
+    from urllib3.util.retry import Retry  # noqa: PLC0415
+
     session = requests.Session()
     session.verify = str(options.ca_file) if options.ca_file else options.tls_verify
     headers = None
@@ -126,15 +139,14 @@ class PrometheusSource:
     push = False
 
     def __init__(
-        self, name: str, options: PrometheusOptions, client: PrometheusConnect | None = None
+        self, name: str, options: PrometheusOptions, client: InstantQueries | None = None
     ) -> None:
         self.name = name
         self.options = options
         self._client = client
         self._client_problem = ""
+        self._closed = False
         self._slots = asyncio.Semaphore(options.max_concurrency)
-        self._pool: ThreadPoolExecutor | None = None
-        self._running: set[Future[Any]] = set()
 
     def watch(self, monitor: str, rule: RuleConfig) -> None:
         """Nothing to prepare: every read is a fresh query."""
@@ -143,45 +155,26 @@ class PrometheusSource:
         """Ignore listeners: a polled source has no arrivals to report."""
 
     async def start(self) -> None:
-        """Build the HTTP client and the query threads' pool (no request is made)."""
+        """Open the HTTP session (no request is made); a secret is revealed here."""
+        self._closed = False
         self._ensure_client()
-        self._ensure_pool()
 
     async def aclose(self) -> None:
-        """Stop the pool, wait (bounded) for queries still in threads, close the HTTP session."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-            running = [asyncio.wrap_future(future) for future in list(self._running)]
-            if running:
-                _, late = await asyncio.wait(running, timeout=self.options.timeout + CLOSE_GRACE)
-                if late:
-                    log.warning(
-                        "prometheus_query_outlived_close", source=self.name, queries=len(late)
-                    )
-            if not self._running:
-                pool.shutdown(wait=True)  # the workers are idle: joining them is immediate
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        """Close the HTTP session; a query still in flight reads as an error."""
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
 
-    def _ensure_pool(self) -> ThreadPoolExecutor:
-        # One pool per source, bounded by max_concurrency: a stuck file action or another
-        # source's hung queries cannot take the threads this source's queries need.
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(
-                max_workers=self.options.max_concurrency,
-                thread_name_prefix=f"rollbackd-prometheus-{self.name}",
-            )
-        return self._pool
-
-    def _ensure_client(self) -> PrometheusConnect | None:
+    def _ensure_client(self) -> InstantQueries | None:
+        # Built again at each read while a secret or the ca_file cannot be read: fixing it heals.
         if self._client is None:
             try:
-                self._client = connect(self.options)
+                self._client = open_client(self.options)
             except SecretError as exc:
                 self._client_problem = f"cannot use the secret {exc}"
-                return None
+            except OSError as exc:  # ssl.SSLError included
+                self._client_problem = f"cannot read ca_file {self.options.ca_file}: {exc}"
         return self._client
 
     async def read(self, rule: RuleConfig, now: float) -> Sequence[Reading]:
@@ -194,42 +187,22 @@ class PrometheusSource:
             return [self._failed(query, f"unexpected {type(exc).__name__}", now)]
 
     async def _read(self, query: str, now: float) -> Sequence[Reading]:
+        if self._closed:
+            return [self._failed(query, "the source is closed", now)]
         client = self._ensure_client()
         if client is None:
             return [self._failed(query, self._client_problem, now)]
         timeout = self.options.timeout
         try:
             async with asyncio.timeout(timeout), self._slots:
-                future = self._ensure_pool().submit(client.custom_query, query, timeout=timeout)
-                self._running.add(future)
-                future.add_done_callback(self._running.discard)
-                result = await asyncio.wrap_future(future)
-        except _FAILURES as exc:
-            return [self._failed(query, self._describe(exc), now)]
-        readings, problem = parse_result(result, now)
-        if problem:
-            return [self._failed(query, problem, now)]
-        return readings
-
-    def _describe(self, exc: Exception) -> str:
-        timeout = self.options.timeout
-        if isinstance(exc, TimeoutError | requests.exceptions.Timeout):
-            reason = f"timed out after {timeout:g}s"
-        elif isinstance(exc, requests.exceptions.InvalidHeader):  # its text holds the header
-            reason = "a request header is invalid (check bearer_token / basic_auth)"
-        elif isinstance(exc, PrometheusApiClientException):
-            reason = _api_problem(str(exc))
-        elif isinstance(exc, requests.exceptions.JSONDecodeError):
-            reason = f"malformed JSON in response: {exc}"
-        elif isinstance(exc, requests.exceptions.ConnectionError):
-            reason = f"cannot connect to {self.options.url}: {_short(exc)}"
-        elif isinstance(exc, requests.exceptions.RequestException):
-            reason = f"request failed: {_short(exc)}"
-        elif isinstance(exc, RecursionError):
-            reason = "malformed response: JSON nested too deep"
-        else:  # KeyError / TypeError / ValueError: the JSON lacks data.result or is odd
-            reason = f"malformed response: {type(exc).__name__} {excerpt(str(exc))}"
-        return reason
+                result, problem = await client.query(query)
+        except TimeoutError:
+            return [self._failed(query, f"timed out after {timeout:g}s", now)]
+        if not problem:
+            readings, problem = parse_result(result, now)
+            if not problem:
+                return readings
+        return [self._failed(query, problem, now)]
 
     def _failed(self, query: str, reason: str, now: float) -> Reading:
         log.warning("source_error", source=self.name, query=excerpt(query), reason=reason)
@@ -239,8 +212,8 @@ class PrometheusSource:
 def parse_result(result: object, now: float) -> tuple[list[Reading], str]:
     """Turn an instant query's ``data.result`` into readings, or ``([], problem)``.
 
-    prometheus-api-client returns only ``result``: a list of series for a vector (each with
-    ``value``) or a matrix (each with ``values``), or a ``[time, "value"]`` pair for a scalar.
+    ``result`` is a list of series for a vector (each with ``value``) or a matrix (each with
+    ``values``), or a ``[time, "value"]`` pair for a scalar.
     """
     if not isinstance(result, list):
         return [], f"unexpected result: {type(result).__name__}"
@@ -286,31 +259,17 @@ def _series(series: object, now: float) -> tuple[Reading | None, str]:
     return ok(value, now, labels), ""
 
 
-def _api_problem(message: str) -> str:
-    # the client's text is 'HTTP Status Code 400 (b\'{"errorType": ..., "error": ...}\')'
-    head, _, rest = message.partition(" (")
-    status = head.replace("HTTP Status Code", "HTTP").strip()
-    try:
-        body = ast.literal_eval(rest.removesuffix(")"))
-        payload: dict[str, Any] = json.loads(body)
-        return f"{status}: {payload['errorType']}: {payload['error']}"
-    except (ValueError, SyntaxError, TypeError, KeyError):
-        return f"{status}: {rest.removesuffix(')')[:200]}"
-
-
-def _short(exc: BaseException) -> str:
-    # requests' messages nest urllib3's, whose tail names the real problem
-
-    text = str(exc)
-    for known in ("Connection refused", "Name or service not known", "No route to host"):
-        if known in text:
-            return known.lower()
-    return text[:200]
-
-
 PROMETHEUS = SourceType(
     options=PrometheusOptions, rule_keys=frozenset({"query"}), build=PrometheusSource
 )
 """Entry point ``prometheus`` of ``rollbackd.sources``."""
 
-__all__ = ["PROMETHEUS", "BasicAuth", "PrometheusOptions", "PrometheusSource", "parse_result"]
+__all__ = [
+    "PROMETHEUS",
+    "BasicAuth",
+    "PrometheusOptions",
+    "PrometheusSource",
+    "connect",
+    "open_client",
+    "parse_result",
+]
