@@ -213,7 +213,7 @@ def _note_rearm(run: MonitorRun, at: float) -> None:
 def _measure(run: MonitorRun, check: engine.Check, keep_traces: bool) -> None:
     for result in check.results:
         value = result.value
-        if keep_traces:
+        if keep_traces and (value is not None or result.labels):
             trace = run.traces.setdefault(result.rule, {}).setdefault(result.labels, Trace())
             trace.times.append(check.at)
             trace.values.append(math.nan if value is None else value)

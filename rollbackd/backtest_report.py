@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import importlib.util
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,8 +150,10 @@ def plot(run: MonitorRun, path: Path) -> None:
     streaks = list(_streaks(run))
     for ax, rule in zip(axes[:, 0], rules, strict=True):
         for labels, trace in run.traces.get(rule.name, {}).items():
-            when = (np.array(trace.times) * 1000).astype("datetime64[ms]")
-            ax.plot(when, trace.values, linewidth=0.8, label=labels_text(labels) or rule.name)
+            times, values = _with_gaps(trace.times, trace.values, interval)
+            when = (np.array(times) * 1000).astype("datetime64[ms]")
+            shown = tuple(pair for pair in labels if pair[0] != "__name__")
+            ax.plot(when, values, linewidth=0.8, label=labels_text(shown) or rule.name)
         ax.axhline(rule.threshold, color="tab:red", linestyle="--", linewidth=1)
         for first, last in streaks:
             low = np.datetime64(int(first * 1000), "ms")
@@ -167,6 +170,21 @@ def plot(run: MonitorRun, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _with_gaps(
+    times: list[float], values: list[float], interval: float
+) -> tuple[list[float], list[float]]:
+    """Put a NaN where a series was absent for a while, so the line breaks there."""
+    out_t: list[float] = []
+    out_v: list[float] = []
+    for t, v in zip(times, values, strict=True):
+        if out_t and t - out_t[-1] > 1.5 * interval:
+            out_t.append(out_t[-1] + interval)
+            out_v.append(math.nan)
+        out_t.append(t)
+        out_v.append(v)
+    return out_t, out_v
 
 
 def _streaks(run: MonitorRun) -> Iterator[tuple[float, float]]:
