@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rollbackd import __version__
 from rollbackd.assemble import load
@@ -25,7 +25,12 @@ DEMO_SPEEDS = (0.1, 40.0)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # backtest's bad input is one line and exit 2, never argparse's usage banner
+    if argv[:1] == ["backtest"]:
+        args = _backtest_parser().parse_args(argv[1:])
+    else:
+        args = _parser().parse_args(argv)
     command: Callable[[argparse.Namespace], int] = args.command
     try:
         return command(args)
@@ -74,7 +79,40 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--speed", type=float, default=1.0, help="run the demo faster (2 = twice as fast)"
     )
+    _backtest_arguments(command("backtest", _backtest, BACKTEST_HELP))
     return parser
+
+
+BACKTEST_PROG = "rollbackd backtest"
+BACKTEST_HELP = "replay a config over Prometheus history: when would it have fired?"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Reports a bad argument in one line on stderr and exits 2, without the usage banner."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``rollbackd backtest: MESSAGE`` and exit 2."""
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _backtest_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog=BACKTEST_PROG, description=BACKTEST_HELP)
+    parser.set_defaults(command=_backtest)
+    _backtest_arguments(parser)
+    return parser
+
+
+def _backtest_arguments(p: argparse.ArgumentParser) -> None:
+    _config_option(p)
+    when = "RFC 3339, a Unix timestamp, or a duration ago (7d, 90m)"
+    p.add_argument("--from", dest="start", required=True, metavar="WHEN", help=when)
+    p.add_argument("--to", dest="end", default=None, metavar="WHEN", help=f"{when}; default now")
+    p.add_argument(
+        "--monitor", action="append", default=[], metavar="NAME", help="only this monitor"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--report", type=Path, default=None, metavar="DIR", help="write plots here")
 
 
 def _config_option(p: argparse.ArgumentParser) -> None:
@@ -182,6 +220,47 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"rollbackd demo: --speed must be between {low:g} and {high:g}", file=sys.stderr)
         return EXIT_USAGE
     return run_demo(args.dir, speed=args.speed)
+
+
+def _backtest(args: argparse.Namespace) -> int:
+    import time
+
+    from rollbackd import backtest, backtest_report
+
+    if args.report is not None and not backtest_report.can_plot():
+        print(
+            f"{BACKTEST_PROG}: --report needs matplotlib: {backtest_report.INSTALL_HINT}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        start, end = backtest.span(args.start, args.end, time.time())
+        assembly = load(args.config)
+        found = asyncio.run(
+            backtest.run(
+                assembly,
+                start,
+                end,
+                args.monitor,
+                keep_traces=args.report is not None,
+                progress=None if args.json else backtest_report.progress_bar(),
+            )
+        )
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return EXIT_USAGE
+    except RollbackdError as exc:
+        print(f"{BACKTEST_PROG}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(backtest_report.document(found), indent=2, allow_nan=False))
+    else:
+        print(backtest_report.text(found))
+    if args.report is not None:
+        index = backtest_report.write_report(found, args.report)
+        print(f"report: {index}", file=sys.stderr if args.json else sys.stdout)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

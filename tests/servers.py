@@ -400,3 +400,30 @@ class Rollbackd:
     def log(self) -> str:
         """Everything the daemon logged (last start)."""
         return (self.workdir / f"daemon-{self.starts}.log").read_text(errors="replace")[-4000:]
+
+
+PROMTOOL_BIN = "/usr/bin/promtool"
+
+
+def backfill(openmetrics: Path, data_dir: Path) -> None:
+    """Write TSDB blocks into ``data_dir`` from an OpenMetrics file (ending in ``# EOF``).
+
+    ``promtool tsdb create-blocks-from openmetrics``: samples in time order per series.
+    """
+    result = subprocess.run(
+        [PROMTOOL_BIN, "tsdb", "create-blocks-from", "openmetrics", "-q", *(openmetrics, data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"promtool backfill failed: {result.stderr[-2000:]}")
+
+
+class HistoryPrometheus(Prometheus):
+    """Prometheus serving backfilled blocks however old they are (retention 100y), no targets."""
+
+    def argv(self) -> Sequence[str]:
+        """Prometheus's command line with a retention that keeps every backfilled block."""
+        return [*super().argv(), "--storage.tsdb.retention.time=100y"]
