@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 
 from rollbackd.readings import Reading, format_value
 from rollbackd.readings import error as error_reading
-from rollbackd.verdicts import RuleResult, RuleSpec, Verdict, evaluate_rule
+from rollbackd.verdicts import RuleResult, RuleSpec, Verdict, evaluate_rule, matching
 
 
 class Outcome(StrEnum):
@@ -137,7 +137,7 @@ def judge_rules(
             continue
         by_labels = None
         if volumes is not None and rule.name in volumes:
-            by_labels = {v.labels: v for v in volumes[rule.name]}
+            by_labels = {matching(v.labels): v for v in volumes[rule.name]}
         try:
             results.extend(evaluate_rule(rule, series, at, by_labels))
         except Exception as exc:  # noqa: BLE001 - one odd reading is that rule's result

@@ -116,7 +116,7 @@ def evaluate_rule(
     A value strictly beyond the threshold breaches (equal is ok); +Inf breaches ``above``
     and -Inf breaches ``below``. Missing values follow ``rule.no_data``; source errors are
     always ERROR (inconclusive), never a breach and never ok. With ``rule.min_volume``, a
-    series whose volume (``volumes``, matched by identical labels) is missing or lower is
+    series whose volume (``volumes``, keyed by ``matching`` labels) is missing or lower is
     INSUFFICIENT: inconclusive, whatever its value.
     """
     name, unit, threshold = rule.name, rule.unit, rule.threshold
@@ -162,11 +162,16 @@ def evaluate_rule(
     return results
 
 
+def matching(labels: Labels) -> Labels:
+    """The labels that match a series to its volume: all but the metric name (as PromQL does)."""
+    return tuple(pair for pair in labels if pair[0] != "__name__")
+
+
 def _short_volume(
     least: float, labels: Labels, volumes: Mapping[Labels, Reading] | None
 ) -> str | None:
     """Why a series has too few events behind it to be judged, or None when it has enough."""
-    volume = volumes.get(labels) if volumes else None
+    volume = volumes.get(matching(labels)) if volumes else None
     if volume is None or volume.value is None or math.isnan(volume.value):
         why = volume.reason if volume is not None and volume.reason else "no volume series"
         return f"insufficient volume: {why}"
