@@ -443,3 +443,30 @@ def test_no_input_gives_anything_but_config_error(data: st.DataObject) -> None:
         problems = exc.problems
     assert problems
     assert all(line.startswith("<config>: ") for line in problems)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ('volume = "sum(x)"', "volume (or volume_field) and min_volume go together"),
+        ("min_volume = 10", "volume (or volume_field) and min_volume go together"),
+        ('volume_field = "n"\nmin_volume = 10', "volume_field: only used with topic-based"),
+        ('volume = "x"\nmin_volume = -1', "min_volume: Input should be greater than or equal"),
+    ],
+)
+def test_volume_guard_keys_are_checked(tmp_path: Path, change: str, problem: str) -> None:
+    """A volume guard needs both its keys, on the kind of source it fits."""
+    text = MINIMAL.replace("above = 0.1", f"above = 0.1\n{change}")
+    assert any(problem in p for p in problems_of(write(tmp_path, text))), problems_of(
+        write(tmp_path, text)
+    )
+
+
+def test_held_by_names_existing_monitors_without_a_cycle(tmp_path: Path) -> None:
+    """held_by names a monitor that exists; a cycle of holds is refused, naming it."""
+    text = MINIMAL.replace("rollback_after = 5", 'rollback_after = 5\nheld_by = ["nope"]')
+    assert any(
+        "held_by[0]: no monitor named 'nope'" in p for p in problems_of(write(tmp_path, text))
+    )
+    looped = MINIMAL.replace("rollback_after = 5", 'rollback_after = 5\nheld_by = ["payments"]')
+    assert any("a cycle (payments -> payments)" in p for p in problems_of(write(tmp_path, looped)))

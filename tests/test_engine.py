@@ -22,6 +22,7 @@ from rollbackd.engine import (
     Policy,
     advance,
     decide,
+    judge_rules,
     rearm,
 )
 from rollbackd.readings import Reading, ReadingStatus, error, labels_of, no_data, ok
@@ -414,16 +415,33 @@ class Reference:
     latched: bool = False
     times: list[float] = field(default_factory=list)
     checks: int = 0
+    held_alerted: bool = False
+    shadow_failures: int = 0
+    shadow_alerted: bool = False
 
-    def step(self, outcome: Outcome, at: float) -> tuple[Event, ...]:
+    def step(
+        self, outcome: Outcome, at: float, held: bool = False, shadow: Outcome | None = None
+    ) -> tuple[Event, ...]:
         """Judge one check; return the decisions in order."""
+        out = list(self._real(outcome, at, held))
+        if shadow is B:
+            self.shadow_failures += 1
+            due = self.shadow_failures >= self.pol.rollback_after
+            if due and not self.shadow_alerted and not out:
+                self.shadow_alerted = True
+                out.append(Event.SHADOW)
+        elif shadow is O:
+            self.shadow_failures, self.shadow_alerted = 0, False
+        return tuple(out)
+
+    def _real(self, outcome: Outcome, at: float, held: bool) -> tuple[Event, ...]:  # noqa: PLR0912 - the spec, written plainly
         self.checks += 1
         if self.latched:
             return ()
         out: list[Event] = []
         if outcome is O:
             self.failures = self.errors = 0
-            self.alerted = self.blind_alerted = False
+            self.alerted = self.blind_alerted = self.held_alerted = False
         elif outcome is B:
             self.failures += 1
             self.errors = 0
@@ -438,13 +456,21 @@ class Reference:
             if self.failures >= self.pol.rollback_after or (
                 limit is not None and len(recent) >= limit
             ):
-                self.latched = True
-                out.append(Event.ROLLBACK)
+                if not held:
+                    self.latched = True
+                    out.append(Event.ROLLBACK)
+                else:  # held: one alert says so, the counting goes on
+                    if not self.held_alerted and Event.ALERT not in out:
+                        out.append(Event.ALERT)
+                    self.held_alerted = True
         else:
             self.errors += 1
+            if self.held_alerted and not held and self.failures >= self.pol.rollback_after:
+                self.latched = True  # the hold lifted while still at the limit
+                return (Event.ROLLBACK,)
             if self.errors >= self.pol.blind_after and not self.blind_alerted:
                 self.blind_alerted = True
-                if self.pol.on_blind == "rollback":
+                if self.pol.on_blind == "rollback" and not held:
                     self.latched = True
                     out.append(Event.ROLLBACK)
                 else:
@@ -452,10 +478,11 @@ class Reference:
         return tuple(out)
 
     def rearm(self) -> None:
-        """Start over, keeping the check count."""
-        checks = self.checks
+        """Start over, keeping the check count and the shadow rules' streak."""
+        checks, shadow = self.checks, (self.shadow_failures, self.shadow_alerted)
         self.__init__(self.pol)  # type: ignore[misc]
         self.checks = checks
+        self.shadow_failures, self.shadow_alerted = shadow
 
     @property
     def phase(self) -> Phase:
@@ -477,26 +504,33 @@ policies = st.builds(
     failure_window=st.integers(1, 100).map(float),  # whole seconds hit the boundary
 )
 events = st.lists(
-    st.tuples(st.sampled_from([O, B, I, "rearm"]), st.integers(0, 40).map(float)), max_size=60
+    st.tuples(
+        st.sampled_from([O, B, I, "rearm"]),
+        st.integers(0, 40).map(float),
+        st.booleans(),  # held by a dependency at this check
+        st.sampled_from([None, O, B, I]),  # the shadow rules' outcome (None: there are none)
+    ),
+    max_size=60,
 )
 
 
 @settings(max_examples=300, deadline=None)
 @given(pol=policies, steps=events)
 def test_advance_matches_the_reference_model(
-    pol: Policy, steps: list[tuple[Outcome | str, float]]
+    pol: Policy, steps: list[tuple[Outcome | str, float, bool, Outcome | None]]
 ) -> None:
-    """For any policy and any sequence of outcomes and re-arms, advance agrees with the model."""
+    """Any policy, outcomes, re-arms, holds and shadow outcomes: advance agrees with the model."""
     ref, state, at = Reference(pol), MonitorState(), 0.0
-    for event, gap in steps:
+    for event, gap, held, shadow in steps:
         at += gap
         if event == "rearm":
             ref.rearm()
             state = rearm(state)
             continue
         assert isinstance(event, Outcome)
-        expected = ref.step(event, at)
-        transition = advance(state, Check("m", at, event, ()), pol)
+        expected = ref.step(event, at, held, shadow)
+        why = "infrastructure (failing)" if held else None
+        transition = advance(state, Check("m", at, event, (), shadow), pol, why)
         state = transition.state
         assert transition.events == expected
         assert transition.reason
@@ -506,5 +540,47 @@ def test_advance_matches_the_reference_model(
             ref.errors,
         )
         assert (state.alerted, state.blind_alerted) == (ref.alerted, ref.blind_alerted)
+        assert state.held_alerted == ref.held_alerted
+        assert (state.shadow_failures, state.shadow_alerted) == (
+            ref.shadow_failures,
+            ref.shadow_alerted,
+        )
         assert (state.checks, state.last_check_at, state.last_outcome) == (ref.checks, at, event)
         assert len(state.failure_times) <= (pol.failure_limit or 0)
+
+
+def test_volume_guard_makes_thin_series_insufficient() -> None:
+    """A series with too few events, or none, is insufficient (inconclusive), whatever it reads."""
+    guarded = RuleConfig(
+        name="err", source="prom", query="q", volume="v", min_volume=100, above=1.0
+    )
+    eu, us, ap = (labels_of({"region": r}) for r in ("eu", "us", "ap"))
+    readings = [ok(33.0, AT, eu), ok(2.0, AT, us), ok(0.5, AT, ap)]
+    volumes = {"err": [ok(3.0, AT, eu), ok(600.0, AT, us)]}  # no volume for ap
+    check = judge_rules("m", [guarded], {"err": readings}, AT, volumes=volumes)
+    verdicts = {dict(r.labels)["region"]: r.verdict for r in check.results}
+    assert verdicts == {"eu": "insufficient", "us": "breach", "ap": "insufficient"}
+    assert check.outcome is Outcome.BREACH  # us has the volume: its breach counts
+    thin = [r for r in check.results if r.verdict == "insufficient"]
+    assert "3.0 events, min_volume 100.0" in thin[0].reason
+    assert "no volume series" in thin[1].reason
+
+
+def test_volume_is_matched_without_the_metric_name() -> None:
+    """A raw gauge and its volume gauge differ in __name__ only: they still match."""
+    guarded = RuleConfig(name="err", source="p", query="q", volume="v", min_volume=10, above=1.0)
+    rate = labels_of({"__name__": "rate", "job": "boop"})
+    volume = labels_of({"__name__": "requests", "job": "boop"})
+    check = judge_rules("m", [guarded], {"err": [ok(5.0, AT, rate)]}, AT,
+                        volumes={"err": [ok(50.0, AT, volume)]})  # fmt: skip
+    assert [r.verdict for r in check.results] == ["breach"]
+
+
+def test_shadow_results_make_their_own_outcome() -> None:
+    """A shadow rule's breach is the check's shadow outcome; the real outcome ignores it."""
+    real = RuleConfig(name="old", source="p", query="a", above=1.0)
+    spied = RuleConfig(name="new", source="p", query="b", above=1.0, shadow=True)
+    readings = {"old": [ok(0.5, AT)], "new": [ok(9.0, AT)]}
+    check = judge_rules("m", [real, spied], readings, AT, shadow=frozenset({"new"}))
+    assert (check.outcome, check.shadow_outcome) == (Outcome.OK, Outcome.BREACH)
+    assert len(check.results) == 2, "both are recorded and shown"
