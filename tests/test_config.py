@@ -470,3 +470,17 @@ def test_held_by_names_existing_monitors_without_a_cycle(tmp_path: Path) -> None
     )
     looped = MINIMAL.replace("rollback_after = 5", 'rollback_after = 5\nheld_by = ["payments"]')
     assert any("a cycle (payments -> payments)" in p for p in problems_of(write(tmp_path, looped)))
+
+
+def test_example_config_uses_the_guards() -> None:
+    """The example holds payments and authentication on infrastructure and guards rate rules."""
+    config = load(EXAMPLE)
+    for name in ("payments", "authentication"):
+        assert config.monitors[name].held_by == ["infrastructure"]
+    guarded = {
+        rule.name
+        for monitor in config.monitors.values()
+        for rule in monitor.rules
+        if rule.volume is not None and rule.min_volume is not None
+    }
+    assert guarded == {"auth-error-rate", "payment-error-rate", "payment-success-rate"}
