@@ -9,52 +9,39 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
-import requests
 from prometheus_api_client import PrometheusConnect
-from prometheus_api_client.exceptions import PrometheusApiClientException
 
 from rollbackd import engine
 from rollbackd.assemble import Assembly
-from rollbackd.config import MonitorConfig, RuleConfig
+from rollbackd.backtest_fetch import (
+    MAX_POINTS,
+    BacktestError,
+    Chunk,
+    Fetched,
+    Progress,
+    chunks,
+    fetch,
+    open_clients,
+    place,
+    refuse_useless,
+    rfc3339,
+)
+from rollbackd.config import VOLUME, Config, MonitorConfig
 from rollbackd.engine import Event, MonitorState, Outcome, Phase, Policy
-from rollbackd.errors import RollbackdError, SecretError
 from rollbackd.options import parse_duration
-from rollbackd.readings import Labels, Reading, error, excerpt, labels_of, ok
-from rollbackd.sources.prometheus import PrometheusOptions, connect, sample_value
+from rollbackd.readings import Labels, Reading, excerpt
 
-MAX_POINTS = 10_000
-"""Checks per range query: Prometheus refuses more than 11,000 points per series."""
 MAX_CHECKS = 2_000_000
-"""Checks per monitor a backtest may replay (about 2 years at 30 s)."""
-RANGE_TIMEOUT = 60.0
-"""Seconds a range query may take at least (the source's ``timeout`` is for instant queries)."""
+"""More checks than this in one monitor's span is refused (shorten the span)."""
 
 LATEST = 253_402_300_799.0
 """9999-12-31T23:59:59Z, the latest time RFC 3339 can write."""
 
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
-_FAILURES = (
-    TimeoutError,
-    PrometheusApiClientException,
-    requests.exceptions.RequestException,
-    KeyError,
-    TypeError,
-    ValueError,
-    RecursionError,
-)
-
-Progress = Callable[[int, int], None]
-"""Told ``(chunks done, chunks in all)`` as range queries finish."""
-
-
-class BacktestError(RollbackdError):
-    """The backtest cannot run (bad span, unknown monitor, unreachable source): one line."""
 
 
 # --- the span --------------------------------------------------------------------------
@@ -91,13 +78,6 @@ def span(start: str, end: str | None, now: float) -> tuple[float, float]:
     if first > last:
         raise BacktestError(f"--from {rfc3339(first)} is after --to {rfc3339(last)}")
     return first, last
-
-
-def rfc3339(at: float) -> str:
-    """``2025-01-06T10:05:00Z`` (milliseconds only when there are some)."""
-    when = datetime.fromtimestamp(at, UTC)
-    spec = "seconds" if when.microsecond == 0 else "milliseconds"
-    return when.isoformat(timespec=spec).replace("+00:00", "Z")
 
 
 # --- what a backtest finds -------------------------------------------------------------
@@ -146,6 +126,15 @@ class MonitorRun:
     margins: dict[str, Margin] = field(default_factory=dict)
     traces: dict[str, dict[Labels, Trace]] = field(default_factory=dict)
     outcomes: list[Outcome] = field(default_factory=list)
+    phases: list[Phase] = field(default_factory=list)
+    """The monitor's phase after each check (what a ``held_by`` on it sees)."""
+
+    def phase_at(self, at: float) -> Phase:
+        """The phase as of time ``at``: after the last check at or before it."""
+        k = math.floor((at - self.start) / self.config.interval + 1e-9)
+        if k < 0 or not self.phases:
+            return Phase.OK
+        return self.phases[min(k, len(self.phases) - 1)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,29 +161,38 @@ def replay(
     start: float,
     *,
     keep_traces: bool = False,
+    held: Callable[[float], str | None] | None = None,
 ) -> MonitorRun:
     """Judge and advance every check, as the daemon does; re-arm at the first ok after a rollback.
 
     ``steps[rule][k]`` are the readings of check ``k`` (at ``start + k * interval``); an
     empty list is a step where the query returned no series (the rule's ``no_data`` applies).
+    A guarded rule's volumes are ``steps["volume:" + rule]``; ``held(at)`` says what holds
+    the monitor's rollback at a check (``held_by``, from its dependencies' own replays).
     """
     run = MonitorRun(name, monitor, start, margins={rule.name: Margin() for rule in monitor.rules})
     policy = Policy.of(monitor)
     rules = monitor.rules
     names = [rule.name for rule in rules]
+    guarded = [VOLUME + rule.name for rule in rules if rule.volume_read() is not None]
+    shadow = frozenset(rule.name for rule in rules if monitor.shadow or rule.shadow)
     count = min((len(steps[n]) for n in names), default=0)
     state = MonitorState()
     for k in range(count):
         at = start + k * monitor.interval
-        check = engine.judge_rules(name, rules, {n: steps[n][k] for n in names}, at)
+        volumes = {v.removeprefix(VOLUME): steps[v][k] for v in guarded}
+        check = engine.judge_rules(
+            name, rules, {n: steps[n][k] for n in names}, at, volumes=volumes, shadow=shadow
+        )
         latched = state.phase is Phase.ROLLED_BACK
-        transition = engine.advance(state, check, policy)
+        transition = engine.advance(state, check, policy, held(at) if held else None)
         state = transition.state
         run.events.extend(Found(at, str(e), transition.reason) for e in transition.events)
         if latched and check.outcome is Outcome.OK:
             state = engine.rearm(state)
             _note_rearm(run, at)
         run.outcomes.append(check.outcome)
+        run.phases.append(state.phase)
         _measure(run, check, keep_traces)
     run.checks = count
     return run
@@ -241,140 +239,6 @@ def skip_reason(monitor: MonitorConfig, kinds: Mapping[str, str]) -> str | None:
     return None
 
 
-# --- fetching the history ----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """One range query: checks ``first`` to ``first + count - 1`` of one rule."""
-
-    rule: RuleConfig
-    start: float
-    interval: float
-    first: int
-    count: int
-
-
-@dataclass(slots=True)
-class Fetched:
-    """A chunk's answer: the readings of its checks (by index), or why it failed."""
-
-    chunk: Chunk
-    series: list[tuple[Labels, list[tuple[float, float]]]] = field(default_factory=list)
-    problem: str = ""
-
-
-def chunks(
-    rule: RuleConfig, start: float, interval: float, count: int, max_points: int = MAX_POINTS
-) -> list[Chunk]:
-    """Split ``count`` checks into range queries of at most ``max_points`` steps."""
-    return [
-        Chunk(rule, start, interval, first, min(max_points, count - first))
-        for first in range(0, count, max_points)
-    ]
-
-
-def query_chunk(client: PrometheusConnect, chunk: Chunk, timeout: float, url: str) -> Fetched:
-    """Run one range query (blocking: call it in a thread); a failure is the chunk's problem."""
-    first = chunk.start + chunk.first * chunk.interval
-    last = first + (chunk.count - 1) * chunk.interval
-    query = chunk.rule.query or ""
-    try:
-        # custom_query_range rounds start/end to whole seconds; the params keep them exact.
-        result = client.custom_query_range(
-            query,
-            start_time=datetime.fromtimestamp(first, UTC),
-            end_time=datetime.fromtimestamp(last, UTC),
-            step=f"{chunk.interval:g}",
-            params={"start": f"{first:.3f}", "end": f"{last:.3f}"},
-            timeout=timeout,
-        )
-        return _parse_matrix(chunk, result)
-    except _FAILURES as exc:
-        return Fetched(chunk, problem=f"{_describe(exc, url, timeout)} (query: {excerpt(query)})")
-
-
-def _parse_matrix(chunk: Chunk, result: object) -> Fetched:
-    if not isinstance(result, list):
-        return Fetched(chunk, problem=f"unexpected result: {type(result).__name__}")
-    fetched = Fetched(chunk)
-    for series in result:
-        if not isinstance(series, dict) or not isinstance(series.get("values"), list):
-            return Fetched(chunk, problem="unexpected result: not a matrix")
-        metric = series.get("metric") or {}
-        labels = labels_of({str(k): str(v) for k, v in dict(metric).items()})
-        samples = []
-        for pair in series["values"]:
-            value = sample_value(pair[1])
-            if value is None:
-                return Fetched(chunk, problem=f"a sample is not a number: {excerpt(str(pair))}")
-            samples.append((float(pair[0]), value))
-        fetched.series.append((labels, samples))
-    return fetched
-
-
-def _describe(exc: Exception, url: str, timeout: float) -> str:
-    if isinstance(exc, TimeoutError | requests.exceptions.Timeout):
-        return f"timed out after {timeout:g}s"
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        return f"cannot connect to {url}"
-    if isinstance(exc, PrometheusApiClientException):
-        return excerpt(str(exc))
-    return f"{type(exc).__name__}: {excerpt(str(exc))}"
-
-
-def place(fetched: Iterable[Fetched], count: int) -> list[list[Reading]]:
-    """Readings per check of one rule: a series' sample at its step, errors for failed chunks."""
-    steps: list[list[Reading]] = [[] for _ in range(count)]
-    for answer in fetched:
-        chunk = answer.chunk
-        if answer.problem:
-            for k in range(chunk.first, chunk.first + chunk.count):
-                steps[k] = [error(answer.problem, chunk.start + k * chunk.interval)]
-            continue
-        for labels, samples in answer.series:
-            for t, value in samples:
-                k = round((t - chunk.start) / chunk.interval)
-                if chunk.first <= k < chunk.first + chunk.count:
-                    steps[k].append(ok(value, chunk.start + k * chunk.interval, labels))
-    return steps
-
-
-async def fetch(
-    sources: Mapping[str, tuple[PrometheusOptions, PrometheusConnect]],
-    jobs: Sequence[Chunk],
-    progress: Progress | None = None,
-) -> list[Fetched]:
-    """Run every chunk on its source's own pool of ``max_concurrency`` threads."""
-    loop = asyncio.get_running_loop()
-    pools = {
-        name: ThreadPoolExecutor(options.max_concurrency, thread_name_prefix=f"backtest-{name}")
-        for name, (options, _) in sources.items()
-    }
-    done = 0
-
-    def tick(_: object) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, len(jobs))
-
-    try:
-        futures = []
-        for job in jobs:
-            options, client = sources[job.rule.source]
-            timeout = max(options.timeout, RANGE_TIMEOUT)
-            future = loop.run_in_executor(
-                pools[job.rule.source], query_chunk, client, job, timeout, options.url
-            )
-            future.add_done_callback(tick)
-            futures.append(future)
-        return list(await asyncio.gather(*futures))
-    finally:
-        for pool in pools.values():
-            pool.shutdown(wait=False, cancel_futures=True)
-
-
 # --- the whole run -----------------------------------------------------------------------
 
 
@@ -399,7 +263,7 @@ async def run(
     if unknown:
         known = ", ".join(sorted(config.monitors)) or "none"
         raise BacktestError(f"--monitor {unknown[0]}: no such monitor (known: {known})")
-    selected = list(dict.fromkeys(monitors)) or list(config.monitors)
+    selected = _with_holders(config, list(dict.fromkeys(monitors)) or list(config.monitors))
     kinds = {name: table.type for name, table in config.sources.items()}
     found: dict[str, MonitorRun] = {}
     jobs: list[Chunk] = []
@@ -420,54 +284,71 @@ async def run(
             )
         for rule in monitor.rules:
             jobs += chunks(rule, start, monitor.interval, counts[name], max_points)
+            if (volume := rule.volume_read()) is not None:
+                jobs += chunks(volume, start, monitor.interval, counts[name], max_points)
     given = clients or {}
-    sources = _clients(assembly, {job.rule.source for job in jobs}, given)
+    sources = open_clients(assembly, {job.rule.source for job in jobs}, given)
     try:
         answers = await fetch(sources, jobs, progress)
     finally:
         for name, (_, client) in sources.items():
             if name not in given:
                 client.close()
-    _refuse_useless(answers, sources, start, end)
+    refuse_useless(answers, sources, start, end)
     by_rule: dict[tuple[str, str], list[Fetched]] = {}
     for answer in answers:
         by_rule.setdefault((answer.chunk.rule.source, answer.chunk.rule.name), []).append(answer)
-    for name, count in counts.items():
-        monitor = config.monitors[name]
+    for name in selected:  # dependencies first: a held_by reads their replayed phases
+        if name not in counts:
+            continue
+        monitor, count = config.monitors[name], counts[name]
+        reads = [*monitor.rules, *filter(None, (r.volume_read() for r in monitor.rules))]
         steps = {
-            rule.name: place(by_rule.get((rule.source, rule.name), []), count)
-            for rule in monitor.rules
+            read.name: place(by_rule.get((read.source, read.name), []), count) for read in reads
         }
         found[name] = await asyncio.to_thread(
-            replay, name, monitor, steps, start, keep_traces=keep_traces
+            replay,
+            name,
+            monitor,
+            steps,
+            start,
+            keep_traces=keep_traces,
+            held=_holder(monitor.held_by, found) if monitor.held_by else None,
         )
-    return Backtest(start, end, {name: found[name] for name in selected})
+    shown = list(dict.fromkeys(monitors)) or list(config.monitors)
+    return Backtest(start, end, {name: found[name] for name in shown})
 
 
-def _clients(
-    assembly: Assembly, names: Iterable[str], given: Mapping[str, PrometheusConnect]
-) -> dict[str, tuple[PrometheusOptions, PrometheusConnect]]:
-    out: dict[str, tuple[PrometheusOptions, PrometheusConnect]] = {}
+def _with_holders(config: Config, names: list[str]) -> list[str]:
+    """``names`` and the monitors they are held by, each after what it is held by."""
+    ordered: list[str] = []
+
+    def add(name: str) -> None:
+        if name in ordered:
+            return
+        for other in config.monitors[name].held_by:
+            add(other)
+        ordered.append(name)
+
     for name in names:
-        options = assembly.sources[name].options
-        assert isinstance(options, PrometheusOptions)
-        try:
-            out[name] = (options, given.get(name) or connect(options))
-        except SecretError as exc:
-            raise BacktestError(f"sources.{name}: cannot use the secret {exc}") from exc
-    return out
+        add(name)
+    return ordered
 
 
-def _refuse_useless(
-    answers: Sequence[Fetched], sources: Mapping[str, Any], start: float, end: float
-) -> None:
-    """A source none of whose queries answered is unreachable; no series at all is no data."""
-    for name in sources:
-        mine = [a for a in answers if a.chunk.rule.source == name]
-        if mine and all(a.problem for a in mine):
-            raise BacktestError(f"sources.{name}: {mine[0].problem}")
-    if answers and not any(a.series for a in answers):
-        raise BacktestError(
-            f"no samples between {rfc3339(start)} and {rfc3339(end)} for any rule: "
-            "is the span inside Prometheus's retention?"
-        )
+def _holder(
+    held_by: Sequence[str], found: Mapping[str, MonitorRun]
+) -> Callable[[float], str | None]:
+    """``held(at)``: the first dependency not ok at ``at`` in its own replay (skipped: never)."""
+
+    def held(at: float) -> str | None:
+        for name in held_by:
+            run = found.get(name)
+            if (
+                run is not None
+                and run.skipped is None
+                and (phase := run.phase_at(at)) is not Phase.OK
+            ):
+                return f"{name} ({phase})"
+        return None
+
+    return held

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from rollbackd.backtest import Backtest, MonitorRun, Progress, rfc3339
+from rollbackd.backtest import Backtest, MonitorRun
+from rollbackd.backtest_fetch import Progress, rfc3339
 from rollbackd.engine import Outcome
 from rollbackd.readings import format_value, labels_text
 

@@ -19,7 +19,7 @@ from rollbackd.backtest import Backtest, BacktestError, Found
 from rollbackd.config import MonitorConfig
 from rollbackd.engine import Outcome, Phase, Transition
 from rollbackd.monitor import MonitorRunner
-from rollbackd.readings import error
+from rollbackd.readings import error, ok
 from rollbackd.state import Store
 from tests import backtest_week as week
 from tests.helpers import config_file, daemon_table
@@ -443,3 +443,39 @@ def load_monitor(rollback_after: int = 5) -> Any:
 def test_backtest_error_is_a_rollbackd_error() -> None:
     """The CLI reports it like every other deliberate error."""
     assert issubclass(BacktestError, cli.RollbackdError)
+
+
+def guarded_monitor(**keys: Any) -> Any:
+    """A one-rule monitor (rule ``r`` above 1.0, at least 100 events) checking every minute."""
+    rule = {"name": "r", "source": "p", "query": "q", "above": 1.0, "volume": "v",
+            "min_volume": 100}  # fmt: skip
+    return MonitorConfig.model_validate(
+        {"interval": "60s", "rollback_after": 3, "blind_after": 4, "rules": [rule], **keys}
+    )
+
+
+def test_the_volume_guard_applies_in_the_backtest() -> None:
+    """Breaching values over too few events are insufficient in the replay too: no rollback."""
+    steps = {
+        "r": [[ok(5.0, 60.0 * k)] for k in range(6)],
+        "volume:r": [[ok(3.0 if k < 4 else 500.0, 60.0 * k)] for k in range(6)],
+    }
+    run = backtest.replay("m", guarded_monitor(), steps, 0.0)
+    assert run.outcomes == [Outcome.INCONCLUSIVE] * 4 + [Outcome.BREACH] * 2
+    assert [f.event for f in run.events] == ["blind"]
+
+
+def test_held_by_applies_in_the_backtest() -> None:
+    """A monitor held by one failing in its own replay is held; it rolls back once that heals."""
+    infra = load_monitor(rollback_after=100)
+    held = guarded_monitor(held_by=["infra"])
+    bad, good = [[ok(5.0, 60.0 * k)] for k in range(8)], [[ok(0.5, 60.0 * k)] for k in range(8)]
+    infra_run = backtest.replay("infra", infra, {"r": bad[:5] + good[5:]}, 0.0)
+    volumes = [[ok(500.0, 60.0 * k)] for k in range(8)]
+    run = backtest.replay(
+        "pay", held, {"r": bad, "volume:r": volumes}, 0.0,
+        held=backtest._holder(["infra"], {"infra": infra_run}),
+    )  # fmt: skip
+    assert [f.event for f in run.events] == ["alert", "rollback"]
+    assert "held by infra (failing)" in run.events[0].reason
+    assert run.events[1].at == 300.0  # the first check after infrastructure healed
