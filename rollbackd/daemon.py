@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from rollbackd import __version__, health, incidents, logs, notify, parts, status
+from rollbackd import __version__, health, incidents, limits, logs, notify, parts, status
 from rollbackd.actions import Action
 from rollbackd.api import ApiServer, ensure_control_token
 from rollbackd.assemble import Assembly, Registries, load
@@ -27,6 +27,7 @@ from rollbackd.engine import Check, Event, MonitorState, Transition
 from rollbackd.errors import (
     ConfigError,
     RollbackdError,
+    StateError,
     UnknownMonitorError,
 )
 from rollbackd.metrics import Metrics
@@ -86,6 +87,8 @@ class Daemon:
         self._schedule: Schedule | None = None
         self._stop = asyncio.Event()
         self.plans = PlanTasks(self._runner)
+        self._releases = limits.Releases(self._release, clock=clock)
+        """The timers that end cooldowns (``rearm_cooldown``); cancelled on stop."""
         self._reloading = asyncio.Lock()
         self._reload_waiting = False
         self._commits = health.GroupCommit(lambda: self.store)
@@ -127,10 +130,11 @@ class Daemon:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 stack.push_async_callback(self._stop_parts)  # also after a failed start
+                stack.push_async_callback(self._releases.stop)
                 await self._start_parts(self.assembly)
                 await self._start_surface(stack)
                 self._install_signals()
-                self.plans.resume_unfinished(self.store)
+                self._still_waiting(self.plans.resume_unfinished(self.store))
                 self.ready.set()
                 notify.ready(f"watching {len(self.monitors)} monitors, mode {daemon.mode}")
                 log.info("daemon_ready", mode=daemon.mode, listen=daemon.listen or None)
@@ -144,6 +148,7 @@ class Daemon:
                         chore.cancel()
                 notify.stopping()
                 log.info("daemon_stopping")
+                await self._releases.stop()  # a cooldown ending now resumes at next start
                 await self._stop_checks()  # no new incident while plans finish
                 await self.plans.drain(STOP_GRACE_SECONDS)
         finally:
@@ -198,10 +203,11 @@ class Daemon:
             store=self.store,
             history=daemon.history,
             mode=daemon.mode,
-            on_incident=self.plans.start,
+            on_incident=self._on_incident,
             clock=self.clock,
             observer=self._observe(name),
             redactor=self.redactor,
+            plan_gate=self._gate,
         )
 
     async def _stop_checks(self) -> None:
@@ -244,6 +250,73 @@ class Daemon:
 
     # --- plans --------------------------------------------------------------------------
 
+    def _gate(self, draft: IncidentDraft) -> IncidentDraft:
+        """A rollback about to open: past a limit its plan waits (``limits.hold``).
+
+        Called between the check and its commit, with no await between: the count it reads
+        is the one the commit extends.
+        """
+        try:
+            return limits.hold(
+                draft,
+                limits.Limits.of(self.config.daemon),
+                released=self.store.rollbacks_released,
+                rearmed_at=self.store.rearmed_at,
+            )
+        except StateError:  # the commit would fail too: the check is not recorded
+            raise
+        except Exception:  # a bug here must not block a rollback that is due: it runs
+            log.exception("plan_gate_failed", monitor=draft.monitor, event=str(draft.event))
+            return draft
+
+    def _on_incident(self, incident_id: str) -> None:
+        """A check opened an incident: run its plan, or say why it waits."""
+        try:
+            record = self.store.incident(incident_id)
+        except StateError as exc:  # the runner reads it again, and holds a waiting one
+            log.error("incident_unreadable", incident=incident_id, error=str(exc))
+            self.plans.start(incident_id)
+            return
+        if record.waiting is None:
+            self.plans.start(incident_id)
+            return
+        self._waits(record)
+        monitor = self.config.monitors.get(record.monitor)
+        draft = incidents.for_waiting(record, monitor, self.clock())
+        if draft is not None:
+            self.plans.start(self.store.open_incident(draft))
+        self._count_waiting()
+
+    def _waits(self, record: IncidentRecord) -> None:
+        """Log a waiting plan; set the timer that ends its cooldown."""
+        wait = record.details.get("wait")
+        why = wait.get("reason") if isinstance(wait, dict) else None
+        fields = {"incident": record.id, "monitor": record.monitor, "reason": why}
+        if record.waiting == limits.COOLDOWN:
+            until = limits.until(record.details, self.clock())
+            log.warning("rollback_waiting_cooldown", **fields, until=until)
+            self._releases.at(record.id, until)
+        else:
+            approve = f"rollbackd approve {record.id}"
+            log.warning("rollback_waiting_approval", **fields, approve=approve)
+
+    def _still_waiting(self, waiting: list[IncidentRecord]) -> None:
+        """At start: plans a previous run left waiting wait on (their cooldowns resume)."""
+        for record in waiting:
+            self._waits(record)
+        self._count_waiting()
+
+    def _release(self, incident_id: str) -> None:
+        """A cooldown ended: its plan runs (unless an operator approved it already)."""
+        self.plans.release(self.store, incident_id, limits.COOLDOWN)
+        self._count_waiting()
+
+    def _count_waiting(self) -> None:
+        counts: dict[str, int] = {}
+        for record in self.store.waiting_incidents():
+            counts[record.waiting or ""] = counts.get(record.waiting or "", 0) + 1
+        self.metrics.plans_waiting(counts)
+
     def _runner(self) -> PlanRunner:
         return PlanRunner(
             store=self.store,
@@ -281,7 +354,12 @@ class Daemon:
         """The ``/status`` document."""
         monitors = {name: runner.status() for name, runner in self.monitors.items()}
         document = status.document(
-            __version__, self.config, monitors, self.store.incidents(limit=10)
+            __version__,
+            self.config,
+            monitors,
+            self.store.incidents(limit=10),
+            waiting=self.store.waiting_incidents(),
+            released=self._released_now(),
         )
         redacted: dict[str, Any] = self.redactor.value(document)
         return redacted
@@ -299,6 +377,7 @@ class Daemon:
                 self.store.incident(previous) if previous else None,
                 mode=self.config.daemon.mode,
                 now=self.clock(),
+                remember=self.config.daemon.rearm_cooldown is not None,
             )
 
         previous, opened = await runner.rearm(announce)
@@ -310,6 +389,20 @@ class Daemon:
     async def retry(self, incident: str) -> dict[str, Any]:
         """Re-run the failed steps of a finished plan (``rollbackd retry``)."""
         return {"incident": incident, "steps": self.plans.retry(self.store, incident)}
+
+    async def approve(self, incident: str) -> dict[str, Any]:
+        """Run a waiting plan now (``rollbackd approve``); exactly one of concurrent calls does."""
+        waited = self.plans.approve(self.store, incident, self.clock())
+        self._releases.cancel(incident)
+        self._count_waiting()
+        return {"incident": incident, "waited": waited, "plan": "started"}
+
+    def _released_now(self) -> int | None:
+        """Rollback plans let run within ``max_rollbacks.per`` until now (None: no limit)."""
+        limit = self.config.daemon.max_rollbacks
+        if limit is None:
+            return None
+        return self.store.rollbacks_released(self.clock() - limit.per, self.config.daemon.mode)
 
     async def _start_surface(self, stack: contextlib.AsyncExitStack) -> None:
         address = self.config.daemon.listen_address()
