@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from rollbackd import __version__, health, incidents, limits, logs, notify, parts, status
+from rollbackd import __version__, health, incidents, logs, notify, parts, status
 from rollbackd.actions import Action
 from rollbackd.api import ApiServer, ensure_control_token
 from rollbackd.assemble import Assembly, Registries, load
@@ -27,7 +27,6 @@ from rollbackd.engine import Check, Event, MonitorState, Transition
 from rollbackd.errors import (
     ConfigError,
     RollbackdError,
-    StateError,
     UnknownMonitorError,
 )
 from rollbackd.metrics import Metrics
@@ -40,6 +39,7 @@ from rollbackd.schedule import Schedule
 from rollbackd.sources import Source
 from rollbackd.state import Store
 from rollbackd.statedir import StateDirLock
+from rollbackd.waiting import Waiting
 
 log = structlog.get_logger("rollbackd.daemon")
 
@@ -87,8 +87,14 @@ class Daemon:
         self._schedule: Schedule | None = None
         self._stop = asyncio.Event()
         self.plans = PlanTasks(self._runner)
-        self._releases = limits.Releases(self._release, clock=clock)
-        """The timers that end cooldowns (``rearm_cooldown``); cancelled on stop."""
+        self.waiting = Waiting(
+            self.plans,
+            store=lambda: self.store,
+            config=lambda: self.config,
+            on_count=self.metrics.plans_waiting,
+            clock=clock,
+        )
+        """Plans held by max_rollbacks / rearm_cooldown; its cooldown timers stop with us."""
         self._reloading = asyncio.Lock()
         self._reload_waiting = False
         self._commits = health.GroupCommit(lambda: self.store)
@@ -130,11 +136,11 @@ class Daemon:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 stack.push_async_callback(self._stop_parts)  # also after a failed start
-                stack.push_async_callback(self._releases.stop)
+                stack.push_async_callback(self.waiting.stop)
                 await self._start_parts(self.assembly)
                 await self._start_surface(stack)
                 self._install_signals()
-                self._still_waiting(self.plans.resume_unfinished(self.store))
+                self.waiting.resume()
                 self.ready.set()
                 notify.ready(f"watching {len(self.monitors)} monitors, mode {daemon.mode}")
                 log.info("daemon_ready", mode=daemon.mode, listen=daemon.listen or None)
@@ -148,8 +154,8 @@ class Daemon:
                         chore.cancel()
                 notify.stopping()
                 log.info("daemon_stopping")
-                await self._releases.stop()  # a cooldown ending now resumes at next start
                 await self._stop_checks()  # no new incident while plans finish
+                await self.waiting.stop()  # a cooldown ending later runs at next start
                 await self.plans.drain(STOP_GRACE_SECONDS)
         finally:
             self._store.close()
@@ -203,11 +209,11 @@ class Daemon:
             store=self.store,
             history=daemon.history,
             mode=daemon.mode,
-            on_incident=self._on_incident,
+            on_incident=self.waiting.opened,
             clock=self.clock,
             observer=self._observe(name),
             redactor=self.redactor,
-            plan_gate=self._gate,
+            plan_gate=self.waiting.gate,
         )
 
     async def _stop_checks(self) -> None:
@@ -250,73 +256,6 @@ class Daemon:
 
     # --- plans --------------------------------------------------------------------------
 
-    def _gate(self, draft: IncidentDraft) -> IncidentDraft:
-        """A rollback about to open: past a limit its plan waits (``limits.hold``).
-
-        Called between the check and its commit, with no await between: the count it reads
-        is the one the commit extends.
-        """
-        try:
-            return limits.hold(
-                draft,
-                limits.Limits.of(self.config.daemon),
-                released=self.store.rollbacks_released,
-                rearmed_at=self.store.rearmed_at,
-            )
-        except StateError:  # the commit would fail too: the check is not recorded
-            raise
-        except Exception:  # a bug here must not block a rollback that is due: it runs
-            log.exception("plan_gate_failed", monitor=draft.monitor, event=str(draft.event))
-            return draft
-
-    def _on_incident(self, incident_id: str) -> None:
-        """A check opened an incident: run its plan, or say why it waits."""
-        try:
-            record = self.store.incident(incident_id)
-        except StateError as exc:  # the runner reads it again, and holds a waiting one
-            log.error("incident_unreadable", incident=incident_id, error=str(exc))
-            self.plans.start(incident_id)
-            return
-        if record.waiting is None:
-            self.plans.start(incident_id)
-            return
-        self._waits(record)
-        monitor = self.config.monitors.get(record.monitor)
-        draft = incidents.for_waiting(record, monitor, self.clock())
-        if draft is not None:
-            self.plans.start(self.store.open_incident(draft))
-        self._count_waiting()
-
-    def _waits(self, record: IncidentRecord) -> None:
-        """Log a waiting plan; set the timer that ends its cooldown."""
-        wait = record.details.get("wait")
-        why = wait.get("reason") if isinstance(wait, dict) else None
-        fields = {"incident": record.id, "monitor": record.monitor, "reason": why}
-        if record.waiting == limits.COOLDOWN:
-            until = limits.until(record.details, self.clock())
-            log.warning("rollback_waiting_cooldown", **fields, until=until)
-            self._releases.at(record.id, until)
-        else:
-            approve = f"rollbackd approve {record.id}"
-            log.warning("rollback_waiting_approval", **fields, approve=approve)
-
-    def _still_waiting(self, waiting: list[IncidentRecord]) -> None:
-        """At start: plans a previous run left waiting wait on (their cooldowns resume)."""
-        for record in waiting:
-            self._waits(record)
-        self._count_waiting()
-
-    def _release(self, incident_id: str) -> None:
-        """A cooldown ended: its plan runs (unless an operator approved it already)."""
-        self.plans.release(self.store, incident_id, limits.COOLDOWN)
-        self._count_waiting()
-
-    def _count_waiting(self) -> None:
-        counts: dict[str, int] = {}
-        for record in self.store.waiting_incidents():
-            counts[record.waiting or ""] = counts.get(record.waiting or "", 0) + 1
-        self.metrics.plans_waiting(counts)
-
     def _runner(self) -> PlanRunner:
         return PlanRunner(
             store=self.store,
@@ -358,8 +297,8 @@ class Daemon:
             self.config,
             monitors,
             self.store.incidents(limit=10),
-            waiting=self.store.waiting_incidents(),
-            released=self._released_now(),
+            waiting=self.waiting.waiting(),
+            released=self.waiting.released_now(),
         )
         redacted: dict[str, Any] = self.redactor.value(document)
         return redacted
@@ -391,18 +330,8 @@ class Daemon:
         return {"incident": incident, "steps": self.plans.retry(self.store, incident)}
 
     async def approve(self, incident: str) -> dict[str, Any]:
-        """Run a waiting plan now (``rollbackd approve``); exactly one of concurrent calls does."""
-        waited = self.plans.approve(self.store, incident, self.clock())
-        self._releases.cancel(incident)
-        self._count_waiting()
-        return {"incident": incident, "waited": waited, "plan": "started"}
-
-    def _released_now(self) -> int | None:
-        """Rollback plans let run within ``max_rollbacks.per`` until now (None: no limit)."""
-        limit = self.config.daemon.max_rollbacks
-        if limit is None:
-            return None
-        return self.store.rollbacks_released(self.clock() - limit.per, self.config.daemon.mode)
+        """Run a plan that waits (``rollbackd approve``); exactly one of concurrent calls does."""
+        return await self.waiting.approve(incident)
 
     async def _start_surface(self, stack: contextlib.AsyncExitStack) -> None:
         address = self.config.daemon.listen_address()

@@ -1,24 +1,17 @@
 """Rate limits on rollback plans: which new ones wait (``max_rollbacks``, ``rearm_cooldown``).
 
-``hold`` decides on a draft before it is committed; ``Releases`` owns the timers that let a
-cooldown's waiting plans run when it ends. Counts and re-arm times come from the store.
+Pure: ``hold`` decides on a draft before it is committed, from counts and times it is
+given; ``waiting`` does the I/O around it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import structlog
-
 from rollbackd.config import DaemonConfig, RateLimit
 from rollbackd.engine import Event
-from rollbackd.errors import RollbackdError
 from rollbackd.records import IncidentDraft
-
-log = structlog.get_logger("rollbackd.limits")
 
 APPROVAL = "approval"
 """Past ``max_rollbacks``: the plan waits for ``rollbackd approve``."""
@@ -94,52 +87,3 @@ def duration_text(seconds: float) -> str:
             parts.append(f"{left // size}{unit}")
             left %= size
     return "".join(parts)
-
-
-class Releases:
-    """Timers that end cooldowns: at its time, each calls ``release(incident)`` once.
-
-    Every timer is a task owned here; ``stop()`` cancels them (they are set again at the
-    next start from the store).
-    """
-
-    def __init__(
-        self, release: Callable[[str], None], *, clock: Callable[[], float] = time.time
-    ) -> None:
-        self._release = release
-        self._clock = clock
-        self._timers: dict[str, asyncio.Task[None]] = {}
-
-    def at(self, incident_id: str, when: float) -> None:
-        """Release ``incident_id`` at ``when`` (wall-clock seconds; now if already passed)."""
-        self.cancel(incident_id)
-        delay = max(0.0, when - self._clock())
-        task = asyncio.get_running_loop().create_task(self._later(incident_id, delay))
-        self._timers[incident_id] = task
-
-    def cancel(self, incident_id: str) -> None:
-        """Forget the timer of ``incident_id`` (e.g. an operator approved it first)."""
-        task = self._timers.pop(incident_id, None)
-        if task is not None:
-            task.cancel()
-
-    def pending(self) -> list[str]:
-        """The incidents with a timer set."""
-        return list(self._timers)
-
-    async def stop(self) -> None:
-        """Cancel every timer and wait for them to end."""
-        timers = list(self._timers.values())
-        self._timers.clear()
-        for task in timers:
-            task.cancel()
-        if timers:
-            await asyncio.wait(timers)
-
-    async def _later(self, incident_id: str, delay: float) -> None:
-        await asyncio.sleep(delay)
-        self._timers.pop(incident_id, None)
-        try:
-            self._release(incident_id)
-        except RollbackdError as exc:  # e.g. the store failing: released at the next start
-            log.error("release_failed", incident=incident_id, error=str(exc), retry="at next start")
