@@ -1,4 +1,4 @@
-"""The HTTP surface on ``daemon.listen``: /health, /metrics, /status, guarded re-arm and retry.
+"""The HTTP surface on ``daemon.listen``: /health, /metrics, /status, guarded control actions.
 
 Also the control token. /metrics and /status are rendered in one worker thread, so a big
 registry never stalls /health or the checks; the listening socket is ``listener``'s.
@@ -22,10 +22,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from rollbackd.client import base_url, get_status, post_rearm, post_retry
+from rollbackd.client import base_url, get_status, post_approve, post_rearm, post_retry
 from rollbackd.codec import dumps
 from rollbackd.errors import (
     IncidentNotRetryableError,
+    IncidentNotWaitingError,
     MonitorNotLatchedError,
     RollbackdError,
     UnknownIncidentError,
@@ -56,6 +57,9 @@ class Surface(Protocol):
 
     async def retry(self, incident: str) -> dict[str, Any]:
         """Re-run the failed steps; UnknownIncidentError / IncidentNotRetryableError if not."""
+
+    async def approve(self, incident: str) -> dict[str, Any]:
+        """Run a waiting plan; UnknownIncidentError / IncidentNotWaitingError if not."""
 
 
 # --- the control token ------------------------------------------------------------------
@@ -155,6 +159,7 @@ class ApiServer:
         app.router.add_get("/status", self._status)
         app.router.add_post("/rearm/{monitor}", self._rearm)
         app.router.add_post("/retry/{incident}", self._retry)
+        app.router.add_post("/approve/{incident}", self._approve)
         return app
 
     async def start(self) -> None:
@@ -244,6 +249,10 @@ class ApiServer:
         incident = request.match_info["incident"]
         return await self._control(request, "retry", incident, self.surface.retry)
 
+    async def _approve(self, request: web.Request) -> web.Response:
+        incident = request.match_info["incident"]
+        return await self._control(request, "approve", incident, self.surface.approve)
+
     async def _control(
         self,
         request: web.Request,
@@ -265,6 +274,8 @@ class ApiServer:
         except IncidentNotRetryableError as exc:
             body = {"error": "not_retryable", "message": str(exc), "reason": exc.reason}
             return _json(body, status=409)
+        except IncidentNotWaitingError as exc:
+            return _json({"error": "not_waiting", "message": str(exc)}, status=409)
         log.info(f"{what}_accepted", subject=subject, remote=request.remote)
         return _json(result)
 
@@ -329,6 +340,7 @@ __all__ = [
     "base_url",
     "ensure_control_token",
     "get_status",
+    "post_approve",
     "post_rearm",
     "post_retry",
     "read_control_token",

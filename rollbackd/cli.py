@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     p = command("retry", _retry, "re-run the failed steps of a finished rollback plan")
     _config_option(p)
     p.add_argument("incident", help="the incident's id (rollbackd status lists them)")
+    p = command("approve", _approve, "run a rollback plan that waits (max_rollbacks reached)")
+    _config_option(p)
+    p.add_argument("incident", help="the waiting incident's id (rollbackd status lists them)")
     p = command("test-action", _test_action, "fire one action on purpose")
     _config_option(p)
     p.add_argument("action", help="the action's name in [actions]")
@@ -183,6 +186,17 @@ def _retry(args: argparse.Namespace) -> int:
     result = asyncio.run(post_retry(_listen(config), token, args.incident))
     steps = ", ".join(str(s) for s in result.get("steps", [])) or "none"
     print(f"{args.incident}: retrying failed steps {steps}")
+    return EXIT_OK
+
+
+def _approve(args: argparse.Namespace) -> int:
+    from rollbackd.api import read_control_token
+    from rollbackd.client import post_approve
+
+    config = load(args.config, secrets=False).config
+    token = read_control_token(config.daemon.state_dir)
+    result = asyncio.run(post_approve(_listen(config), token, args.incident))
+    print(f"{args.incident}: approved (it waited for {result.get('waited', '?')}); its plan runs")
     return EXIT_OK
 
 

@@ -1,4 +1,4 @@
-"""The CLI's side of the HTTP surface: ``GET /status``, ``POST /rearm``, ``POST /retry``.
+"""The CLI's side of the HTTP surface: ``GET /status``, ``POST /rearm``, ``/retry``, ``/approve``.
 
 Each failure is an error saying what to do: the daemon is not running, the token was refused.
 """
@@ -46,7 +46,7 @@ async def post_control(
 ) -> dict[str, Any]:
     """``POST /{action}/{subject}`` with the control token; ApiError when the daemon refuses.
 
-    ``rearm`` a monitor, ``retry`` an incident's failed steps.
+    ``rearm`` a monitor, ``retry`` an incident's failed steps, ``approve`` its waiting plan.
     """
     path = f"/{action}/{quote(subject, safe='')}"
     return await _request("POST", listen, path, timeout=timeout, headers=_bearer(token))
@@ -60,6 +60,11 @@ async def post_rearm(listen: str, token: str, monitor: str) -> dict[str, Any]:
 async def post_retry(listen: str, token: str, incident: str) -> dict[str, Any]:
     """``POST /retry/{incident}``: re-run a finished plan's failed steps."""
     return await post_control(listen, token, "retry", incident)
+
+
+async def post_approve(listen: str, token: str, incident: str) -> dict[str, Any]:
+    """``POST /approve/{incident}``: run a plan waiting for approval (or a cooldown) now."""
+    return await post_control(listen, token, "approve", incident)
 
 
 def _bearer(token: str | None) -> dict[str, str] | None:
@@ -105,4 +110,4 @@ def _error_message(status: int, body: dict[str, Any]) -> str:
     return message
 
 
-__all__ = ["base_url", "get_status", "post_control", "post_rearm", "post_retry"]
+__all__ = ["base_url", "get_status", "post_approve", "post_control", "post_rearm", "post_retry"]

@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -44,6 +45,15 @@ Interval = Annotated[float, bounded("50ms", "24h")]
 FailureWindow = Annotated[float, bounded("1s", "30d")]
 ActionTimeout = Annotated[float, bounded("100ms", "1h")]
 GiveUpAfter = Annotated[float, bounded("1ms", "7d")]
+RateWindow = Annotated[float, bounded("1m", "30d")]
+RearmCooldown = Annotated[float, bounded("1s", "7d")]
+
+
+class RateLimit(Frozen):
+    """``max_rollbacks = { count = 3, per = "1h" }``: past ``count`` plans in ``per``, they wait."""
+
+    count: int = Field(ge=1, le=1000, strict=True)
+    per: RateWindow
 
 
 class DaemonConfig(BaseSettings):
@@ -64,6 +74,11 @@ class DaemonConfig(BaseSettings):
     """Recent checks kept per monitor (status, incident records)."""
     status_token: bool = False
     """/status and /metrics need the control token too (/health stays open)."""
+    max_rollbacks: RateLimit | None = None
+    """Rollback plans allowed to run by themselves within a window; later ones wait for
+    ``rollbackd approve``. From the environment as JSON: ``{"count": 3, "per": "1h"}``."""
+    rearm_cooldown: RearmCooldown | None = None
+    """After a re-arm, a rollback incident opened within this long waits for it to pass."""
 
     @classmethod
     def settings_customise_sources(
@@ -93,6 +108,16 @@ class DaemonConfig(BaseSettings):
             return None
         host, _, port = self.listen.rpartition(":")
         return host.strip("[]"), int(port)
+
+    @field_validator("max_rollbacks", mode="before")
+    @classmethod
+    def _rate_limit_table(cls, value: object) -> object:
+        if value is None or isinstance(value, dict | RateLimit):
+            return value
+        raise ValueError(
+            'give a table such as { count = 3, per = "1h" } '
+            '(in the environment, JSON: {"count": 3, "per": "1h"})'
+        )
 
     @model_validator(mode="after")
     def _check_listen(self) -> DaemonConfig:

@@ -39,6 +39,7 @@ from rollbackd.schedule import Schedule
 from rollbackd.sources import Arrival, Source
 from rollbackd.state import Store
 from rollbackd.statedir import StateDirLock
+from rollbackd.waiting import Waiting
 
 log = structlog.get_logger("rollbackd.daemon")
 
@@ -86,6 +87,14 @@ class Daemon:
         self._schedule: Schedule | None = None
         self._stop = asyncio.Event()
         self.plans = PlanTasks(self._runner)
+        self.waiting = Waiting(
+            self.plans,
+            store=lambda: self.store,
+            config=lambda: self.config,
+            on_count=self.metrics.plans_waiting,
+            clock=clock,
+        )
+        """Plans held by max_rollbacks / rearm_cooldown; its cooldown timers stop with us."""
         self._reloading = asyncio.Lock()
         self._reload_waiting = False
         self._commits = health.GroupCommit(lambda: self.store)
@@ -127,10 +136,11 @@ class Daemon:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 stack.push_async_callback(self._stop_parts)  # also after a failed start
+                stack.push_async_callback(self.waiting.stop)
                 await self._start_parts(self.assembly)
                 await self._start_surface(stack)
                 self._install_signals()
-                self.plans.resume_unfinished(self.store)
+                self.waiting.resume()
                 self.ready.set()
                 notify.ready(f"watching {len(self.monitors)} monitors, mode {daemon.mode}")
                 log.info("daemon_ready", mode=daemon.mode, listen=daemon.listen or None)
@@ -145,6 +155,7 @@ class Daemon:
                 notify.stopping()
                 log.info("daemon_stopping")
                 await self._stop_checks()  # no new incident while plans finish
+                await self.waiting.stop()  # a cooldown ending later runs at next start
                 await self.plans.drain(STOP_GRACE_SECONDS)
         finally:
             self._store.close()
@@ -198,11 +209,12 @@ class Daemon:
             store=self.store,
             history=daemon.history,
             mode=daemon.mode,
-            on_incident=self.plans.start,
+            on_incident=self.waiting.opened,
             clock=self.clock,
             observer=self._observe(name),
             redactor=self.redactor,
             held=self._holder(config.held_by) if config.held_by else None,
+            plan_gate=self.waiting.gate,
         )
 
     def _holder(self, held_by: list[str]) -> Callable[[], str | None]:
@@ -294,7 +306,12 @@ class Daemon:
         """The ``/status`` document."""
         monitors = {name: runner.status() for name, runner in self.monitors.items()}
         document = status.document(
-            __version__, self.config, monitors, self.store.incidents(limit=10)
+            __version__,
+            self.config,
+            monitors,
+            self.store.incidents(limit=10),
+            waiting=self.waiting.waiting(),
+            released=self.waiting.released_now(),
         )
         redacted: dict[str, Any] = self.redactor.value(document)
         return redacted
@@ -312,6 +329,7 @@ class Daemon:
                 self.store.incident(previous) if previous else None,
                 mode=self.config.daemon.mode,
                 now=self.clock(),
+                remember=self.config.daemon.rearm_cooldown is not None,
             )
 
         previous, opened = await runner.rearm(announce)
@@ -323,6 +341,10 @@ class Daemon:
     async def retry(self, incident: str) -> dict[str, Any]:
         """Re-run the failed steps of a finished plan (``rollbackd retry``)."""
         return {"incident": incident, "steps": self.plans.retry(self.store, incident)}
+
+    async def approve(self, incident: str) -> dict[str, Any]:
+        """Run a plan that waits (``rollbackd approve``); exactly one of concurrent calls does."""
+        return await self.waiting.approve(incident)
 
     async def _start_surface(self, stack: contextlib.AsyncExitStack) -> None:
         address = self.config.daemon.listen_address()

@@ -74,6 +74,16 @@ class IncidentNotRetryableError(RollbackdError):
         super().__init__(f"incident {incident!r} cannot be retried: {reason}")
 
 
+class IncidentNotWaitingError(RollbackdError):
+    """An approval asked for an incident whose plan is not waiting (running, done, approved)."""
+
+    def __init__(self, incident: str) -> None:
+        self.incident = incident
+        super().__init__(
+            f"incident {incident!r} is not waiting for approval: its plan already ran or runs"
+        )
+
+
 class DaemonUnreachableError(RollbackdError):
     """The CLI could not talk to the daemon's HTTP surface."""
 

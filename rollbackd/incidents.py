@@ -87,6 +87,38 @@ def for_incomplete_rollback(
     )
 
 
+def for_waiting(
+    record: IncidentRecord, config: MonitorConfig | None, now: float
+) -> IncidentDraft | None:
+    """A rollback's plan waits (approval or cooldown): the alert incident telling ``on_alert``."""
+    if record.event is not Event.ROLLBACK or record.waiting is None:
+        return None
+    if config is None or not config.on_alert:
+        return None
+    wait = record.details.get("wait")
+    why = wait.get("reason") if isinstance(wait, dict) else None
+    if record.waiting == "approval":
+        reason = (
+            f"rollback {record.id} waits for approval: {why or 'held'}; "
+            f"rollbackd approve {record.id} runs it"
+        )
+    else:
+        until = wait.get("until") if isinstance(wait, dict) else None
+        at = time.strftime("%H:%M:%SZ", time.gmtime(until)) if until is not None else "soon"
+        reason = (
+            f"rollback {record.id} waits for the re-arm cooldown: {why or 'held'}; runs at {at}"
+        )
+    return IncidentDraft(
+        monitor=record.monitor,
+        event=Event.ALERT,
+        reason=reason,
+        mode=record.mode,
+        opened_at=now,
+        actions=tuple(config.on_alert),
+        details={"rollback": record.id, "waiting": record.waiting, "wait": wait},
+    )
+
+
 def resolvers(config: MonitorConfig, resolves: Callable[[str], bool]) -> tuple[str, ...]:
     """``on_alert`` and the rollback steps whose type resolves: whoever told people.
 
@@ -103,9 +135,14 @@ def for_rearm(
     *,
     mode: str,
     now: float,
+    remember: bool = False,
 ) -> IncidentDraft | None:
-    """The re-arm incident that resolves ``previous``'s alerts, when anyone must hear it."""
-    if not told:
+    """The re-arm incident that resolves ``previous``'s alerts, when anyone must hear it.
+
+    ``remember``: open it even when nobody must hear it, since its time starts a
+    ``rearm_cooldown`` (and the store keeps it across restarts).
+    """
+    if not told and not remember:
         return None
     return IncidentDraft(
         monitor=monitor,

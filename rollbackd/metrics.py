@@ -12,11 +12,15 @@ from prometheus_client.process_collector import ProcessCollector
 
 from rollbackd.config import MonitorConfig
 from rollbackd.engine import Check, Event, MonitorState, Outcome, Phase, Transition
+from rollbackd.limits import APPROVAL, COOLDOWN
 from rollbackd.readings import labels_text
 from rollbackd.verdicts import Verdict
 
 MAX_SERIES_PER_RULE = 100
 """Series of one rule exported as ``rollbackd_rule_value``; more are left out (cardinality)."""
+
+WAIT_REASONS = (APPROVAL, COOLDOWN)
+"""What a plan can wait for: both always exported (0 when none waits)."""
 
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -102,6 +106,14 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
+        self.plans_waiting_gauge = Gauge(
+            "rollbackd_plans_waiting",
+            "Rollback plans not started yet, by what they wait for: approval "
+            "(max_rollbacks reached; rollbackd approve runs one) or cooldown (rearm_cooldown).",
+            ["reason"],
+            registry=registry,
+        )
+        self.plans_waiting({})
         self._info = Info(
             "rollbackd", "Version, mode and environment of the running daemon.", registry=registry
         )
@@ -176,6 +188,11 @@ class Metrics:
                 self.rollbacks.labels(monitor, mode or self._mode).inc()
             else:
                 self.alerts.labels(monitor, event.value).inc()
+
+    def plans_waiting(self, counts: Mapping[str, int]) -> None:
+        """Export how many plans wait, by reason (``approval``, ``cooldown``); absent is 0."""
+        for reason in WAIT_REASONS:
+            self.plans_waiting_gauge.labels(reason).set(counts.get(reason, 0))
 
     def action_attempt(self, action: str, result: str) -> None:
         """Count one attempt of a plan step (result: ok, failed, would_run, ...)."""

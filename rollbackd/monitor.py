@@ -48,6 +48,8 @@ class MonitorRunner:
     observer: CheckObserver | None = None
     redactor: Redactor = field(default_factory=Redactor)
     """Secrets out of the reasons sources give (they reach the store, /status and logs)."""
+    plan_gate: Callable[[IncidentDraft], IncidentDraft] | None = None
+    """Gives the draft as it must open (a rollback whose plan waits: ``limits.hold``)."""
     state: MonitorState = field(init=False)
     last_check: Check | None = field(init=False, default=None)
     policy: Policy = field(init=False)
@@ -288,6 +290,8 @@ class MonitorRunner:
             mode=self.mode,
             now=now,
         )
+        if draft is not None and self.plan_gate is not None:
+            draft = self.plan_gate(draft)
         incident = self.store.commit_check(check, transition.state, self.history, draft)
         self.state = (
             transition.state

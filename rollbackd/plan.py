@@ -26,6 +26,7 @@ from rollbackd.config import ActionConfig
 from rollbackd.errors import (
     ActionError,
     IncidentNotRetryableError,
+    IncidentNotWaitingError,
     RollbackdError,
     StateError,
     UnknownIncidentError,
@@ -80,6 +81,8 @@ class PlanRunner:
         """Finish every incident a previous run left unfinished, oldest first; their ids."""
         finished = []
         for incident in self.store.unfinished_incidents():
+            if incident.waiting is not None:
+                continue
             log.warning("plan_resuming", incident=incident.id, monitor=incident.monitor)
             await self.run(incident.id)
             finished.append(incident.id)
@@ -89,6 +92,9 @@ class PlanRunner:
         """Run the steps not yet done, write the incident record, mark the incident finished."""
         record = self.store.incident(incident_id)
         if record.finished_at is not None:  # started twice, or already done before a restart
+            return
+        if record.waiting is not None:  # only an approval or a cooldown's end lets it run
+            log.info("plan_held", incident=record.id, waiting=record.waiting)
             return
         incident = incidents.view(record, self.environment)
         # An incident opened in dry-run stays dry-run; a daemon switched to dry-run stops acting.
@@ -257,11 +263,44 @@ class PlanTasks:
         self.start(incident_id)
         return steps
 
-    def resume_unfinished(self, store: Store) -> None:
-        """Start every plan a previous run left unfinished (after a crash or a stop)."""
+    def approve(self, store: Store, incident_id: str, now: float) -> str:
+        """Run a plan waiting for approval (or a cooldown) now; what it waited for.
+
+        UnknownIncidentError, or IncidentNotWaitingError when it is not waiting: of
+        concurrent approvals one starts the plan, the others are refused.
+        """
+        try:
+            store.incident(incident_id)
+        except StateError as exc:
+            raise UnknownIncidentError(incident_id) from exc
+        waited = store.approve(incident_id, now)
+        if waited is None:
+            raise IncidentNotWaitingError(incident_id)
+        log.warning("rollback_approved", incident=incident_id, waited=waited)
+        self.start(incident_id)
+        return waited
+
+    def release(self, store: Store, incident_id: str, waiting: str) -> bool:
+        """Run a plan whose wait for ``waiting`` is over; False if it no longer waited."""
+        if not store.release(incident_id, waiting):
+            return False
+        log.warning("rollback_released", incident=incident_id, waited=waiting)
+        self.start(incident_id)
+        return True
+
+    def resume_unfinished(self, store: Store) -> list[IncidentRecord]:
+        """Start every plan a previous run left unfinished (after a crash or a stop).
+
+        Plans that wait (approval, cooldown) are not started: they are returned instead.
+        """
+        waiting = []
         for incident in store.unfinished_incidents():
+            if incident.waiting is not None:
+                waiting.append(incident)
+                continue
             log.warning("plan_resuming", incident=incident.id, monitor=incident.monitor)
             self.start(incident.id)
+        return waiting
 
     async def wait(self) -> None:
         """Return once the plans running now have finished."""

@@ -79,6 +79,10 @@ class IncidentRecord:
     finished_at: float | None
     details: dict[str, Any]
     steps: tuple[StepRecord, ...]
+    waiting: str | None = None
+    """Why its plan has not started: ``approval`` or ``cooldown`` (see IncidentDraft)."""
+    approved_at: float | None = None
+    """When an operator approved its waiting plan (``rollbackd approve``)."""
 
     def failed_steps(self) -> list[StepRecord]:
         """The steps that ended failed."""
@@ -107,6 +111,8 @@ class IncidentRecord:
             "opened_at": self.opened_at,
             "finished_at": at,
             "config_sha256": config_sha256,
+            "waiting": self.waiting,
+            "approved_at": self.approved_at,
             "details": self.details,
             "recent_samples": recent,
             "steps": [s.document() for s in self.steps],

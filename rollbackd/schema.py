@@ -215,7 +215,10 @@ def _open_error(path: Path, exc: sqlite3.Error) -> StateError:
 
 # --- statements the store runs ---------------------------------------------------------
 
-INCIDENT = "SELECT id, monitor, event, reason, mode, opened_at, finished_at, details FROM incidents"
+INCIDENT = (
+    "SELECT id, monitor, event, reason, mode, opened_at, finished_at, details, waiting, "
+    "approved_at FROM incidents"
+)
 NEWEST = "ORDER BY opened_at DESC, rowid DESC LIMIT ?"
 STEPS = (
     "SELECT incident_id, step, action, status, attempts, started_at, finished_at, detail, "

@@ -15,15 +15,40 @@ def document(
     config: Config,
     monitors: Mapping[str, dict[str, Any]],
     incidents: Sequence[IncidentRecord],
+    *,
+    waiting: Sequence[IncidentRecord] = (),
+    released: int | None = None,
 ) -> dict[str, Any]:
-    """The ``/status`` document: mode, every monitor's part, the recent incidents."""
+    """The ``/status`` document: mode, limits, every monitor's part, the recent incidents.
+
+    ``waiting``: every incident whose plan waits (approval, cooldown), however old;
+    ``released``: rollback plans let run within ``max_rollbacks.per`` until now.
+    """
     daemon = config.daemon
+    limit = daemon.max_rollbacks
     return {
         "version": version,
         "mode": daemon.mode,
         "environment": daemon.environment,
         "config_sha256": config.sha256,
+        "limits": {
+            "max_rollbacks": None
+            if limit is None
+            else {"count": limit.count, "per_seconds": limit.per, "released": released},
+            "rearm_cooldown_seconds": daemon.rearm_cooldown,
+        },
         "monitors": dict(monitors),
+        "waiting": [
+            {
+                "id": inc.id,
+                "monitor": inc.monitor,
+                "waiting": inc.waiting,
+                "reason": _wait(inc).get("reason"),
+                "until": _wait(inc).get("until"),
+                "opened_at": inc.opened_at,
+            }
+            for inc in waiting
+        ],
         "incidents": [
             {
                 "id": inc.id,
@@ -32,6 +57,8 @@ def document(
                 "mode": inc.mode,
                 "opened_at": inc.opened_at,
                 "finished_at": inc.finished_at,
+                "waiting": inc.waiting,
+                "approved_at": inc.approved_at,
                 "steps": [
                     {"step": s.step, "action": s.action, "status": s.status, "detail": s.detail}
                     for s in inc.steps
@@ -40,6 +67,11 @@ def document(
             for inc in incidents
         ],
     }
+
+
+def _wait(incident: IncidentRecord) -> dict[str, Any]:
+    wait = incident.details.get("wait")
+    return wait if isinstance(wait, dict) else {}
 
 
 def table(status: dict[str, Any]) -> str:
@@ -66,11 +98,23 @@ def table(status: dict[str, Any]) -> str:
                 lines.append(
                     f"    {rule + ('{' + labels + '}' if labels else ''):<26} {_value(item)}"
                 )
+    waiting = status.get("waiting", [])
+    if waiting:
+        lines += ["", "PLANS WAITING"]
+        for inc in waiting:
+            hint = (
+                f"rollbackd approve {inc['id']}"
+                if inc.get("waiting") == "approval"
+                else f"runs at {_when(inc.get('until'))}"
+            )
+            lines.append(f"  {inc['id']}  {inc.get('waiting')}  {inc.get('reason') or ''}  {hint}")
     incidents = status.get("incidents", [])
     if incidents:
         lines += ["", "RECENT INCIDENTS"]
         for inc in incidents:
             done = "finished" if inc.get("finished_at") else "RUNNING"
+            if inc.get("waiting") and not inc.get("finished_at"):
+                done = f"WAITING ({inc['waiting']})"
             steps = " ".join(f"{s['action']}:{s['status']}" for s in inc.get("steps", []))
             lines.append(f"  {inc['id']}  {inc['event']}  {inc['mode']}  {done}  {steps}")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from rollbackd.api import (
     base_url,
     ensure_control_token,
     get_status,
+    post_approve,
     post_rearm,
     post_retry,
     read_control_token,
@@ -29,6 +30,7 @@ from rollbackd.errors import (
     ApiError,
     DaemonUnreachableError,
     IncidentNotRetryableError,
+    IncidentNotWaitingError,
     MonitorNotLatchedError,
     RollbackdError,
     StateError,
@@ -440,3 +442,63 @@ async def test_get_status_sends_the_token(guarded: Running) -> None:
     assert body["mode"] == "dry-run"
     with pytest.raises(ApiError, match="refused the control token"):
         await get_status(guarded.listen)
+
+
+# --- POST /approve/{incident} ----------------------------------------------------------
+
+
+@dataclass
+class ApprovingSurface(Surface):
+    """The stand-in with plans that wait: ``inc-held`` waits for approval, once."""
+
+    held: set[str] = field(default_factory=lambda: {"inc-held"})
+    approved: list[str] = field(default_factory=list)
+
+    async def approve(self, incident: str) -> dict[str, Any]:
+        """Run a waiting plan like the daemon does, with its errors."""
+        if incident not in {*self.held, *self.approved, *self.incidents}:
+            raise UnknownIncidentError(incident)
+        if incident not in self.held:
+            raise IncidentNotWaitingError(incident)
+        self.held.discard(incident)
+        self.approved.append(incident)
+        return {"incident": incident, "waited": "approval", "plan": "started"}
+
+
+@pytest.fixture
+async def approving() -> AsyncIterator[Running]:
+    """Like ``api``, with a plan waiting for approval."""
+    surface = ApprovingSurface()
+    server = ApiServer(surface, CollectorRegistry(), TOKEN, ("127.0.0.1", 0), version=VERSION)
+    async with server:
+        yield Running(surface, server)
+
+
+@pytest.mark.parametrize("headers", [None, {"Authorization": "Bearer wrong"}])
+async def test_approve_needs_the_token(approving: Running, headers: dict[str, str] | None) -> None:
+    """POST /approve without the right bearer token is 401 and approves nothing."""
+    status, body, _ = await _call("POST", approving.url + "/approve/inc-held", headers)
+    assert status == 401
+    assert body["error"] == "unauthorized"
+    assert approving.surface.approved == []  # type: ignore[attr-defined]
+
+
+async def test_approve_through_the_client_once(approving: Running) -> None:
+    """post_approve starts a waiting plan; a second approval is 409 not_waiting."""
+    result = await post_approve(approving.listen, TOKEN, "inc-held")
+    assert result == {"incident": "inc-held", "waited": "approval", "plan": "started"}
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    status, body, _ = await _call("POST", approving.url + "/approve/inc-held", auth)
+    assert status == 409
+    assert body["error"] == "not_waiting"
+    with pytest.raises(ApiError, match="not waiting for approval") as caught:
+        await post_approve(approving.listen, TOKEN, "inc-held")
+    assert caught.value.status == 409
+    assert approving.surface.approved == ["inc-held"]  # type: ignore[attr-defined]
+
+
+async def test_approve_unknown_incident_is_404(approving: Running) -> None:
+    """An incident id the store does not know is 404 naming it."""
+    with pytest.raises(ApiError, match="no incident 'inc-nope'") as caught:
+        await post_approve(approving.listen, TOKEN, "inc-nope")
+    assert caught.value.status == 404

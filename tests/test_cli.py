@@ -294,3 +294,61 @@ def test_retry_reruns_a_failed_step(tmp_path: Path) -> None:
         assert "BOOP_TRAFFIC_PERCENT=0" in (later / "traffic.env").read_text()
     finally:
         assert process.stop() == 0, process.log()
+
+
+def test_approve_runs_a_waiting_plan_once(tmp_path: Path) -> None:
+    """Past max_rollbacks a plan waits; ``rollbackd approve`` runs it; a second one is refused."""
+    port = free_port()
+    outage = [{"kind": "outage"}]
+
+    def monitor(name: str) -> dict[str, Any]:
+        return {
+            "interval": "200ms",
+            "rollback_after": 2,
+            "on_rollback": [f"route-{name}"],
+            "rules": [payment_error_rate("boop", "payment_error_rate")],
+        }
+
+    daemon = {
+        **daemon_table(tmp_path / "state", listen=f"127.0.0.1:{port}"),
+        "max_rollbacks": {"count": 1, "per": "1h"},
+    }
+    raw = {
+        "daemon": daemon,
+        "sources": {"boop": {"type": "synthetic", "seed": 3, "phases": outage}},
+        "monitors": {name: monitor(name) for name in ("payments", "checkout")},
+        "actions": {
+            f"route-{name}": route_legacy(tmp_path / f"{name}.env")
+            for name in ("payments", "checkout")
+        },
+    }
+    config = config_file(tmp_path, raw)
+    process = Rollbackd(config, port, tmp_path)
+    process.start()
+
+    def rollbacks() -> list[dict[str, Any]]:
+        return [i for i in process.status()["incidents"] if i["event"] == "rollback"]
+
+    try:
+        wait_for(lambda: len(rollbacks()) == 2 and any(i["finished_at"] for i in rollbacks()), 20)
+        (held,) = [i for i in rollbacks() if i["waiting"] == "approval"]
+        assert held["finished_at"] is None
+        shown = rollbackd("status", "--config", str(config))
+        assert "PLANS WAITING" in shown.stdout
+        assert f"rollbackd approve {held['id']}" in shown.stdout
+        waiting_file = tmp_path / f"{held['monitor']}.env"
+        assert not waiting_file.exists()
+        unknown = rollbackd("approve", "no-such-incident", "--config", str(config))
+        assert unknown.returncode == 1
+        assert "no-such-incident" in unknown.stderr
+        done = rollbackd("approve", str(held["id"]), "--config", str(config))
+        assert done.returncode == 0, done.stderr
+        assert f"{held['id']}: approved" in done.stdout
+        wait_for(lambda: all(i["finished_at"] for i in rollbacks()), 20, what="the approved plan")
+        assert "BOOP_TRAFFIC_PERCENT=0" in waiting_file.read_text()
+        again = rollbackd("approve", str(held["id"]), "--config", str(config))
+        assert again.returncode == 1
+        assert "not waiting for approval" in again.stderr
+        assert "Traceback" not in again.stderr + unknown.stderr
+    finally:
+        assert process.stop() == 0, process.log()
