@@ -166,36 +166,31 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _rearm(args: argparse.Namespace) -> int:
+def _control(args: argparse.Namespace, action: str, subject: str) -> dict[str, Any]:
+    """POST ``/{action}/{subject}`` to the running daemon with the control token."""
     from rollbackd.api import read_control_token
-    from rollbackd.client import post_rearm
+    from rollbackd.client import post_control
 
     config = load(args.config, secrets=False).config
     token = read_control_token(config.daemon.state_dir)
-    result = asyncio.run(post_rearm(_listen(config), token, args.monitor))
+    return asyncio.run(post_control(_listen(config), token, action, subject))
+
+
+def _rearm(args: argparse.Namespace) -> int:
+    result = _control(args, "rearm", args.monitor)
     print(f"{args.monitor}: {result.get('state', 're-armed')}")
     return EXIT_OK
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from rollbackd.api import read_control_token
-    from rollbackd.client import post_retry
-
-    config = load(args.config, secrets=False).config
-    token = read_control_token(config.daemon.state_dir)
-    result = asyncio.run(post_retry(_listen(config), token, args.incident))
+    result = _control(args, "retry", args.incident)
     steps = ", ".join(str(s) for s in result.get("steps", [])) or "none"
     print(f"{args.incident}: retrying failed steps {steps}")
     return EXIT_OK
 
 
 def _approve(args: argparse.Namespace) -> int:
-    from rollbackd.api import read_control_token
-    from rollbackd.client import post_approve
-
-    config = load(args.config, secrets=False).config
-    token = read_control_token(config.daemon.state_dir)
-    result = asyncio.run(post_approve(_listen(config), token, args.incident))
+    result = _control(args, "approve", args.incident)
     print(f"{args.incident}: approved (it waited for {result.get('waited', '?')}); its plan runs")
     return EXIT_OK
 
