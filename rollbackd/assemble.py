@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -88,6 +88,11 @@ class Assembly:
                     except SecretError:
                         continue
         return found
+
+    def with_state_dir(self, state_dir: Path) -> Assembly:
+        """The same assembly with ``daemon.state_dir`` replaced (a reload cannot move it)."""
+        daemon = self.config.daemon.model_copy(update={"state_dir": state_dir})
+        return replace(self, config=self.config.model_copy(update={"daemon": daemon}))
 
     def resolves(self, action: str) -> bool:
         """The action's type tells people (an alert), so it hears of a re-arm."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import datetime as dt
 import signal
 import time
@@ -23,16 +22,17 @@ from rollbackd.actions import Action
 from rollbackd.api import ApiServer, ensure_control_token
 from rollbackd.assemble import Assembly, Registries, load
 from rollbackd.config import Config, MonitorConfig, exposure_warnings
-from rollbackd.engine import Check, Event, MonitorState, Phase, Transition
+from rollbackd.engine import Check, Event, MonitorState, Transition
 from rollbackd.errors import (
     ConfigError,
     RollbackdError,
     UnknownMonitorError,
 )
+from rollbackd.inflight import PlanTasks
 from rollbackd.metrics import Metrics
 from rollbackd.monitor import MonitorRunner
 from rollbackd.parts import Parts
-from rollbackd.plan import PlanRunner, PlanTasks
+from rollbackd.plan import PlanRunner
 from rollbackd.records import IncidentDraft, IncidentRecord
 from rollbackd.redact import Redactor
 from rollbackd.schedule import Schedule
@@ -131,7 +131,8 @@ class Daemon:
             config=str(self.config_path),
             monitors=len(self.config.monitors),
         )
-        _warn_exposure(self.config)
+        for warning in exposure_warnings(self.config):
+            log.warning("api_exposed", warning=warning)
         self.metrics.info(__version__, daemon.mode, daemon.environment)
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -213,21 +214,9 @@ class Daemon:
             clock=self.clock,
             observer=self._observe(name),
             redactor=self.redactor,
-            held=self._holder(config.held_by) if config.held_by else None,
+            held=parts.holder(config.held_by, lambda: self.monitors) if config.held_by else None,
             plan_gate=self.waiting.gate,
         )
-
-    def _holder(self, held_by: list[str]) -> Callable[[], str | None]:
-        """What holds a monitor's rollback now: the first of ``held_by`` not healthy."""
-
-        def held() -> str | None:
-            for name in held_by:
-                runner = self.monitors.get(name)
-                if runner is not None and runner.state.phase is not Phase.OK:
-                    return f"{name} ({runner.state.phase})"
-            return None
-
-        return held
 
     async def _stop_checks(self) -> None:
         """Stop scheduling checks; a check in flight finishes and commits."""
@@ -397,7 +386,9 @@ class Daemon:
                 notify.status("reload rejected; running the previous config")
                 notify.ready()
                 return False
-            new = _keep_state_dir(new, self.config.daemon.state_dir)
+            if new.config.daemon.state_dir != self.config.daemon.state_dir:
+                log.warning("reload_state_dir_ignored", kept=str(self.config.daemon.state_dir))
+                new = new.with_state_dir(self.config.daemon.state_dir)
             self.redactor.learn(new.secret_values())
             old = self.parts
             next_runs = self._schedule.next_runs() if self._schedule is not None else {}
@@ -414,7 +405,8 @@ class Daemon:
             self._retire(*old.left_by(self.parts))
             if self._api is not None:
                 self._api.status_token = new.config.daemon.status_token
-            _warn_exposure(new.config)
+            for warning in exposure_warnings(new.config):
+                log.warning("api_exposed", warning=warning)
             self.metrics.retain(self.monitors)
             daemon = new.config.daemon
             self.metrics.info(__version__, daemon.mode, daemon.environment)
@@ -426,17 +418,3 @@ class Daemon:
             )
             notify.ready(f"watching {len(self.monitors)} monitors, mode {daemon.mode}")
             return True
-
-
-def _warn_exposure(config: Config) -> None:
-    for warning in exposure_warnings(config):
-        log.warning("api_exposed", warning=warning)
-
-
-def _keep_state_dir(new: Assembly, state_dir: Path) -> Assembly:
-    """A reload cannot move the state: the running state directory stays."""
-    if new.config.daemon.state_dir == state_dir:
-        return new
-    log.warning("reload_state_dir_ignored", kept=str(state_dir))
-    daemon = new.config.daemon.model_copy(update={"state_dir": state_dir})
-    return dataclasses.replace(new, config=new.config.model_copy(update={"daemon": daemon}))

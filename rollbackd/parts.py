@@ -6,12 +6,13 @@ are unchanged, so its connection and latest values stay; the rest is retired.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from rollbackd.actions import Action, ReadsSources
 from rollbackd.assemble import Assembly
 from rollbackd.config import Config, MonitorConfig, RuleConfig
+from rollbackd.engine import Phase
 from rollbackd.monitor import MonitorRunner
 from rollbackd.sources import ArrivalListener, Source
 
@@ -100,3 +101,19 @@ def watches_of(config: Config, actions: Mapping[str, Action]) -> Watches:
         for read in action.watches() if isinstance(action, ReadsSources) else ():
             found.setdefault(read.source, set()).add((f"action:{name}", read))
     return {name: frozenset(pairs) for name, pairs in found.items()}
+
+
+def holder(
+    held_by: Sequence[str], monitors: Callable[[], Mapping[str, MonitorRunner]]
+) -> Callable[[], str | None]:
+    """What holds a monitor's rollback now (``held_by``): the first named one not ok."""
+
+    def held() -> str | None:
+        running = monitors()
+        for name in held_by:
+            runner = running.get(name)
+            if runner is not None and runner.state.phase is not Phase.OK:
+                return f"{name} ({runner.state.phase})"
+        return None
+
+    return held

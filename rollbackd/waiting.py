@@ -16,7 +16,7 @@ import structlog
 from rollbackd import incidents, limits
 from rollbackd.config import Config
 from rollbackd.errors import RollbackdError, StateError
-from rollbackd.plan import PlanTasks
+from rollbackd.inflight import PlanTasks
 from rollbackd.records import IncidentDraft, IncidentRecord
 from rollbackd.state import Store
 
