@@ -20,7 +20,12 @@ from rollbackd.readings import format_value, labels_text
 
 INSTALL_HINT = "pip install 'rollbackd[report]'"
 
-_EVENT_COLOURS = {"alert": "tab:orange", "rollback": "tab:red", "blind": "tab:gray"}
+_EVENT_COLOURS = {
+    "alert": "tab:orange",
+    "rollback": "tab:red",
+    "blind": "tab:gray",
+    "shadow": "tab:purple",
+}
 
 
 # --- the --json document -------------------------------------------------------------------

@@ -517,3 +517,13 @@ def test_only_the_alerts_resolve() -> None:
     """alert.webhook and alert.alertmanager declare resolves; flag.http and route.http do not."""
     assert (ALERT_WEBHOOK.resolves, ALERT_ALERTMANAGER.resolves) == (True, True)
     assert (FLAG_HTTP.resolves, ROUTE_HTTP.resolves) == (False, False)
+
+
+def test_every_event_has_an_alertname_and_a_summary() -> None:
+    """Alertmanager can be told of any event (shadow included): none fails for want of a name."""
+    from rollbackd.actions.web import ALERT_NAMES, _summary  # noqa: PLC0415
+    from rollbackd.engine import Event as Events  # noqa: PLC0415
+
+    assert set(ALERT_NAMES) == set(Events)
+    for event in Events:
+        assert _summary(context(event=event))

@@ -279,8 +279,10 @@ ALERT_NAMES = {
     Event.REARM: "RollbackdRollback",
     Event.ALERT: "RollbackdAlert",
     Event.BLIND: "RollbackdBlind",
+    Event.SHADOW: "RollbackdShadow",
     Event.TEST: "RollbackdTest",
 }
+"""Every event has one (a test pins it): an event without an alertname would fail its step."""
 
 
 class AlertmanagerOptions(TlsOptions):
@@ -317,6 +319,7 @@ def _summary(ctx: ActionContext) -> str:
         Event.REARM: f"rollbackd monitor {incident.monitor} re-armed",
         Event.ALERT: f"rollbackd: {incident.monitor} is failing its checks",
         Event.BLIND: f"rollbackd: {incident.monitor} is blind (its sources give no data)",
+        Event.SHADOW: f"rollbackd: shadow rules of {incident.monitor} would have rolled back",
         Event.TEST: f"rollbackd test alert ({incident.monitor})",
     }[incident.event]
 
