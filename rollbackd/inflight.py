@@ -21,6 +21,7 @@ from rollbackd.errors import (
 from rollbackd.plan import PlanRunner
 from rollbackd.records import IncidentRecord
 from rollbackd.state import Store
+from rollbackd.waitlog import WaitLog
 
 log = structlog.get_logger("rollbackd.plan")
 
@@ -69,7 +70,7 @@ class PlanTasks:
             store.incident(incident_id)
         except StateError as exc:
             raise UnknownIncidentError(incident_id) from exc
-        waited = store.approve(incident_id, now)
+        waited = WaitLog(store).approve(incident_id, now)
         if waited is None:
             raise IncidentNotWaitingError(incident_id)
         log.warning("rollback_approved", incident=incident_id, waited=waited)
@@ -78,7 +79,7 @@ class PlanTasks:
 
     def release(self, store: Store, incident_id: str, waiting: str) -> bool:
         """Run a plan whose wait for ``waiting`` is over; False if it no longer waited."""
-        if not store.release(incident_id, waiting):
+        if not WaitLog(store).release(incident_id, waiting):
             return False
         log.warning("rollback_released", incident=incident_id, waited=waiting)
         self.start(incident_id)

@@ -11,7 +11,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields, replace
 from operator import attrgetter
 from pathlib import Path
@@ -143,6 +143,16 @@ class Store:
             except sqlite3.Error as exc:
                 raise StateError(f"state database {self.path}: {what} failed: {exc}") from exc
             self._quiet, self._quiet_since = {}, None
+
+    def transaction(
+        self, what: str, *, write: bool = False
+    ) -> AbstractContextManager[sqlite3.Connection]:
+        """One transaction for a concern's own statements (``with store.transaction(...)``)."""
+        return self._tx(what, write=write)
+
+    def select_incidents(self, where: str, args: tuple[Any, ...]) -> list[IncidentRecord]:
+        """Incidents matching ``where`` (SQL after ``FROM incidents``), with their steps."""
+        return self._incidents(f"{INCIDENT} {where}", args)
 
     def _check_identity(self, what: str) -> None:
         """Refuse to write into a database file that was deleted or replaced under us."""
@@ -334,68 +344,6 @@ class Store:
             )
         if found is None:
             raise StateError(f"no incident {incident_id!r} in {self.path}")
-
-    # --- plans that wait (max_rollbacks, rearm_cooldown) --------------------------------
-
-    def rollbacks_released(self, since: float, mode: str) -> int:
-        """Rollback incidents of ``mode`` whose plan was let run after ``since``.
-
-        A plan is let run when its incident opens not waiting for approval (a re-arm's
-        cooldown only delays it), or when an operator approves it (counted at that time).
-        """
-        with self._tx("counting rollbacks") as conn:
-            row = conn.execute(
-                "SELECT COUNT(*) FROM incidents WHERE event = 'rollback' AND mode = ? "
-                "AND COALESCE(waiting, '') != 'approval' "
-                "AND COALESCE(approved_at, opened_at) > ?",
-                (mode, since),
-            ).fetchone()
-        return int(row[0])
-
-    def rearmed_at(self, monitor: str) -> float | None:
-        """When ``monitor`` was last re-armed (its newest re-arm incident), if ever."""
-        with self._tx("reading the last re-arm") as conn:
-            row = conn.execute(
-                "SELECT MAX(opened_at) FROM incidents WHERE monitor = ? AND event = 'rearm'",
-                (monitor,),
-            ).fetchone()
-        return None if row is None or row[0] is None else float(row[0])
-
-    def waiting_incidents(self) -> list[IncidentRecord]:
-        """Return the incidents whose plan waits (approval or cooldown), oldest first."""
-        return self._incidents(
-            f"{INCIDENT} WHERE finished_at IS NULL AND waiting IS NOT NULL ORDER BY opened_at", ()
-        )
-
-    def approve(self, incident_id: str, now: float) -> str | None:
-        """Let a waiting plan run: clear ``waiting``, set ``approved_at``; what it waited for.
-
-        None when the incident is not waiting (already approved, released or never held);
-        StateError when there is no such incident. The check and the change are one
-        transaction, so of concurrent approvals exactly one gets the reason back.
-        """
-        with self._tx("approving an incident", write=True) as conn:
-            row = conn.execute(
-                "SELECT waiting FROM incidents WHERE id = ?", (incident_id,)
-            ).fetchone()
-            if row is None:
-                raise StateError(f"no incident {incident_id!r} in {self.path}")
-            if row[0] is None:
-                return None
-            conn.execute(
-                "UPDATE incidents SET waiting = NULL, approved_at = ? WHERE id = ?",
-                (now, incident_id),
-            )
-        return str(row[0])
-
-    def release(self, incident_id: str, waiting: str) -> bool:
-        """Let a plan waiting for ``waiting`` run (its cooldown passed); False if it was not."""
-        with self._tx("releasing an incident", write=True) as conn:
-            released = conn.execute(
-                "UPDATE incidents SET waiting = NULL WHERE id = ? AND waiting = ?",
-                (incident_id, waiting),
-            ).rowcount
-        return released == 1
 
     def incident(self, incident_id: str) -> IncidentRecord:
         """Return one incident with its steps; StateError if there is none with this id."""

@@ -19,6 +19,7 @@ from rollbackd.errors import RollbackdError, StateError
 from rollbackd.inflight import PlanTasks
 from rollbackd.records import IncidentDraft, IncidentRecord
 from rollbackd.state import Store
+from rollbackd.waitlog import WaitLog
 
 log = structlog.get_logger("rollbackd.waiting")
 
@@ -54,8 +55,8 @@ class Waiting:
             return limits.hold(
                 draft,
                 limits.Limits.of(self._config().daemon),
-                released=store.rollbacks_released,
-                rearmed_at=store.rearmed_at,
+                released=WaitLog(store).rollbacks_released,
+                rearmed_at=WaitLog(store).rearmed_at,
             )
         except StateError:  # the commit would fail too: the check is not recorded
             raise
@@ -100,7 +101,7 @@ class Waiting:
 
     def waiting(self) -> list[IncidentRecord]:
         """The incidents whose plan waits, oldest first."""
-        return self._store().waiting_incidents()
+        return WaitLog(self._store()).waiting_incidents()
 
     def released_now(self) -> int | None:
         """Rollback plans let run within ``max_rollbacks.per`` until now (None: no limit)."""
@@ -108,7 +109,7 @@ class Waiting:
         if daemon.max_rollbacks is None:
             return None
         since = self._clock() - daemon.max_rollbacks.per
-        return self._store().rollbacks_released(since, daemon.mode)
+        return WaitLog(self._store()).rollbacks_released(since, daemon.mode)
 
     def count(self) -> None:
         """Report how many plans wait, by reason."""

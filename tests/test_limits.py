@@ -23,6 +23,7 @@ from rollbackd.errors import IncidentNotWaitingError, UnknownIncidentError
 from rollbackd.options import Frozen
 from rollbackd.records import IncidentDraft, IncidentRecord
 from rollbackd.state import Store
+from rollbackd.waitlog import WaitLog
 from tests.helpers import daemon_table, payment_error_rate, wait_until
 from tests.test_config import MINIMAL, load, problems_of, write
 from tests.test_daemon import REGISTRIES, SCRIPT, from_dict, running
@@ -294,7 +295,7 @@ async def test_rearm_without_listeners_still_records_when_it_happened(tmp_path: 
 
     async def body(daemon: Daemon) -> None:
         await rolled_back_and_rearmed(daemon)
-        assert daemon.store.rearmed_at("m0") is not None
+        assert WaitLog(daemon.store).rearmed_at("m0") is not None
         await wait_until(lambda: len(rollbacks(daemon)) == 2)
         assert rollbacks(daemon)[1].waiting == "cooldown"
 
@@ -381,23 +382,23 @@ def test_store_counts_released_rollbacks_and_approves_once(tmp_path: Path) -> No
         cooling_id = store.open_incident(cooling)
         store.open_incident(draft(Event.ALERT, at=400.0))
         store.open_incident(draft(at=500.0, mode="dry-run"))
-        assert store.rollbacks_released(0.0, "armed") == 2
-        assert store.rollbacks_released(150.0, "armed") == 1
-        assert store.rollbacks_released(0.0, "dry-run") == 1
-        assert [i.id for i in store.waiting_incidents()] == [held_id, cooling_id]
-        assert store.approve(held_id, 1000.0) == "approval"
-        assert store.approve(held_id, 1001.0) is None
-        assert store.approve(ran_id, 1001.0) is None
+        assert WaitLog(store).rollbacks_released(0.0, "armed") == 2
+        assert WaitLog(store).rollbacks_released(150.0, "armed") == 1
+        assert WaitLog(store).rollbacks_released(0.0, "dry-run") == 1
+        assert [i.id for i in WaitLog(store).waiting_incidents()] == [held_id, cooling_id]
+        assert WaitLog(store).approve(held_id, 1000.0) == "approval"
+        assert WaitLog(store).approve(held_id, 1001.0) is None
+        assert WaitLog(store).approve(ran_id, 1001.0) is None
         assert store.incident(held_id).approved_at == 1000.0
-        assert store.rollbacks_released(900.0, "armed") == 1, "counted when approved"
-        assert not store.release(cooling_id, "approval")
-        assert store.release(cooling_id, "cooldown")
-        assert not store.release(cooling_id, "cooldown")
-        assert store.waiting_incidents() == []
-        assert store.rearmed_at("m0") is None
+        assert WaitLog(store).rollbacks_released(900.0, "armed") == 1, "counted when approved"
+        assert not WaitLog(store).release(cooling_id, "approval")
+        assert WaitLog(store).release(cooling_id, "cooldown")
+        assert not WaitLog(store).release(cooling_id, "cooldown")
+        assert WaitLog(store).waiting_incidents() == []
+        assert WaitLog(store).rearmed_at("m0") is None
         store.open_incident(draft(Event.REARM, at=600.0))
         store.open_incident(draft(Event.REARM, at=700.0))
-        assert store.rearmed_at("m0") == 700.0
+        assert WaitLog(store).rearmed_at("m0") == 700.0
 
 
 # --- the config ----------------------------------------------------------------------------
