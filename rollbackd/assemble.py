@@ -13,11 +13,12 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from rollbackd.actions import Action, ActionType, ReadsSources, action_types
-from rollbackd.config import Config, PluginTable, cross_check, dotted, lines, parse
+from rollbackd.config import Config, PluginTable, cross_check, parse
 from rollbackd.config import from_dict as parse_dict
 from rollbackd.errors import ActionError, ConfigError, PluginError, SecretError
 from rollbackd.options import secret_refs
 from rollbackd.plugins import Registry
+from rollbackd.problems import dotted, lines
 from rollbackd.sources import Source, SourceType, source_types
 
 K = TypeVar("K", SourceType, ActionType)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import codecs
 import hashlib
 import ipaddress
-import json
 import math
 import os
 import re
@@ -30,13 +29,12 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from rollbackd.errors import ConfigError
 from rollbackd.options import Frozen, bounded
+from rollbackd.problems import dotted, lines
 
 NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 """Names of monitors, rules, sources and actions: they travel in URLs, file names and logs."""
 
 NAME_RULE = "1 to 64 of A-Z a-z 0-9 _ . - and not starting with a dot"
-
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 # Per-key bounds (README, "Durations"): below the minimum a key does harm (a check loop
@@ -316,30 +314,6 @@ def _with_env_names(found: list[str]) -> list[str]:
         key = line.split("daemon.", 1)[-1].split(":", 1)[0]
         var = f"ROLLBACKD_{key.upper()}"
         out.append(f"{line} (from ${var})" if key.isidentifier() and var in os.environ else line)
-    return out
-
-
-def lines(where: str, exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[str]:
-    """One ``FILE: dotted.key: reason`` line per error of a pydantic validation."""
-    found = []
-    for err in exc.errors():
-        loc = (*prefix, *err["loc"])
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
-        found.append(f"{where}: {dotted(loc) or '(top level)'}: {message}")
-    return found
-
-
-def dotted(loc: tuple[str | int, ...]) -> str:
-    """``("monitors", "payments", "rules", 2, "above")`` -> ``monitors.payments.rules[2].above``."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            key = part if _BARE_KEY.fullmatch(part) else json.dumps(part)  # TOML's quoting
-            out += f".{key}" if out else key
     return out
 
 
