@@ -34,15 +34,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     command: Callable[[argparse.Namespace], int] = args.command
     try:
         return command(args)
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
-        return EXIT_FAILED
     except RollbackdError as exc:
-        print(f"rollbackd: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _failed(exc, "rollbackd", EXIT_FAILED)
     except KeyboardInterrupt:
         return 130
+
+
+def _failed(exc: RollbackdError, prog: str, code: int) -> int:
+    """Say what went wrong on stderr (a config's problems one per line); return ``code``."""
+    if isinstance(exc, ConfigError):
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+    else:
+        print(f"{prog}: {exc}", file=sys.stderr)
+    return code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,15 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     p = command("status", _status, "show monitors, counters, last values and latches")
     _config_option(p)
     p.add_argument("--json", action="store_true", help="print the raw /status JSON")
-    p = command("rearm", _rearm, "re-arm a rolled-back monitor (clears its latch)")
-    _config_option(p)
-    p.add_argument("monitor", help="the monitor to re-arm")
-    p = command("retry", _retry, "re-run the failed steps of a finished rollback plan")
-    _config_option(p)
-    p.add_argument("incident", help="the incident's id (rollbackd status lists them)")
-    p = command("approve", _approve, "run a rollback plan that waits (max_rollbacks reached)")
-    _config_option(p)
-    p.add_argument("incident", help="the waiting incident's id (rollbackd status lists them)")
+    controls = (
+        ("rearm", _rearm, "re-arm a rolled-back monitor (clears its latch)", "monitor",
+         "the monitor to re-arm"),
+        ("retry", _retry, "re-run the failed steps of a finished rollback plan", "incident",
+         "the incident's id (rollbackd status lists them)"),
+        ("approve", _approve, "run a rollback plan that waits (max_rollbacks reached)",
+         "incident", "the waiting incident's id (rollbackd status lists them)"),
+    )  # fmt: skip
+    for name, func, helptext, subject, about in controls:
+        p = command(name, func, helptext)
+        _config_option(p)
+        p.add_argument(subject, help=about)
     p = command("test-action", _test_action, "fire one action on purpose")
     _config_option(p)
     p.add_argument("action", help="the action's name in [actions]")
@@ -255,13 +263,8 @@ def _backtest(args: argparse.Namespace) -> int:
                 progress=None if args.json else backtest_report.progress_bar(),
             )
         )
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
-        return EXIT_USAGE
     except RollbackdError as exc:
-        print(f"{BACKTEST_PROG}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _failed(exc, BACKTEST_PROG, EXIT_USAGE)
     if args.json:
         print(json.dumps(backtest_report.document(found), indent=2, allow_nan=False))
     else:

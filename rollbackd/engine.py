@@ -353,10 +353,5 @@ def _latched_reason(state: MonitorState) -> str:
 
 def rearm(state: MonitorState) -> MonitorState:
     """Return a fresh state; keeps the check count, the last check, the shadow streak."""
-    return MonitorState(
-        checks=state.checks,
-        last_check_at=state.last_check_at,
-        last_outcome=state.last_outcome,
-        shadow_failures=state.shadow_failures,
-        shadow_alerted=state.shadow_alerted,
-    )
+    kept = ("checks", "last_check_at", "last_outcome", "shadow_failures", "shadow_alerted")
+    return MonitorState(**{name: getattr(state, name) for name in kept})

@@ -56,32 +56,36 @@ class MonitorNotLatchedError(RollbackdError):
         )
 
 
-class UnknownIncidentError(RollbackdError):
+class IncidentError(RollbackdError):
+    """A request named an incident it cannot act on; ``incident`` is the id it named."""
+
+    def __init__(self, incident: str, message: str) -> None:
+        self.incident = incident
+        super().__init__(message)
+
+
+class UnknownIncidentError(IncidentError):
     """The incident named in a request is not in the state store."""
 
     def __init__(self, incident: str) -> None:
-        self.incident = incident
-        super().__init__(
-            f"no incident {incident!r}: rollbackd status lists the recent incidents' ids"
-        )
+        ids = "rollbackd status lists the recent incidents' ids"
+        super().__init__(incident, f"no incident {incident!r}: {ids}")
 
 
-class IncidentNotRetryableError(RollbackdError):
+class IncidentNotRetryableError(IncidentError):
     """A retry asked for an incident still running, or one without a failed step."""
 
     def __init__(self, incident: str, reason: str) -> None:
-        self.incident, self.reason = incident, reason
-        super().__init__(f"incident {incident!r} cannot be retried: {reason}")
+        self.reason = reason
+        super().__init__(incident, f"incident {incident!r} cannot be retried: {reason}")
 
 
-class IncidentNotWaitingError(RollbackdError):
+class IncidentNotWaitingError(IncidentError):
     """An approval asked for an incident whose plan is not waiting (running, done, approved)."""
 
     def __init__(self, incident: str) -> None:
-        self.incident = incident
-        super().__init__(
-            f"incident {incident!r} is not waiting for approval: its plan already ran or runs"
-        )
+        why = "is not waiting for approval: its plan already ran or runs"
+        super().__init__(incident, f"incident {incident!r} {why}")
 
 
 class DaemonUnreachableError(RollbackdError):

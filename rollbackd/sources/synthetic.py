@@ -186,15 +186,3 @@ SYNTHETIC = SourceType(
     options=SyntheticOptions, rule_keys=frozenset({"query"}), build=SyntheticSource
 )
 """Entry point ``synthetic`` of ``rollbackd.sources``."""
-
-__all__ = [
-    "DEFAULT_STAGES",
-    "METRICS",
-    "SYNTHETIC",
-    "Profile",
-    "Stage",
-    "SyntheticOptions",
-    "SyntheticSource",
-    "sample",
-    "stage_at",
-]
