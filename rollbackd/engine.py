@@ -310,19 +310,30 @@ def _inconclusive(
         return Transition(nxt, (Event.ROLLBACK,), f"{reason}: {why}")
     reason = f"{errors} consecutive inconclusive checks (blind_after {policy.blind_after})"
     events: tuple[Event, ...] = ()
-    blind_alerted = state.blind_alerted
+    blind_alerted, held_alerted = state.blind_alerted, state.held_alerted
     phase = Phase.FAILING if state.consecutive_failures > 0 else Phase.OK
     if errors >= policy.blind_after:
         phase = Phase.BLIND
-        if not blind_alerted:
-            blind_alerted = True
-            if policy.on_blind == "rollback" and not held:
-                events, phase = (Event.ROLLBACK,), Phase.ROLLED_BACK
-                reason = f"blind, rolling back (on_blind = rollback): {reason}"
-            else:
-                events = (Event.BLIND,)
-                reason = f"blind: {reason}"
-    nxt = replace(state, phase=phase, consecutive_errors=errors, blind_alerted=blind_alerted)
+        if blind_alerted:
+            pass
+        elif policy.on_blind == "rollback" and held:
+            # The blind rollback is due but held: say so once; it runs when the hold lifts.
+            if not held_alerted:
+                events, held_alerted = (Event.BLIND,), True
+                reason = f"blind, rollback held by {held}: {reason}"
+        elif policy.on_blind == "rollback":
+            events, phase, blind_alerted = (Event.ROLLBACK,), Phase.ROLLED_BACK, True
+            reason = f"blind, rolling back (on_blind = rollback): {reason}"
+        else:
+            events, blind_alerted = (Event.BLIND,), True
+            reason = f"blind: {reason}"
+    nxt = replace(
+        state,
+        phase=phase,
+        consecutive_errors=errors,
+        blind_alerted=blind_alerted,
+        held_alerted=held_alerted,
+    )
     return Transition(nxt, events, f"{reason}: {why}")
 
 

@@ -469,11 +469,15 @@ class Reference:
                 self.latched = True  # the hold lifted while still at the limit
                 return (Event.ROLLBACK,)
             if self.errors >= self.pol.blind_after and not self.blind_alerted:
-                self.blind_alerted = True
-                if self.pol.on_blind == "rollback" and not held:
-                    self.latched = True
+                if self.pol.on_blind == "rollback" and held:  # held: said once, runs later
+                    if not self.held_alerted:
+                        self.held_alerted = True
+                        out.append(Event.BLIND)
+                elif self.pol.on_blind == "rollback":
+                    self.blind_alerted = self.latched = True
                     out.append(Event.ROLLBACK)
                 else:
+                    self.blind_alerted = True
                     out.append(Event.BLIND)
         return tuple(out)
 
@@ -584,3 +588,20 @@ def test_shadow_results_make_their_own_outcome() -> None:
     check = judge_rules("m", [real, spied], readings, AT, shadow=frozenset({"new"}))
     assert (check.outcome, check.shadow_outcome) == (Outcome.OK, Outcome.BREACH)
     assert len(check.results) == 2, "both are recorded and shown"
+
+
+def test_a_held_blind_rollback_runs_once_the_hold_lifts() -> None:
+    """on_blind = rollback while held: one blind alert saying so, then the rollback."""
+    pol = Policy(rollback_after=5, alert_after=None, blind_after=2, on_blind="rollback",
+                 failure_limit=None, failure_window=60.0)  # fmt: skip
+    state, seen = MonitorState(), []
+    for at, held in enumerate(["infra (failing)", "infra (failing)", "infra (failing)", None]):
+        transition = advance(state, Check("m", float(at), Outcome.INCONCLUSIVE, ()), pol, held)
+        state = transition.state
+        seen.append((transition.events, state.phase))
+    assert seen == [
+        ((), Phase.OK),
+        ((Event.BLIND,), Phase.BLIND),
+        ((), Phase.BLIND),
+        ((Event.ROLLBACK,), Phase.ROLLED_BACK),
+    ]
