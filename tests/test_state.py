@@ -431,3 +431,38 @@ def test_quiet_checks_reach_disk_on_flush_and_close(tmp_path: Path) -> None:
         restored = reopened.monitor_state("payments")
         assert restored is not None
         assert restored.checks == 5
+
+
+def test_a_schema_1_store_migrates_with_its_latch_and_plan(tmp_path: Path) -> None:
+    """A 0.1.0 store (schema 1) opens with its counters and its unfinished plan intact."""
+    from rollbackd.schema import MIGRATIONS  # noqa: PLC0415
+
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (1)")
+    for statement in MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute(
+        "INSERT INTO monitors VALUES ('payments', 'rolled_back', 5, 0, 1, 0, '[]', 'inc-1', 9, "
+        "12.0, 'breach')"
+    )
+    conn.execute("INSERT INTO incidents VALUES ('inc-1', 'payments', 'rollback', 'r', 'armed', "
+                 "10.0, NULL, '{}')")  # fmt: skip
+    conn.execute("INSERT INTO steps (incident_id, step, action, status, attempts) "
+                 "VALUES ('inc-1', 0, 'route', 'running', 1)")  # fmt: skip
+    conn.commit()
+    conn.close()
+    with Store.open(tmp_path) as store:
+        state = store.monitor_state("payments")
+        assert state is not None
+        assert (state.phase, state.consecutive_failures, state.incident_id) == (
+            Phase.ROLLED_BACK,
+            5,
+            "inc-1",
+        )
+        (incident,) = store.unfinished_incidents()
+        [step] = incident.steps
+        assert (step.status, step.attempts, step.interruptions) == ("running", 1, 0)
+        assert store.step_interrupted("inc-1", 0) == 1
+    assert (tmp_path / "state.marker").exists()
