@@ -7,6 +7,7 @@ daemon's own: ``engine.judge_rules`` then ``engine.advance``, on a simulated clo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -55,10 +56,8 @@ def parse_when(text: str, now: float, option: str = "--from") -> float:
         if seconds > LATEST:
             raise BacktestError(f"{option}: {excerpt(text, 60)} is after the year 9999")
         return seconds
-    try:
+    with contextlib.suppress(ValueError):  # not a duration ago: an RFC 3339 time, then
         return max(0.0, now - parse_duration(text))
-    except ValueError:
-        pass
     try:
         when = datetime.fromisoformat(text)
     except ValueError:

@@ -314,19 +314,10 @@ def _inconclusive(
     phase = Phase.FAILING if state.consecutive_failures > 0 else Phase.OK
     if errors >= policy.blind_after:
         phase = Phase.BLIND
-        if blind_alerted:
-            pass
-        elif policy.on_blind == "rollback" and held:
-            # The blind rollback is due but held: say so once; it runs when the hold lifts.
-            if not held_alerted:
-                events, held_alerted = (Event.BLIND,), True
-                reason = f"blind, rollback held by {held}: {reason}"
-        elif policy.on_blind == "rollback":
-            events, phase, blind_alerted = (Event.ROLLBACK,), Phase.ROLLED_BACK, True
-            reason = f"blind, rolling back (on_blind = rollback): {reason}"
-        else:
-            events, blind_alerted = (Event.BLIND,), True
-            reason = f"blind: {reason}"
+        if not blind_alerted:  # once per inconclusive streak
+            events, phase, blind_alerted, held_alerted, reason = _blind(
+                policy, held, held_alerted, reason
+            )
     nxt = replace(
         state,
         phase=phase,
@@ -335,6 +326,24 @@ def _inconclusive(
         held_alerted=held_alerted,
     )
     return Transition(nxt, events, f"{reason}: {why}")
+
+
+def _blind(
+    policy: Policy, held: str | None, held_alerted: bool, reason: str
+) -> tuple[tuple[Event, ...], Phase, bool, bool, str]:
+    """What a blind monitor does before its blind alert went out.
+
+    Returns (events, phase, blind_alerted, held_alerted, reason); a blind rollback that is
+    held is said once and runs later.
+    """
+    if policy.on_blind == "rollback" and held:
+        if held_alerted:
+            return (), Phase.BLIND, False, True, reason
+        return (Event.BLIND,), Phase.BLIND, False, True, f"blind, rollback held by {held}: {reason}"
+    if policy.on_blind == "rollback":
+        why = f"blind, rolling back (on_blind = rollback): {reason}"
+        return (Event.ROLLBACK,), Phase.ROLLED_BACK, True, held_alerted, why
+    return (Event.BLIND,), Phase.BLIND, True, held_alerted, f"blind: {reason}"
 
 
 def _window(times: tuple[float, ...], now: float, policy: Policy) -> tuple[float, ...]:
