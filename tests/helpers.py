@@ -8,13 +8,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from rollbackd.actions import ActionContext, Event, Incident
+from rollbackd.assemble import Assembly, Registries
+from rollbackd.daemon import Daemon
 from rollbackd.sources import Source
 
 
@@ -142,3 +145,19 @@ def config_file(directory: Path, config: str | Mapping[str, Any]) -> Path:
     text = config if isinstance(config, str) else to_toml(config)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+async def running(
+    assembly: Assembly,
+    body: Callable[[Daemon], Awaitable[None]],
+    registries: Registries | None = None,
+) -> None:
+    """Serve an in-process daemon on ``assembly``, run ``body`` against it, stop it cleanly."""
+    daemon = Daemon(assembly, registry=CollectorRegistry(), registries=registries)
+    serving = asyncio.create_task(daemon.serve())
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 10)
+        await body(daemon)
+    finally:
+        daemon.stop()
+        assert await asyncio.wait_for(serving, 30) == 0

@@ -30,6 +30,7 @@ from rollbackd.errors import (
 from rollbackd.options import Frozen
 from rollbackd.readings import Reading
 from rollbackd.sources import Arrival, ArrivalListener, SourceType
+from tests import helpers
 from tests.helpers import (
     config_file,
     daemon_table,
@@ -138,15 +139,8 @@ def config_dict(state_dir: Path, **monitor: Any) -> dict[str, Any]:
 
 
 async def running(config: Assembly, body: Callable[[Daemon], Awaitable[None]]) -> None:
-    """Serve a daemon, run body against it, stop it."""
-    daemon = Daemon(config, registry=CollectorRegistry(), registries=REGISTRIES)
-    serving = asyncio.create_task(daemon.serve())
-    try:
-        await asyncio.wait_for(daemon.ready.wait(), 10)
-        await body(daemon)
-    finally:
-        daemon.stop()
-        assert await asyncio.wait_for(serving, 30) == 0
+    """Serve a daemon with this file's test types, run body against it, stop it."""
+    await helpers.running(config, body, REGISTRIES)
 
 
 @pytest.fixture(autouse=True)

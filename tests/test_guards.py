@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from rollbackd import assemble
 from rollbackd.daemon import Daemon
 from rollbackd.engine import Event, Phase
+from tests import helpers
 from tests.helpers import wait_until
 from tests.servers import Exporter, Prometheus
 
@@ -70,14 +70,7 @@ def rule(name: str, query: str, above: float, **keys: Any) -> dict[str, Any]:
 
 async def running(raw: dict[str, Any], body: Callable[[Daemon], Awaitable[None]]) -> None:
     """Serve a daemon on ``raw``, run body against it, stop it."""
-    daemon = Daemon(assemble.from_dict(raw), registry=CollectorRegistry())
-    serving = asyncio.create_task(daemon.serve())
-    try:
-        await asyncio.wait_for(daemon.ready.wait(), 10)
-        await body(daemon)
-    finally:
-        daemon.stop()
-        assert await asyncio.wait_for(serving, 30) == 0
+    await helpers.running(assemble.from_dict(raw), body)
 
 
 def events(daemon: Daemon, monitor: str) -> list[str]:
