@@ -192,17 +192,22 @@ def test_service_user_keeps_the_group_the_application_reads_through(
     )
 
 
-def test_service_user_keeps_the_posix_acl(people: People, etc: Path) -> None:
-    """A reader granted access by a POSIX ACL entry keeps it after route.file rewrites the file."""
-    path = etc / "traffic.env"
-    make(path, "BOOP_TRAFFIC_PERCENT=25\n", people.app, people.shared, mode=0o640, people=people)
-    granted = acl(
+def outsider_reads(people: People) -> bytes:
+    """An ACL granting ``people.outsider`` read access beside the owner's rw (group r, other -)."""
+    return acl(
         (USER_OBJ, 6, None),
         (USER, 4, people.uid(people.outsider)),
         (GROUP_OBJ, 4, None),
         (MASK, 4, None),
         (OTHER, 0, None),
     )
+
+
+def test_service_user_keeps_the_posix_acl(people: People, etc: Path) -> None:
+    """A reader granted access by a POSIX ACL entry keeps it after route.file rewrites the file."""
+    path = etc / "traffic.env"
+    make(path, "BOOP_TRAFFIC_PERCENT=25\n", people.app, people.shared, mode=0o640, people=people)
+    granted = outsider_reads(people)
     os.setxattr(path, ACL_XATTR, granted)
     assert read_as(people.outsider, path) is not None
     ok, detail = run_as_service(
@@ -247,13 +252,7 @@ def test_root_keeps_owner_group_mode_and_acl(people: People, tmp_path: Path) -> 
     """Rewritten by root, a file keeps its owner and group as well as its mode and ACL."""
     path = tmp_path / "traffic.env"
     make(path, "A=1\n", people.app, people.shared, mode=0o640, people=people)
-    granted = acl(
-        (USER_OBJ, 6, None),
-        (USER, 4, people.uid(people.outsider)),
-        (GROUP_OBJ, 4, None),
-        (MASK, 4, None),
-        (OTHER, 0, None),
-    )
+    granted = outsider_reads(people)
     os.setxattr(path, ACL_XATTR, granted)
     atomic_write(path, b"A=2\n")
     st = path.stat()

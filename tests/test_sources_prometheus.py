@@ -56,6 +56,17 @@ def make_source(url: str, timeout: float = 2.0, **extra: object) -> PrometheusSo
     return source
 
 
+async def read_once(options: PrometheusOptions, query: str = "up") -> Reading:
+    """Start a source on ``options``, read ``query`` once (one series), close the source."""
+    source = PrometheusSource("prom", options)
+    await source.start()
+    try:
+        [reading] = await source.read(rule(query), NOW)
+    finally:
+        await source.aclose()
+    return reading
+
+
 async def read_until(
     source: PrometheusSource,
     query: str,
@@ -357,12 +368,7 @@ async def test_the_query_and_the_credentials_are_sent_as_requests_sent_them(
         {"basic_auth": {"username": "ops", "password": {"env": "ROLLBACKD_TEST_PASSWORD"}}},
     ):
         options = PrometheusOptions.model_validate({"url": server.url, **auth})
-        source = PrometheusSource("prom", options)
-        await source.start()
-        try:
-            [reading] = await source.read(rule('sum(rate(x{a="b c"}[1m]))'), NOW)
-        finally:
-            await source.aclose()
+        reading = await read_once(options, 'sum(rate(x{a="b c"}[1m]))')
         assert reading.status is ReadingStatus.OK
     bearer, basic = server.received
     assert bearer.method == "GET"
@@ -442,12 +448,9 @@ async def test_https_is_verified_with_ca_file_or_not_at_all(
     if extra.get("ca_file"):
         extra = {**extra, "ca_file": str(certificate.cert)}
     options = PrometheusOptions.model_validate({"url": server.url, **extra})
-    source = PrometheusSource("prom", options)
-    await source.start()
     try:
-        [reading] = await source.read(rule("up"), NOW)
+        reading = await read_once(options)
     finally:
-        await source.aclose()
         await server.stop()
     if says:
         assert reading.status is ReadingStatus.ERROR
@@ -477,12 +480,9 @@ async def test_missing_secret_reads_error_without_leaking() -> None:
     options = PrometheusOptions.model_validate(
         {"url": "http://127.0.0.1:1", "bearer_token": {"env": "ROLLBACKD_TEST_UNSET_TOKEN"}}
     )
-    source = PrometheusSource("prom", options)
-    await source.start()
-    [reading] = await source.read(rule("up"), NOW)
+    reading = await read_once(options)
     assert reading.status is ReadingStatus.ERROR
     assert "ROLLBACKD_TEST_UNSET_TOKEN" in reading.reason
-    await source.aclose()
 
 
 async def test_an_unreadable_ca_file_reads_error_until_it_is_back(
