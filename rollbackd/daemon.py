@@ -39,6 +39,7 @@ from rollbackd.schedule import Schedule
 from rollbackd.sources import Arrival, Source
 from rollbackd.state import Store
 from rollbackd.statedir import StateDirLock
+from rollbackd.stores import SqliteState, StateStore
 from rollbackd.waiting import Waiting
 
 log = structlog.get_logger("rollbackd.daemon")
@@ -83,13 +84,13 @@ class Daemon:
         self.ready = asyncio.Event()
         self.check_listener: Callable[[str, Check, MonitorState], None] | None = None
         """Told of every committed check (the demo prints them)."""
-        self._store: Store | None = None
+        self._state: StateStore | None = None
         self._schedule: Schedule | None = None
         self._stop = asyncio.Event()
         self.plans = PlanTasks(self._runner)
         self.waiting = Waiting(
             self.plans,
-            store=lambda: self.store,
+            store=lambda: self.state,
             config=lambda: self.config,
             on_count=self.metrics.plans_waiting,
             clock=clock,
@@ -97,7 +98,7 @@ class Daemon:
         """Plans held by max_rollbacks / rearm_cooldown; its cooldown timers stop with us."""
         self._reloading = asyncio.Lock()
         self._reload_waiting = False
-        self._commits = health.GroupCommit(lambda: self.store)
+        self._commits = health.GroupCommit(lambda: self.state)
         self._api: ApiServer | None = None
         self._closers: set[asyncio.Task[Any]] = set()
         """Background work stop waits for: parts closing after their plans, reloads."""
@@ -108,18 +109,26 @@ class Daemon:
         return self.assembly.config
 
     @property
-    def store(self) -> Store:
+    def state(self) -> StateStore:
         """The open state store (only while serving)."""
-        if self._store is None:
+        if self._state is None:
             raise RollbackdError("the daemon is not running")
-        return self._store
+        return self._state
+
+    @property
+    def store(self) -> Store:
+        """The open SQLite store, read synchronously (tests, the demo; SQLite state only)."""
+        state = self.state
+        if not isinstance(state, SqliteState):
+            raise RollbackdError(f"the state is not an SQLite store: {state.where}")
+        return state.store
 
     async def serve(self) -> int:
         """Run until asked to stop; return the exit code."""
         daemon = self.config.daemon
         lock = StateDirLock(daemon.state_dir)
         try:
-            self._store = Store.open(daemon.state_dir)
+            self._state = SqliteState.open(daemon.state_dir)
         except BaseException:
             lock.close()
             raise
@@ -141,7 +150,7 @@ class Daemon:
                 await self._start_parts(self.assembly)
                 await self._start_surface(stack)
                 self._install_signals()
-                self.waiting.resume()
+                await self.waiting.resume()
                 self.ready.set()
                 notify.ready(f"watching {len(self.monitors)} monitors, mode {daemon.mode}")
                 log.info("daemon_ready", mode=daemon.mode, listen=daemon.listen or None)
@@ -159,8 +168,8 @@ class Daemon:
                 await self.waiting.stop()  # a cooldown ending later runs at next start
                 await self.plans.drain(STOP_GRACE_SECONDS)
         finally:
-            self._store.close()
-            self._store = None
+            await self._state.close()
+            self._state = None
             lock.close()
         log.info("daemon_stopped")
         return 0
@@ -195,6 +204,7 @@ class Daemon:
         """Start the parts of ``assembly`` and their schedule (``next_runs``: a reload's)."""
         self.parts = await parts.start(assembly, self._monitor, self._on_arrival, running)
         for name, runner in self.monitors.items():
+            await runner.load()
             self.metrics.track(name, runner.config, runner.state)
         self._schedule = Schedule(self.monitors)
         self._schedule.start(next_runs or {})
@@ -207,7 +217,7 @@ class Daemon:
             name=name,
             config=config,
             sources=sources,
-            store=self.store,
+            store=self.state,
             history=daemon.history,
             mode=daemon.mode,
             on_incident=self.waiting.opened,
@@ -260,7 +270,7 @@ class Daemon:
 
     def _runner(self) -> PlanRunner:
         return PlanRunner(
-            store=self.store,
+            store=self.state,
             actions=self.parts.actions,
             action_configs=self.config.actions,
             mode=self.config.daemon.mode,
@@ -273,7 +283,7 @@ class Daemon:
             redactor=self.redactor,
         )
 
-    def _alert_failed_steps(self, record: IncidentRecord) -> None:
+    async def _alert_failed_steps(self, record: IncidentRecord) -> None:
         """A rollback step failed: tell the monitor's alert actions (a new alert incident)."""
         if record.event is not Event.ROLLBACK or not record.failed_steps():
             return
@@ -282,7 +292,7 @@ class Daemon:
         monitor = self.config.monitors.get(record.monitor)
         draft = incidents.for_incomplete_rollback(record, monitor, self.clock())
         if draft is not None:
-            self.plans.start(self.store.open_incident(draft))
+            self.plans.start(await self.state.open_incident(draft))
 
     # --- operator surface ---------------------------------------------------------------
 
@@ -294,12 +304,13 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         """The ``/status`` document."""
         monitors = {name: runner.status() for name, runner in self.monitors.items()}
+        shown, waiting = self.state.shown()
         document = status.document(
             __version__,
             self.config,
             monitors,
-            self.store.incidents(limit=10),
-            waiting=self.waiting.waiting(),
+            shown,
+            waiting=waiting,
             released=self.waiting.released_now(),
         )
         redacted: dict[str, Any] = self.redactor.value(document)
@@ -311,11 +322,11 @@ class Daemon:
         if runner is None:
             raise UnknownMonitorError(monitor)
 
-        def announce(previous: str | None) -> IncidentDraft | None:
+        def announce(previous: IncidentRecord | None) -> IncidentDraft | None:
             return incidents.for_rearm(
                 monitor,
                 incidents.resolvers(runner.config, self.assembly.resolves),
-                self.store.incident(previous) if previous else None,
+                previous,
                 mode=self.config.daemon.mode,
                 now=self.clock(),
                 remember=self.config.daemon.rearm_cooldown is not None,
@@ -329,7 +340,7 @@ class Daemon:
 
     async def retry(self, incident: str) -> dict[str, Any]:
         """Re-run the failed steps of a finished plan (``rollbackd retry``)."""
-        return {"incident": incident, "steps": self.plans.retry(self.store, incident)}
+        return {"incident": incident, "steps": await self.plans.retry(self.state, incident)}
 
     async def approve(self, incident: str) -> dict[str, Any]:
         """Run a plan that waits (``rollbackd approve``); exactly one of concurrent calls does."""

@@ -164,7 +164,7 @@ async def _watch(assembly: Assembly, out: TextIO, started: float) -> str | None:
             await asyncio.sleep(0.2)
             finished = [
                 i.id
-                for i in daemon.store.incidents()
+                for i in await daemon.state.incidents()
                 if i.event == "rollback" and i.finished_at is not None
             ]
             incident = finished[0] if finished else None

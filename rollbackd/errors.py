@@ -98,3 +98,10 @@ class ApiError(RollbackdError):
     def __init__(self, status: int, message: str) -> None:
         self.status = status
         super().__init__(message)
+
+
+class DeposedError(StateError):
+    """A write refused because another daemon took the lead (a newer generation holds it).
+
+    The daemon that gets it stops acting at once and becomes a standby.
+    """

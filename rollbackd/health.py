@@ -14,7 +14,8 @@ import structlog
 from rollbackd import notify
 from rollbackd.errors import StateError
 from rollbackd.monitor import MonitorRunner
-from rollbackd.state import GROUP_COMMIT_SECONDS, Store
+from rollbackd.state import GROUP_COMMIT_SECONDS
+from rollbackd.stores import StateStore
 
 log = structlog.get_logger("rollbackd.health")
 
@@ -43,7 +44,7 @@ def judge(
 class GroupCommit:
     """The chore writing quiet checks every GROUP_COMMIT_SECONDS; ``trouble`` says why not."""
 
-    def __init__(self, store: Callable[[], Store]) -> None:
+    def __init__(self, store: Callable[[], StateStore]) -> None:
         self._store = store
         self.trouble = ""
 
@@ -52,7 +53,7 @@ class GroupCommit:
         while True:
             await asyncio.sleep(GROUP_COMMIT_SECONDS)
             try:
-                self._store().flush()
+                await self._store().flush()
             except StateError as exc:
                 if not self.trouble:
                     log.error("state_flush_failed", error=str(exc))

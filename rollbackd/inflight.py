@@ -20,8 +20,7 @@ from rollbackd.errors import (
 )
 from rollbackd.plan import PlanRunner
 from rollbackd.records import IncidentRecord
-from rollbackd.state import Store
-from rollbackd.waitlog import WaitLog
+from rollbackd.stores import StateStore
 
 log = structlog.get_logger("rollbackd.plan")
 
@@ -42,62 +41,71 @@ class PlanTasks:
             return
         self._tasks[incident_id] = asyncio.get_running_loop().create_task(self._run(incident_id))
 
-    def retry(self, store: Store, incident_id: str) -> list[int]:
+    async def retry(self, store: StateStore, incident_id: str) -> list[int]:
         """Re-run a finished plan's failed steps; their numbers.
 
         UnknownIncidentError, or IncidentNotRetryableError while it runs or if none failed.
         """
         try:
-            record = store.incident(incident_id)
+            record = await store.incident(incident_id)
         except StateError as exc:
             raise UnknownIncidentError(incident_id) from exc
         if record.finished_at is None:
             raise IncidentNotRetryableError(incident_id, "its plan is still running")
-        steps = store.reopen_failed_steps(incident_id)
+        steps = await store.reopen_failed_steps(incident_id)
         if not steps:
             raise IncidentNotRetryableError(incident_id, "no step failed")
         log.warning("plan_retried", incident=incident_id, steps=steps)
         self.start(incident_id)
         return steps
 
-    def approve(self, store: Store, incident_id: str, now: float) -> str:
+    async def approve(self, store: StateStore, incident_id: str, now: float) -> str:
         """Run a plan waiting for approval (or a cooldown) now; what it waited for.
 
         UnknownIncidentError, or IncidentNotWaitingError when it is not waiting: of
         concurrent approvals one starts the plan, the others are refused.
         """
         try:
-            store.incident(incident_id)
+            await store.incident(incident_id)
         except StateError as exc:
             raise UnknownIncidentError(incident_id) from exc
-        waited = WaitLog(store).approve(incident_id, now)
+        waited = await store.approve(incident_id, now)
         if waited is None:
             raise IncidentNotWaitingError(incident_id)
         log.warning("rollback_approved", incident=incident_id, waited=waited)
         self.start(incident_id)
         return waited
 
-    def release(self, store: Store, incident_id: str, waiting: str) -> bool:
+    async def release(self, store: StateStore, incident_id: str, waiting: str) -> bool:
         """Run a plan whose wait for ``waiting`` is over; False if it no longer waited."""
-        if not WaitLog(store).release(incident_id, waiting):
+        if not await store.release(incident_id, waiting):
             return False
         log.warning("rollback_released", incident=incident_id, waited=waiting)
         self.start(incident_id)
         return True
 
-    def resume_unfinished(self, store: Store) -> list[IncidentRecord]:
+    async def resume_unfinished(self, store: StateStore) -> list[IncidentRecord]:
         """Start every plan a previous run left unfinished (after a crash or a stop).
 
         Plans that wait (approval, cooldown) are not started: they are returned instead.
         """
         waiting = []
-        for incident in store.unfinished_incidents():
+        for incident in await store.unfinished_incidents():
             if incident.waiting is not None:
                 waiting.append(incident)
                 continue
             log.warning("plan_resuming", incident=incident.id, monitor=incident.monitor)
             self.start(incident.id)
         return waiting
+
+    async def cancel(self) -> None:
+        """Stop every plan at once (this daemon was deposed): the new leader resumes them."""
+        running = list(self._tasks.values())
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running)
+            log.warning("plans_stopped", count=len(running), resume="by the new leader")
 
     async def wait(self) -> None:
         """Return once the plans running now have finished."""

@@ -18,13 +18,14 @@ from rollbackd import engine, incidents, verdicts
 from rollbackd.codec import result_to_json
 from rollbackd.config import VOLUME, MonitorConfig, RuleConfig
 from rollbackd.engine import Check, Event, MonitorState, Outcome, Phase, Policy, Transition
-from rollbackd.errors import MonitorNotLatchedError, StateError
+from rollbackd.errors import DeposedError, MonitorNotLatchedError, StateError
 from rollbackd.readings import Reading, ReadingStatus
 from rollbackd.readings import error as error_reading
-from rollbackd.records import IncidentDraft
+from rollbackd.records import IncidentDraft, IncidentRecord
 from rollbackd.redact import Redactor
 from rollbackd.sources import Arrival, Source
 from rollbackd.state import Store
+from rollbackd.stores import StateStore, as_state
 
 log = structlog.get_logger("rollbackd.monitor")
 
@@ -40,15 +41,16 @@ class MonitorRunner:
     name: str
     config: MonitorConfig
     sources: Mapping[str, Source]
-    store: Store
+    store: StateStore | Store
+    """Where checks are committed; a bare SQLite ``Store`` is read at once, others at ``load``."""
     history: int
     mode: str
-    on_incident: Callable[[str], None]
+    on_incident: Callable[[str], Awaitable[None] | None]
     clock: Callable[[], float] = time.time
     observer: CheckObserver | None = None
     redactor: Redactor = field(default_factory=Redactor)
     """Secrets out of the reasons sources give (they reach the store, /status and logs)."""
-    plan_gate: Callable[[IncidentDraft], IncidentDraft] | None = None
+    plan_gate: Callable[[IncidentDraft], Awaitable[IncidentDraft]] | None = None
     """Gives the draft as it must open (a rollback whose plan waits: ``limits.hold``)."""
     state: MonitorState = field(init=False)
     last_check: Check | None = field(init=False, default=None)
@@ -67,6 +69,7 @@ class MonitorRunner:
     _local: bool = field(init=False, default=False)
     _debug: bool = field(init=False, default=False)
     _lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
+    _store: StateStore = field(init=False)
 
     def __post_init__(self) -> None:
         self.policy = Policy.of(self.config)
@@ -83,9 +86,19 @@ class MonitorRunner:
         ]
         shadowed = self.config.shadow
         self._shadow = frozenset(rule.name for rule in rules if shadowed or rule.shadow)
-        self.state = self.store.monitor_state(self.name) or MonitorState()
-        recent = self.store.recent_checks(self.name, 1)
-        self.last_check = recent[-1] if recent else None
+        self.state = MonitorState()
+        if isinstance(self.store, Store):  # tests and tools: read it now
+            self.state = self.store.monitor_state(self.name) or MonitorState()
+            recent = self.store.recent_checks(self.name, 1)
+            self.last_check = recent[-1] if recent else None
+        self._store = as_state(self.store)
+
+    async def load(self) -> None:
+        """Take the committed state and last check from the store (at start, at a takeover)."""
+        async with self._lock:
+            self.state = await self._store.monitor_state(self.name) or MonitorState()
+            recent = await self._store.recent_checks(self.name, 1)
+            self.last_check = recent[-1] if recent else None
 
     async def tick(self) -> Check | None:
         """Run the interval's check; push monitors only look for staleness.
@@ -116,10 +129,10 @@ class MonitorRunner:
             }
             if not readings:
                 return None
-        return self._commit(readings, now, started)
+        return await self._commit(readings, now, started)
 
     async def _arrival(self, arrival: Arrival, now: float, started: float) -> Check | None:
-        return self._commit(await self._read_arrived(arrival, now), now, started)
+        return await self._commit(await self._read_arrived(arrival, now), now, started)
 
     async def _read_arrived(self, arrival: Arrival, now: float) -> dict[str, Sequence[Reading]]:
         """The readings as of ``arrival``: the arrived series from its value, the rest latest.
@@ -170,7 +183,8 @@ class MonitorRunner:
                 for rule in self.config.rules
                 for result in verdicts.evaluate_rule(rule, [error_reading(why, now)], at=now)
             )
-            self._record(Check(self.name, now, Outcome.INCONCLUSIVE, results), now, started)
+            check = Check(self.name, now, Outcome.INCONCLUSIVE, results)
+            await self._record(check, now, started)
             return None
         self.failed_runs, self.trouble = 0, ""
         return check
@@ -185,12 +199,12 @@ class MonitorRunner:
             return
 
     async def rearm(
-        self, announce: Callable[[str | None], IncidentDraft | None]
+        self, announce: Callable[[IncidentRecord | None], IncidentDraft | None]
     ) -> tuple[str | None, str | None]:
         """Clear the latch and the counters (the operator's explicit choice), between checks.
 
         One operation per latch: of concurrent re-arms one wins, the others find the monitor
-        no longer rolled back (MonitorNotLatchedError). ``announce(previous_incident)`` gives
+        no longer rolled back (MonitorNotLatchedError). ``announce(previous_incident_record)`` gives
         the re-arm incident, committed with the fresh state in one transaction. Returns
         ``(previous incident, re-arm incident)``.
         """
@@ -199,7 +213,9 @@ class MonitorRunner:
                 raise MonitorNotLatchedError(self.name, str(self.state.phase))
             previous = self.state.incident_id
             fresh = engine.rearm(self.state)
-            opened = self.store.save_state(self.name, fresh, announce(previous))
+            record = await self._store.incident(previous) if previous else None
+            draft = announce(record)
+            opened = await self._store.save_state(self.name, fresh, draft)
             self.state = fresh
         log.info("monitor_rearmed", monitor=self.name, resolved=previous, incident=opened)
         return previous, opened
@@ -264,7 +280,7 @@ class MonitorRunner:
         text = self.redactor.text
         return [replace(r, reason=text(r.reason)) if r.reason else r for r in readings]
 
-    def _commit(
+    async def _commit(
         self, readings: Mapping[str, Sequence[Reading]], now: float, started: float
     ) -> Check:
         volumes = {
@@ -275,24 +291,22 @@ class MonitorRunner:
         check = engine.judge_rules(
             self.name, self.config.rules, readings, now, volumes=volumes, shadow=self._shadow
         )
-        return self._record(check, now, started)
+        return await self._record(check, now, started)
 
-    def _record(self, check: Check, now: float, started: float) -> Check:
-        """Advance the state on ``check``, commit both (with any incident), hand it on."""
+    async def _record(self, check: Check, now: float, started: float) -> Check:
+        """Advance the state on ``check``, commit both (with any incident), hand it on.
+
+        A standby (``store.leading`` false) only advances its own copy: it commits nothing,
+        opens no incident, starts no plan; a takeover reloads the committed state.
+        """
         held = self.held() if self.held is not None else None
         transition = engine.advance(self.state, check, self.policy, held)
-        draft = incidents.for_transition(
-            self.name,
-            self.config,
-            check,
-            transition,
-            lambda n: self.store.recent_checks(self.name, n),
-            mode=self.mode,
-            now=now,
-        )
-        if draft is not None and self.plan_gate is not None:
-            draft = self.plan_gate(draft)
-        incident = self.store.commit_check(check, transition.state, self.history, draft)
+        incident = None
+        if self._store.leading:
+            try:
+                incident = await self._decide(check, transition, now)
+            except DeposedError:  # another daemon leads now: this one only watches
+                log.warning("check_not_committed", monitor=self.name, reason="deposed")
         self.state = (
             transition.state
             if incident is None
@@ -300,7 +314,9 @@ class MonitorRunner:
         )
         self.last_check = check
         if incident is not None:  # first: nothing after the commit may keep a plan from starting
-            self.on_incident(incident)
+            started_plan = self.on_incident(incident)
+            if started_plan is not None:
+                await started_plan
         self._log(check, transition, incident)
         if self.observer is not None:
             try:
@@ -308,6 +324,25 @@ class MonitorRunner:
             except Exception:  # metrics or a listener: never the check's business
                 log.exception("check_observer_failed", monitor=self.name)
         return check
+
+    async def _decide(self, check: Check, transition: Transition, now: float) -> str | None:
+        """Commit the check with its state and any incident it opens; the incident id."""
+        previous: list[Check] = []
+        if transition.events:  # the streak behind the decision goes into the incident
+            streak = max(self.config.rollback_after, self.config.blind_after) - 1
+            previous = await self._store.recent_checks(self.name, streak) if streak else []
+        draft = incidents.for_transition(
+            self.name,
+            self.config,
+            check,
+            transition,
+            lambda n: previous[max(len(previous) - n, 0) :],
+            mode=self.mode,
+            now=now,
+        )
+        if draft is not None and self.plan_gate is not None:
+            draft = await self.plan_gate(draft)
+        return await self._store.commit_check(check, transition.state, self.history, draft)
 
     def _log(self, check: Check, transition: Transition, incident: str | None) -> None:
         state = transition.state

@@ -10,7 +10,7 @@ import errno
 import json
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from rollbackd.records import IncidentRecord, StepRecord, StepStatus
 from rollbackd.redact import Redactor
 from rollbackd.sources import Source
 from rollbackd.state import Store
+from rollbackd.stores import StateStore, as_state
 
 log = structlog.get_logger("rollbackd.plan")
 
@@ -51,7 +52,7 @@ def idempotency_key(incident_id: str, step: int) -> str:
 class PlanRunner:
     """Runs incidents' plans against the built actions; all progress goes through the Store."""
 
-    store: Store
+    store: StateStore | Store
     actions: Mapping[str, Action]
     action_configs: Mapping[str, ActionConfig]
     mode: str
@@ -68,14 +69,18 @@ class PlanRunner:
     clock: Callable[[], float] = time.time
     redactor: Redactor = field(default_factory=Redactor)
     """Secrets out of step details and incident records."""
-    on_failed_steps: Callable[[IncidentRecord], None] | None = None
+    on_failed_steps: Callable[[IncidentRecord], Awaitable[None]] | None = None
     """Told of every finished plan just before it is marked finished (the daemon alerts on a
     rollback with failed steps); after a crash right there it is told again: at least once."""
+    _store: StateStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._store = as_state(self.store)
 
     async def resume(self) -> list[str]:
         """Finish every incident a previous run left unfinished, oldest first; their ids."""
         finished = []
-        for incident in self.store.unfinished_incidents():
+        for incident in await self._store.unfinished_incidents():
             if incident.waiting is not None:
                 continue
             log.warning("plan_resuming", incident=incident.id, monitor=incident.monitor)
@@ -85,7 +90,7 @@ class PlanRunner:
 
     async def run(self, incident_id: str) -> None:
         """Run the steps not yet done, write the incident record, mark the incident finished."""
-        record = self.store.incident(incident_id)
+        record = await self._store.incident(incident_id)
         if record.finished_at is not None:  # started twice, or already done before a restart
             return
         if record.waiting is not None:  # only an approval or a cooldown's end lets it run
@@ -108,7 +113,7 @@ class PlanRunner:
             if armed:
                 await self._run_step(incident, step)
             else:
-                self._finish(
+                await self._finish(
                     incident, step, StepStatus.WOULD_RUN, f"dry-run: would run {step.action}"
                 )
         await self._close(incident_id)
@@ -122,16 +127,17 @@ class PlanRunner:
         action = self.actions.get(step.action)
         if action is None:
             detail = f"action {step.action!r} is not configured"
-            self._finish(incident, step, StepStatus.FAILED, detail)
+            await self._finish(incident, step, StepStatus.FAILED, detail)
             return
         config = self.action_configs.get(step.action, DEFAULT)
         died = step.status is StepStatus.RUNNING  # the daemon died during an attempt
-        if died and self.store.step_interrupted(incident.id, step.step) >= MAX_INTERRUPTIONS:
+        interrupted = died and await self._store.step_interrupted(incident.id, step.step)
+        if interrupted and interrupted >= MAX_INTERRUPTIONS:
             detail = f"gave up: the daemon died during this step {MAX_INTERRUPTIONS} times"
-            self._finish(incident, step, StepStatus.FAILED, detail)
+            await self._finish(incident, step, StepStatus.FAILED, detail)
             return
         while True:
-            attempt = self.store.step_started(incident.id, step.step, self.clock())
+            attempt = await self._store.step_started(incident.id, step.step, self.clock())
             ctx = ActionContext(
                 incident=incident,
                 step=step.step,
@@ -143,19 +149,19 @@ class PlanRunner:
             ok, detail, transient = await attempt_once(action, ctx, config.timeout)
             self._count(step.action, "ok" if ok else "failed")
             if ok:
-                self._finish(incident, step, StepStatus.OK, detail, attempt=attempt)
+                await self._finish(incident, step, StepStatus.OK, detail, attempt=attempt)
                 return
-            failures = self.store.step_failed(incident.id, step.step, lasting=not transient)
+            failures = await self._store.step_failed(incident.id, step.step, lasting=not transient)
             if failures > config.retries:
-                self._finish(incident, step, StepStatus.FAILED, detail, attempt=attempt)
+                await self._finish(incident, step, StepStatus.FAILED, detail, attempt=attempt)
                 return
-            first = self.store.incident(incident.id).steps[step.step].first_started_at
+            first = (await self._store.incident(incident.id)).steps[step.step].first_started_at
             delay = self._backoff(attempt)
             if first is not None and self.clock() + delay - first > config.give_up_after:
                 detail = (
                     f"gave up after {attempt} attempts over {config.give_up_after:g}s: {detail}"
                 )
-                self._finish(incident, step, StepStatus.FAILED, detail, attempt=attempt)
+                await self._finish(incident, step, StepStatus.FAILED, detail, attempt=attempt)
                 return
             log.warning(
                 "action_retry",
@@ -173,7 +179,7 @@ class PlanRunner:
         ceiling = min(self.backoff_cap, self.backoff_base * 2.0 ** (attempt - 1))
         return ceiling * random.uniform(0.5, 1.0)  # noqa: S311 -- jitter, not cryptography
 
-    def _finish(
+    async def _finish(
         self,
         incident: Incident,
         step: StepRecord,
@@ -182,7 +188,7 @@ class PlanRunner:
         attempt: int = 0,
     ) -> None:
         detail = self.redactor.text(detail)[:DETAIL_CHARS]
-        self.store.step_finished(incident.id, step.step, status, detail, self.clock())
+        await self._store.step_finished(incident.id, step.step, status, detail, self.clock())
         fields = {"action": step.action, "incident": incident.id, "step": step.step}
         if status is StepStatus.FAILED:
             log.error("action_failed", **fields, attempts=attempt or step.attempts, error=detail)
@@ -198,9 +204,9 @@ class PlanRunner:
 
     async def _close(self, incident_id: str) -> None:
         now = self.clock()
-        record = self.store.incident(incident_id)
+        record = await self._store.incident(incident_id)
         path = self.state_dir / "incidents" / f"{incident_id}.json"
-        samples = self.store.recent_checks(record.monitor, self.samples)
+        samples = await self._store.recent_checks(record.monitor, self.samples)
         document = record.document(
             samples, environment=self.environment, config_sha256=self.config_sha256, at=now
         )
@@ -213,8 +219,8 @@ class PlanRunner:
             )
         failed = [s.action for s in record.failed_steps()]
         if self.on_failed_steps is not None:
-            self.on_failed_steps(record)
-        self.store.finish_incident(incident_id, now)
+            await self.on_failed_steps(record)
+        await self._store.finish_incident(incident_id, now)
         (log.error if failed else log.info)(
             "plan_finished",
             incident=incident_id,

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import structlog
 
 from rollbackd import incidents, limits
 from rollbackd.config import Config
+from rollbackd.engine import Event
 from rollbackd.errors import RollbackdError, StateError
 from rollbackd.inflight import PlanTasks
 from rollbackd.records import IncidentDraft, IncidentRecord
-from rollbackd.state import Store
-from rollbackd.waitlog import WaitLog
+from rollbackd.stores import StateStore
 
 log = structlog.get_logger("rollbackd.waiting")
 
@@ -31,7 +31,7 @@ class Waiting:
         self,
         plans: PlanTasks,
         *,
-        store: Callable[[], Store],
+        store: Callable[[], StateStore],
         config: Callable[[], Config],
         on_count: Callable[[Mapping[str, int]], None],
         clock: Callable[[], float] = time.time,
@@ -44,19 +44,28 @@ class Waiting:
         self._clock = clock
         self._releases = Releases(self._release, clock=clock)
 
-    def gate(self, draft: IncidentDraft) -> IncidentDraft:
+    async def gate(self, draft: IncidentDraft) -> IncidentDraft:
         """A check's draft as it must open (a monitor's ``plan_gate``).
 
-        Called between the check and its commit with no await between, so the count it
-        reads is the one the commit extends.
+        Called between the check and its commit. On SQLite nothing in between yields to the
+        event loop, so the count it reads is the one the commit extends; on PostgreSQL
+        (one leader, checks of other monitors may commit in between) it can be one short.
         """
         store = self._store()
         try:
+            known = limits.Limits.of(self._config().daemon)
+            released = rearmed = None
+            if draft.event is Event.ROLLBACK:
+                if known.max_rollbacks is not None:
+                    since = draft.opened_at - known.max_rollbacks.per
+                    released = await store.rollbacks_released(since, draft.mode)
+                if known.rearm_cooldown is not None:
+                    rearmed = await store.rearmed_at(draft.monitor)
             return limits.hold(
                 draft,
-                limits.Limits.of(self._config().daemon),
-                released=WaitLog(store).rollbacks_released,
-                rearmed_at=WaitLog(store).rearmed_at,
+                known,
+                released=lambda _since, _mode: released or 0,
+                rearmed_at=lambda _monitor: rearmed,
             )
         except StateError:  # the commit would fail too: the check is not recorded
             raise
@@ -64,11 +73,11 @@ class Waiting:
             log.exception("plan_gate_failed", monitor=draft.monitor, event=str(draft.event))
             return draft
 
-    def opened(self, incident_id: str) -> None:
+    async def opened(self, incident_id: str) -> None:
         """A check opened an incident (a monitor's ``on_incident``): run it, or hold it."""
         store = self._store()
         try:
-            record = store.incident(incident_id)
+            record = await store.incident(incident_id)
         except StateError as exc:  # the runner reads it again, and holds a waiting one
             log.error("incident_unreadable", incident=incident_id, error=str(exc))
             self._plans.start(incident_id)
@@ -80,28 +89,28 @@ class Waiting:
         monitor = self._config().monitors.get(record.monitor)
         draft = incidents.for_waiting(record, monitor, self._clock())
         if draft is not None:
-            self._plans.start(store.open_incident(draft))
-        self.count()
+            self._plans.start(await store.open_incident(draft))
+        await self.count()
 
-    def resume(self) -> None:
+    async def resume(self) -> None:
         """At start: run the plans a previous run left unfinished, hold those that wait."""
-        for record in self._plans.resume_unfinished(self._store()):
+        for record in await self._plans.resume_unfinished(self._store()):
             self._hold(record)
-        self.count()
+        await self.count()
 
     async def approve(self, incident: str) -> dict[str, Any]:
         """Run a waiting plan now; of concurrent approvals exactly one does.
 
         UnknownIncidentError, or IncidentNotWaitingError when it does not wait.
         """
-        waited = self._plans.approve(self._store(), incident, self._clock())
+        waited = await self._plans.approve(self._store(), incident, self._clock())
         self._releases.cancel(incident)
-        self.count()
+        await self.count()
         return {"incident": incident, "waited": waited, "plan": "started"}
 
     def waiting(self) -> list[IncidentRecord]:
-        """The incidents whose plan waits, oldest first."""
-        return WaitLog(self._store()).waiting_incidents()
+        """The incidents whose plan waits, oldest first (for /status: see ``store.shown``)."""
+        return self._store().shown()[1]
 
     def released_now(self) -> int | None:
         """Rollback plans let run within ``max_rollbacks.per`` until now (None: no limit)."""
@@ -109,12 +118,12 @@ class Waiting:
         if daemon.max_rollbacks is None:
             return None
         since = self._clock() - daemon.max_rollbacks.per
-        return WaitLog(self._store()).rollbacks_released(since, daemon.mode)
+        return self._store().shown_released(since, daemon.mode)
 
-    def count(self) -> None:
+    async def count(self) -> None:
         """Report how many plans wait, by reason."""
         counts: dict[str, int] = {}
-        for record in self.waiting():
+        for record in await self._store().waiting_incidents():
             reason = record.waiting or ""
             counts[reason] = counts.get(reason, 0) + 1
         self._on_count(counts)
@@ -136,10 +145,10 @@ class Waiting:
             approve = f"rollbackd approve {record.id}"
             log.warning("rollback_waiting_approval", **fields, approve=approve)
 
-    def _release(self, incident_id: str) -> None:
+    async def _release(self, incident_id: str) -> None:
         """A cooldown ended: its plan runs (unless an operator approved it already)."""
-        self._plans.release(self._store(), incident_id, limits.COOLDOWN)
-        self.count()
+        await self._plans.release(self._store(), incident_id, limits.COOLDOWN)
+        await self.count()
 
 
 class Releases:
@@ -149,7 +158,7 @@ class Releases:
     """
 
     def __init__(
-        self, release: Callable[[str], None], *, clock: Callable[[], float] = time.time
+        self, release: Callable[[str], Awaitable[None]], *, clock: Callable[[], float] = time.time
     ) -> None:
         self._release = release
         self._clock = clock
@@ -181,6 +190,6 @@ class Releases:
         await asyncio.sleep(delay)
         self._timers.pop(incident_id, None)
         try:
-            self._release(incident_id)
+            await self._release(incident_id)
         except RollbackdError as exc:  # e.g. the store failing: released at the next start
             log.error("release_failed", incident=incident_id, error=str(exc), retry="at next start")
