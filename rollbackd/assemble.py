@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -81,6 +82,10 @@ class Assembly:
     def secret_values(self) -> list[str]:
         """Every secret the plugin options name, read now (unreadable ones are left out)."""
         found = []
+        password = self.config.daemon.state_password
+        if password is not None:  # the state store's password (PostgreSQL)
+            with contextlib.suppress(SecretError):
+                found.append(password.reveal())
         for section, parts in (("sources", self.sources), ("actions", self.actions)):
             for name, part in parts.items():
                 for _, ref in secret_refs(part.options, (section, name)):
@@ -206,6 +211,12 @@ def _verify(assembly: Assembly) -> Iterator[str]:
 
 
 def _check_secrets(assembly: Assembly) -> Iterator[str]:
+    password = assembly.config.daemon.state_password
+    if password is not None:
+        try:
+            password.reveal()
+        except SecretError as exc:
+            yield f"daemon.state_password: {exc}"
     groups = (("sources", assembly.sources), ("actions", assembly.actions))
     for section, parts in groups:
         for name, part in parts.items():

@@ -12,10 +12,12 @@ import ipaddress
 import math
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -28,7 +30,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from rollbackd.errors import ConfigError
-from rollbackd.options import Frozen, bounded
+from rollbackd.options import CaFile, Frozen, SecretRef, bounded
 from rollbackd.problems import dotted, lines
 
 NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
@@ -77,6 +79,15 @@ class DaemonConfig(BaseSettings):
     ``rollbackd approve``. From the environment as JSON: ``{"count": 3, "per": "1h"}``."""
     rearm_cooldown: RearmCooldown | None = None
     """After a re-arm, a rollback incident opened within this long waits for it to pass."""
+    state: str = ""
+    """Shared state of a high-availability group: ``postgresql://host:port/db?sslmode=...``
+    (no credentials in it); "" keeps the SQLite store in ``state_dir``."""
+    state_user: str = ""
+    """The PostgreSQL role (``state`` only)."""
+    state_password: SecretRef | None = None
+    """The role's password, a secret reference (``{ env = "RBD_PG_PASSWORD" }``)."""
+    state_ca_file: CaFile | None = None
+    """CA bundle verifying the server (``sslmode=verify-full``/``verify-ca``)."""
 
     @classmethod
     def settings_customise_sources(
@@ -118,12 +129,59 @@ class DaemonConfig(BaseSettings):
         )
 
     @model_validator(mode="after")
+    def _check_state(self) -> DaemonConfig:
+        if not self.state:
+            extra = [
+                k for k in ("state_user", "state_password", "state_ca_file") if getattr(self, k)
+            ]
+            if extra:
+                given = ", ".join(extra)
+                raise ValueError(f'{given} only apply with state = "postgresql://..."')
+            return self
+        problem = state_url_problem(self.state)
+        if problem:
+            raise ValueError(f"state: {problem}")
+        if not self.state_user:
+            raise ValueError('state_user is required with state = "postgresql://..."')
+        return self
+
+    @model_validator(mode="after")
     def _check_listen(self) -> DaemonConfig:
         if self.listen:
             host, sep, port = self.listen.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f'listen must be "HOST:PORT" or "", not {self.listen!r}')
         return self
+
+
+def state_url_problem(url: str) -> str:
+    """What is wrong with a ``daemon.state`` URL ("" when nothing); never repeats the URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"postgresql", "postgres"}:
+        return 'give a PostgreSQL URL, "postgresql://host:port/database?sslmode=verify-full"'
+    if "@" in parts.netloc:
+        return (
+            "credentials in the URL are refused (they would be shown wherever the URL is): "
+            'remove "user:password@" and use state_user and state_password = { env = "VAR" }'
+        )
+    if not parts.hostname:
+        return "the URL names no host"
+    try:
+        parts.port  # noqa: B018 -- raises on a bad port
+    except ValueError:
+        return "the URL's port is not a number from 1 to 65535"
+    if not parts.path.strip("/"):
+        return "the URL names no database (postgresql://host:port/DATABASE)"
+    return ""
+
+
+class HaConfig(Frozen):
+    """``[ha]``: how daemons sharing a PostgreSQL ``daemon.state`` elect the one that acts."""
+
+    takeover_after: Annotated[float, bounded("200ms", "10m")] = 5.0
+    """A standby takes over within this long of the leader's loss."""
+    node: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
+    """This daemon's name among its peers (/status ``peers``); the host name by default."""
 
 
 VOLUME = "volume:"
@@ -249,6 +307,7 @@ class Config(Frozen):
     sources: dict[str, SourceConfig] = Field(default_factory=dict)
     monitors: dict[str, MonitorConfig] = Field(default_factory=dict)
     actions: dict[str, ActionConfig] = Field(default_factory=dict)
+    ha: HaConfig = Field(default_factory=HaConfig)
     path: Path | None = None
     sha256: str = ""
 
@@ -319,6 +378,8 @@ def _with_env_names(found: list[str]) -> list[str]:
 
 def cross_check(config: Config) -> Iterator[str]:
     """What the models alone cannot see: references to actions, limits, the production guard."""
+    if "ha" in config.model_fields_set and not config.daemon.state:
+        yield 'ha: only applies with daemon.state = "postgresql://..." (shared state)'
     for name, monitor in config.monitors.items():
         here = f"monitors.{name}"
         if monitor.alert_after is not None and monitor.alert_after > monitor.rollback_after:
