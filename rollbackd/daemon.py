@@ -11,6 +11,7 @@ import datetime as dt
 import signal
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,11 @@ from rollbackd.errors import (
     UnknownMonitorError,
 )
 from rollbackd.inflight import PlanTasks
+from rollbackd.leader import STANDBY, Leadership
 from rollbackd.metrics import Metrics
 from rollbackd.monitor import MonitorRunner
 from rollbackd.parts import Parts
+from rollbackd.pgstate import PgState
 from rollbackd.plan import PlanRunner
 from rollbackd.records import IncidentDraft, IncidentRecord
 from rollbackd.redact import Redactor
@@ -85,6 +88,8 @@ class Daemon:
         self.check_listener: Callable[[str, Check, MonitorState], None] | None = None
         """Told of every committed check (the demo prints them)."""
         self._state: StateStore | None = None
+        self.leadership: Leadership | None = None
+        """The election (PostgreSQL state only)."""
         self._schedule: Schedule | None = None
         self._stop = asyncio.Event()
         self.plans = PlanTasks(self._runner)
@@ -128,7 +133,7 @@ class Daemon:
         daemon = self.config.daemon
         lock = StateDirLock(daemon.state_dir)
         try:
-            self._state = SqliteState.open(daemon.state_dir)
+            self._state = await self._open_state()
         except BaseException:
             lock.close()
             raise
@@ -150,15 +155,19 @@ class Daemon:
                 await self._start_parts(self.assembly)
                 await self._start_surface(stack)
                 self._install_signals()
-                await self.waiting.resume()
+                if self.leadership is None:
+                    await self.waiting.resume()
+                    self.metrics.leader.set(1)
                 self.ready.set()
-                notify.ready(f"watching {len(self.monitors)} monitors, mode {daemon.mode}")
+                notify.ready(self._watching())
                 log.info("daemon_ready", mode=daemon.mode, listen=daemon.listen or None)
                 async with asyncio.TaskGroup() as group:
                     chores = [
                         group.create_task(health.watchdog(self.health)),
                         group.create_task(self._commits.run()),
                     ]
+                    if self.leadership is not None:
+                        chores.append(group.create_task(self.leadership.run()))
                     await self._stop.wait()
                     for chore in chores:
                         chore.cancel()
@@ -173,6 +182,61 @@ class Daemon:
             lock.close()
         log.info("daemon_stopped")
         return 0
+
+    async def _open_state(self) -> StateStore:
+        """SQLite in state_dir, or the shared PostgreSQL store and its election."""
+        config = self.config
+        if not config.daemon.state:
+            return SqliteState.open(config.daemon.state_dir)
+        store = await PgState.open(config.daemon, config.ha.node)
+        self.leadership = Leadership(
+            store,
+            node=config.ha.node,
+            takeover_after=config.ha.takeover_after,
+            on_lead=self._take_lead,
+            on_standby=self._stand_by,
+        )
+        self.metrics.leader.set(0)
+        log.info("daemon_standby", node=config.ha.node, state=store.where)
+        return store
+
+    async def _take_lead(self, generation: int) -> None:
+        """A takeover: count on from the committed state, resume the unfinished plans."""
+        for runner in self.monitors.values():
+            await runner.load()
+            self.metrics.monitor_state(runner.name, runner.state)
+        self.metrics.leader.set(1)
+        notify.status(self._watching())
+        log.warning("daemon_leading", generation=generation, node=self.config.ha.node)
+        await self.waiting.resume()
+
+    async def _stand_by(self, why: str) -> None:
+        """Deposed: stop every plan and timer at once; the new leader resumes them."""
+        self.metrics.leader.set(0)
+        notify.status(self._watching())
+        await self.plans.cancel()
+        await self.waiting.stop()
+        log.warning("daemon_standing_by", reason=why, node=self.config.ha.node)
+
+    @property
+    def role(self) -> str:
+        """``leader`` (always with SQLite state) or ``standby``."""
+        return self.leadership.role if self.leadership is not None else "leader"
+
+    def _watching(self) -> str:
+        """The systemd STATUS line: role, monitors, mode."""
+        text = f"watching {len(self.monitors)} monitors, mode {self.config.daemon.mode}"
+        if self.leadership is None:
+            return text
+        return f"{self.role} (generation {self.leadership.generation}), {text}"
+
+    def _acting(self) -> None:
+        """Refuse an operator's action on a standby: it must go to the leader."""
+        if self.leadership is not None and self.role == STANDBY:
+            raise RollbackdError(
+                f"this daemon ({self.config.ha.node}) is a standby: send this to the leader "
+                "(see /status peers)"
+            )
 
     @property
     def mode(self) -> str:
@@ -313,6 +377,10 @@ class Daemon:
             waiting=waiting,
             released=self.waiting.released_now(),
         )
+        document["role"] = self.role
+        leadership = self.leadership
+        document["generation"] = leadership.generation if leadership is not None else 0
+        document["peers"] = leadership.peers if leadership is not None else []
         redacted: dict[str, Any] = self.redactor.value(document)
         return redacted
 
@@ -321,6 +389,7 @@ class Daemon:
         runner = self.monitors.get(monitor)
         if runner is None:
             raise UnknownMonitorError(monitor)
+        self._acting()
 
         def announce(previous: IncidentRecord | None) -> IncidentDraft | None:
             return incidents.for_rearm(
@@ -340,10 +409,12 @@ class Daemon:
 
     async def retry(self, incident: str) -> dict[str, Any]:
         """Re-run the failed steps of a finished plan (``rollbackd retry``)."""
+        self._acting()
         return {"incident": incident, "steps": await self.plans.retry(self.state, incident)}
 
     async def approve(self, incident: str) -> dict[str, Any]:
         """Run a plan that waits (``rollbackd approve``); exactly one of concurrent calls does."""
+        self._acting()
         return await self.waiting.approve(incident)
 
     async def _start_surface(self, stack: contextlib.AsyncExitStack) -> None:
@@ -397,6 +468,12 @@ class Daemon:
                 notify.status("reload rejected; running the previous config")
                 notify.ready()
                 return False
+            if new.config.daemon.state != self.config.daemon.state:
+                log.warning("reload_state_ignored", kept=self.state.where)
+                daemon_kept = new.config.daemon.model_copy(
+                    update={"state": self.config.daemon.state}
+                )
+                new = replace(new, config=new.config.model_copy(update={"daemon": daemon_kept}))
             if new.config.daemon.state_dir != self.config.daemon.state_dir:
                 log.warning("reload_state_dir_ignored", kept=str(self.config.daemon.state_dir))
                 new = new.with_state_dir(self.config.daemon.state_dir)
@@ -427,5 +504,5 @@ class Daemon:
                 monitors=len(self.monitors),
                 sources_kept=old.kept_by(self.parts),
             )
-            notify.ready(f"watching {len(self.monitors)} monitors, mode {daemon.mode}")
+            notify.ready(self._watching())
             return True

@@ -114,6 +114,11 @@ class Metrics:
             registry=registry,
         )
         self.plans_waiting({})
+        self.leader = Gauge(
+            "rollbackd_leader",
+            "1 while this daemon acts (leader; always with SQLite state), 0 as a standby.",
+            registry=registry,
+        )
         self._info = Info(
             "rollbackd", "Version, mode and environment of the running daemon.", registry=registry
         )

@@ -171,8 +171,11 @@ class PgState:
         self._released: list[tuple[str, float]] = []
 
     @classmethod
-    async def open(cls, daemon: DaemonConfig) -> PgState:
-        """Connect, bring the schema up to date, check the grants; StateError saying why not."""
+    async def open(cls, daemon: DaemonConfig, node: str = "") -> PgState:
+        """Connect, bring the schema up to date, check the grants; StateError saying why not.
+
+        ``node`` names this daemon's connections (``application_name``) on the server.
+        """
         target = Target.of(daemon)
         try:
             conn = await psycopg.AsyncConnection.connect(
@@ -189,7 +192,7 @@ class PgState:
         pool: psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]]
         pool = psycopg_pool.AsyncConnectionPool(
             target.url,
-            kwargs={**target.kwargs, "application_name": "rollbackd"},
+            kwargs={**target.kwargs, "application_name": f"rollbackd:{node}"[:63]},
             min_size=1,
             max_size=4,
             timeout=5.0,

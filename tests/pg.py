@@ -105,6 +105,11 @@ class Postgres:
         """The ``daemon.state`` URL of ``database`` (no credentials)."""
         return f"postgresql://127.0.0.1:{self.port}/{database}?sslmode=disable"
 
+    def log_lines(self) -> list[str]:
+        """Every line the server logged so far."""
+        path = self.top / "server.log"
+        return path.read_text(errors="replace").splitlines() if path.exists() else []
+
     def log(self) -> str:
         """The server's log (its end)."""
         path = self.top / "server.log"

@@ -1,0 +1,389 @@
+"""High availability as operators meet it: two daemons as processes on one real PostgreSQL.
+
+A synthetic source with a fixed ``start`` gives both daemons the same scenario (healthy, then
+an outage at a known time); the plan's HTTP steps go to a receiver counting requests per
+``Idempotency-Key``, and its ``wait`` step lasts until in-flight work drains (10 s into the
+outage), long enough to kill a leader in the middle of it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.pg import PASSWORD, Postgres, running
+from tests.servers import Rollbackd, free_port, http_get, wait_for
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+[daemon]
+mode = "armed"
+environment = "test"
+state_dir = "{state}"
+listen = "127.0.0.1:{port}"
+state = "{url}"
+state_user = "rollbackd"
+state_password = {{ env = "RBD_TEST_PG_PASSWORD" }}
+
+[ha]
+takeover_after = "1s"
+node = "{node}"
+
+[sources.boop]
+type = "synthetic"
+seed = 3
+noise = 0
+start = {start}
+phases = [{{ kind = "healthy", duration = "{healthy}s" }}, {{ kind = "outage" }}]
+
+[monitors.payments]
+interval = "{interval}"
+rollback_after = 3
+on_rollback = ["stop-traffic", "drain", "route-legacy", "page"]
+
+[[monitors.payments.rules]]
+name = "payment-error-rate"
+source = "boop"
+query = "payment_error_rate"
+above = 0.1
+
+[actions.stop-traffic]
+type = "flag.http"
+url = "{hook}/flag"
+
+[actions.drain]
+type = "wait"
+source = "boop"
+query = "inflight_transactions"
+poll = "200ms"
+timeout = "40s"
+
+[actions.route-legacy]
+type = "route.http"
+url = "{hook}/route"
+
+[actions.page]
+type = "alert.webhook"
+url = "{hook}/alert"
+"""
+
+STEPS = {"flag": 0, "route": 2, "alert": 3}
+"""The receiver's paths and the plan step each one is."""
+
+
+class Receiver:
+    """An HTTP service recording every request: path, Idempotency-Key, time."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, float]] = []
+        received = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                key = self.headers.get("Idempotency-Key") or ""
+                received.append((self.path.strip("/"), key, time.time()))
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def paths(self) -> list[str]:
+        """The paths requested, in order."""
+        return [path for path, _, _ in self.requests]
+
+    def effects(self) -> dict[str, int]:
+        """Requests per Idempotency-Key."""
+        counts: dict[str, int] = {}
+        for _, key, _ in self.requests:
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def stop(self) -> None:
+        """Shut the server down and join its thread."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[Postgres]:
+    """One PostgreSQL for the module; every statement that changes data is logged."""
+    with running() as server:
+        server.sql("ALTER SYSTEM SET log_statement = 'mod'")
+        server.sql("ALTER SYSTEM SET log_line_prefix = '%m [%a] '")
+        server.sql("SELECT pg_reload_conf()")
+        yield server
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """The HTTP service the plan's steps call."""
+    found = Receiver()
+    yield found
+    found.stop()
+
+
+@pytest.fixture
+def group(
+    tmp_path: Path, pg: Postgres, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[list[Rollbackd]]:
+    """Daemons a test starts; each is killed afterwards if still running."""
+    monkeypatch.setenv("RBD_TEST_PG_PASSWORD", PASSWORD)
+    started: list[Rollbackd] = []
+    yield started
+    for daemon in started:
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.kill()
+
+
+class Pair:
+    """Two daemons, ``a`` and ``b``, on one database and one scenario."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        pg: Postgres,
+        receiver: Receiver,
+        started: list[Rollbackd],
+        *,
+        healthy: float,
+        interval: str = "500ms",
+    ) -> None:
+        self.pg, self.database = pg, pg.database()
+        self.start_at = time.time()
+        self.outage_at = self.start_at + healthy
+        self.daemons: dict[str, Rollbackd] = {}
+        for node in ("a", "b"):
+            workdir = tmp_path / node
+            workdir.mkdir()
+            port = free_port()
+            config = workdir / "rollbackd.toml"
+            config.write_text(
+                CONFIG.format(
+                    state=workdir / "state",
+                    port=port,
+                    url=pg.url(self.database),
+                    node=node,
+                    start=self.start_at,
+                    healthy=healthy,
+                    interval=interval,
+                    hook=receiver.url,
+                ),
+                encoding="utf-8",
+            )
+            daemon = Rollbackd(config, port, workdir)
+            started.append(daemon)
+            self.daemons[node] = daemon
+
+    def start(self, *nodes: str) -> None:
+        """Start these daemons (in order), each waited for until /health answers."""
+        for node in nodes:
+            self.daemons[node].start()
+
+    def status(self, node: str) -> dict[str, Any] | None:
+        """GET /status of ``node`` (None if it does not answer)."""
+        code, body = http_get(f"http://127.0.0.1:{self.daemons[node].port}/status")
+        if code != 200:
+            return None
+        document: dict[str, Any] = json.loads(body)
+        return document
+
+    def role(self, node: str) -> str | None:
+        """``leader`` / ``standby`` of a running daemon."""
+        status = self.status(node)
+        return None if status is None else str(status["role"])
+
+    def leader(self, timeout: float = 10.0) -> str:
+        """Wait until exactly one running daemon leads; its node."""
+
+        def one() -> str | None:
+            roles = {n: self.role(n) for n, d in self.daemons.items() if alive(d)}
+            leaders = [n for n, r in roles.items() if r == "leader"]
+            return leaders[0] if len(leaders) == 1 else None
+
+        found: str = wait_for(one, timeout, 0.1, what="one leader")
+        return found
+
+    def sql(self, statement: str) -> list[tuple[Any, ...]]:
+        """A statement on the pair's database."""
+        return self.pg.sql(statement, self.database)
+
+    def rollbacks(self) -> list[tuple[Any, ...]]:
+        """``(id, finished_at)`` of the rollback incidents."""
+        return self.sql("SELECT id, finished_at FROM incidents WHERE event = 'rollback'")
+
+    def finished(self) -> bool:
+        """One rollback incident, its plan finished."""
+        found = self.rollbacks()
+        return len(found) == 1 and found[0][1] is not None
+
+
+def alive(daemon: Rollbackd) -> bool:
+    """The daemon's process runs."""
+    return daemon.process is not None and daemon.process.poll() is None
+
+
+def other(node: str) -> str:
+    """The other node of the pair."""
+    return "b" if node == "a" else "a"
+
+
+def assert_exactly_once(receiver: Receiver, incident: str) -> None:
+    """Every HTTP step of ``incident`` reached the receiver once, with its own key."""
+    expected = {f"{incident}:{step}": 1 for step in STEPS.values()}
+    assert receiver.effects() == expected, receiver.requests
+    for path, key, _ in receiver.requests:
+        assert key == f"{incident}:{STEPS[path]}"
+
+
+def test_leader_killed_during_wait_step_standby_finishes_the_plan(
+    tmp_path: Path, pg: Postgres, receiver: Receiver, group: list[Rollbackd]
+) -> None:
+    """SIGKILL the leader in the plan's wait step: the standby finishes it, each effect once."""
+    pair = Pair(tmp_path, pg, receiver, group, healthy=6.0)
+    pair.start("a")
+    assert pair.leader() == "a"
+    pair.start("b")
+    assert pair.role("b") == "standby"
+    wait_for(lambda: receiver.paths() == ["flag"], 20, 0.05, what="the plan's first step")
+    time.sleep(1.0)  # in the wait step now: the outage drains for 10 s
+    pair.daemons["a"].kill()
+    killed = time.time()
+    assert pair.leader(5.0) == "b"
+    took_over = time.time() - killed
+    assert took_over < 3.0, f"takeover took {took_over:.1f}s"
+    wait_for(pair.finished, 30, 0.2, what="the plan finished by b")
+    ((incident, _),) = pair.rollbacks()
+    assert_exactly_once(receiver, incident)
+    steps = pair.sql(
+        f"SELECT step, status, interruptions FROM steps WHERE incident_id = '{incident}' "
+        "ORDER BY step"
+    )
+    assert steps == [(0, "ok", 0), (1, "ok", 1), (2, "ok", 0), (3, "ok", 0)]
+    status = pair.status("b")
+    assert status is not None
+    assert status["generation"] == 2
+    assert status["monitors"]["payments"]["state"] == "rolled_back"
+    metrics = http_get(f"http://127.0.0.1:{pair.daemons['b'].port}/metrics")[1].decode()
+    assert re.search(r"^rollbackd_leader 1\.0$", metrics, re.MULTILINE)
+
+
+def test_lock_connection_terminated_old_leader_stops_and_never_writes_again(
+    tmp_path: Path, pg: Postgres, receiver: Receiver, group: list[Rollbackd]
+) -> None:
+    """pg_terminate_backend on the leader's lock: it stands by within one interval.
+
+    The server sees no write of the old leader's after the new generation; the new leader
+    rolls back, each effect once.
+    """
+    pair = Pair(tmp_path, pg, receiver, group, healthy=12.0, interval="1s")
+    pair.start("a", "b")
+    leader = pair.leader()
+    follower = other(leader)
+    (pid,) = pair.sql(
+        f"SELECT pid FROM pg_stat_activity WHERE application_name = 'rollbackd-lock:{leader}'"
+    )[0]
+    pg.sql(f"SELECT pg_terminate_backend({pid})")
+    terminated = time.time()
+    wait_for(lambda: pair.role(leader) == "standby", 1.0, 0.05, what="the old leader standing by")
+    assert time.time() - terminated <= 1.0 + 0.2
+    assert pair.leader(5.0) == follower
+    status = pair.status(leader)
+    assert status is not None
+    assert status["role"] == "standby"
+    assert {p["node"] for p in status["peers"]} == {"a", "b"}
+    metrics = http_get(f"http://127.0.0.1:{pair.daemons[leader].port}/metrics")[1].decode()
+    assert re.search(r"^rollbackd_leader 0\.0$", metrics, re.MULTILINE)
+    wait_for(pair.finished, 40, 0.2, what="the rollback by the new leader")
+    ((incident, _),) = pair.rollbacks()
+    assert_exactly_once(receiver, incident)
+    time.sleep(1.5)  # a late write of the old leader would be in the log by now
+    lines = pg.log_lines()
+    takeover = next(
+        i
+        for i, line in enumerate(lines)
+        if f"[rollbackd-lock:{follower}]" in line and "UPDATE leadership" in line
+    )
+    before = lines[:takeover]
+    assert any(f"[rollbackd:{leader}]" in line and "INSERT INTO checks" in line for line in before)
+    late = [
+        line
+        for line in lines[takeover:]
+        if f"[rollbackd:{leader}]" in line and "statement:" in line and "peers" not in line
+    ]
+    assert late == [], late
+
+
+def test_both_daemons_restarted_together_nothing_fires_twice(
+    tmp_path: Path, pg: Postgres, receiver: Receiver, group: list[Rollbackd]
+) -> None:
+    """Both killed in the middle of the plan and started again together: each effect once."""
+    pair = Pair(tmp_path, pg, receiver, group, healthy=6.0)
+    pair.start("a", "b")
+    pair.leader()
+    wait_for(lambda: receiver.paths() == ["flag"], 20, 0.05, what="the plan's first step")
+    time.sleep(0.5)
+    for daemon in pair.daemons.values():
+        daemon.kill()
+    starters = [threading.Thread(target=d.start) for d in pair.daemons.values()]
+    for thread in starters:
+        thread.start()
+    for thread in starters:
+        thread.join(30)
+    pair.leader()
+    wait_for(pair.finished, 30, 0.2, what="the plan finished after the restart")
+    time.sleep(2.0)  # latched: no second rollback, no second call
+    ((incident, _),) = pair.rollbacks()
+    assert_exactly_once(receiver, incident)
+    for node in ("a", "b"):
+        status = pair.status(node)
+        assert status is not None
+        assert status["monitors"]["payments"]["state"] == "rolled_back"
+
+
+def test_postgres_restarted_both_reconnect_no_false_rollback(
+    tmp_path: Path, pg: Postgres, receiver: Receiver, group: list[Rollbackd]
+) -> None:
+    """PostgreSQL restarts while all is healthy: both reconnect, no false rollback.
+
+    One of them leads again with a newer generation; the later outage fires once.
+    """
+    pair = Pair(tmp_path, pg, receiver, group, healthy=16.0)
+    pair.start("a", "b")
+    pair.leader()
+    first = pair.status("a")
+    assert first is not None
+    pg.restart(down_for=2.0)
+    wait_for(
+        lambda: all((s := pair.status(n)) and s["generation"] >= 2 for n in ("a", "b")),
+        15,
+        0.2,
+        what="both daemons on a newer generation",
+    )
+    pair.leader()
+    assert pair.rollbacks() == []
+    assert receiver.requests == []
+    assert time.time() < pair.outage_at, "the restart took too long for this scenario"
+    wait_for(pair.finished, 40, 0.2, what="the rollback after the outage")
+    time.sleep(1.0)
+    ((incident, _),) = pair.rollbacks()
+    assert_exactly_once(receiver, incident)
