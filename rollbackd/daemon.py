@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -30,11 +30,9 @@ from rollbackd.errors import (
     UnknownMonitorError,
 )
 from rollbackd.inflight import PlanTasks
-from rollbackd.leader import STANDBY, Leadership
 from rollbackd.metrics import Metrics
 from rollbackd.monitor import MonitorRunner
 from rollbackd.parts import Parts
-from rollbackd.pgstate import PgState
 from rollbackd.plan import PlanRunner
 from rollbackd.records import IncidentDraft, IncidentRecord
 from rollbackd.redact import Redactor
@@ -44,6 +42,9 @@ from rollbackd.state import Store
 from rollbackd.statedir import StateDirLock
 from rollbackd.stores import SqliteState, StateStore
 from rollbackd.waiting import Waiting
+
+if TYPE_CHECKING:  # imported when the state is PostgreSQL: psycopg needs libpq
+    from rollbackd.leader import Leadership
 
 log = structlog.get_logger("rollbackd.daemon")
 
@@ -188,6 +189,10 @@ class Daemon:
         config = self.config
         if not config.daemon.state:
             return SqliteState.open(config.daemon.state_dir)
+        # Only a PostgreSQL state loads psycopg (and libpq): SQLite hosts need neither.
+        from rollbackd.leader import Leadership  # noqa: PLC0415
+        from rollbackd.pgstate import PgState  # noqa: PLC0415
+
         store = await PgState.open(config.daemon, config.ha.node)
         self.leadership = Leadership(
             store,
@@ -232,7 +237,7 @@ class Daemon:
 
     def _acting(self) -> None:
         """Refuse an operator's action on a standby: it must go to the leader."""
-        if self.leadership is not None and self.role == STANDBY:
+        if self.leadership is not None and self.role == "standby":
             raise RollbackdError(
                 f"this daemon ({self.config.ha.node}) is a standby: send this to the leader "
                 "(see /status peers)"
