@@ -5,7 +5,8 @@ Takeover: two daemons (subprocesses) on a real PostgreSQL (initdb in a temporary
 ``tests/pg.py``); a synthetic outage rolls back through one ``flag.http`` step whose first
 request the receiver holds unanswered; the leader is SIGKILLed while it waits, and the time
 until the standby's request with the same Idempotency-Key arrives is the takeover (notice,
-lock, generation, reload, resume, the step's request). The killed daemon is started again
+lock, generation, reload, resume, the step's request); the kill comes at a random point of
+the standby's poll cycle (a random 0 to takeover_after/2 s wait). The killed daemon is started again
 (as the standby), the new leader re-armed, and the next trial begins.
 
 Run: ``.venv/bin/python -m bench.ha [--quick]``.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import tempfile
 import threading
 import time
@@ -162,6 +164,8 @@ def takeover_trials(pg: Postgres, workdir: Path, trials: int, takeover_after: fl
                 0.01,
                 what="the step in flight",
             )
+            # at a random point of the standby's poll cycle, as a real failure would be
+            time.sleep(random.uniform(0.0, takeover_after / 2))
             daemons[leader].kill()
             killed = time.monotonic()
             wait_for(lambda k=key: len(holder.arrivals[k]) >= 2, 60, 0.005, what="the rerun")
@@ -262,7 +266,8 @@ def main() -> None:
             "method": {
                 "takeover": "two daemons as subprocesses on PostgreSQL 15 (loopback, fsync off: "
                 "a test cluster); a synthetic outage rolls back through one flag.http step "
-                "whose first request the receiver holds; SIGKILL the leader, measure until "
+                "whose first request the receiver holds; SIGKILL the leader after a random 0 to "
+                "takeover_after/2 s (a random point of the standby's poll cycle), measure until "
                 "the standby's request with the same Idempotency-Key arrives; the killed "
                 "daemon restarts as the standby and the new leader is re-armed between trials",
                 "check_cost": f"StateStore.commit_check in a loop for {seconds:g} s per row; "

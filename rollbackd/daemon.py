@@ -167,16 +167,19 @@ class Daemon:
                         group.create_task(health.watchdog(self.health)),
                         group.create_task(self._commits.run()),
                     ]
+                    electing = None
                     if self.leadership is not None:
-                        chores.append(group.create_task(self.leadership.run()))
+                        electing = group.create_task(self.leadership.run())
                     await self._stop.wait()
                     for chore in chores:
                         chore.cancel()
-                notify.stopping()
-                log.info("daemon_stopping")
-                await self._stop_checks()  # no new incident while plans finish
-                await self.waiting.stop()  # a cooldown ending later runs at next start
-                await self.plans.drain(STOP_GRACE_SECONDS)
+                    notify.stopping()
+                    log.info("daemon_stopping")
+                    await self._stop_checks()  # no new incident while plans finish
+                    await self.waiting.stop()  # a cooldown ending later runs at next start
+                    await self.plans.drain(STOP_GRACE_SECONDS)
+                    if electing is not None:  # the lead goes once our plans have stopped
+                        electing.cancel()
         finally:
             await self._state.close()
             self._state = None
