@@ -12,6 +12,8 @@ import json
 import re
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from rollbackd.api import read_control_token
 from tests.pg import PASSWORD, Postgres, running
 from tests.servers import Rollbackd, free_port, http_get, wait_for
 
@@ -237,6 +240,21 @@ class Pair:
         return len(found) == 1 and found[0][1] is not None
 
 
+def post(daemon: Rollbackd, path: str) -> tuple[int, str]:
+    """POST with the daemon's control token; ``(status, body)``."""
+    token = read_control_token(daemon.workdir / "state")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{daemon.port}{path}",
+        method="POST",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
 def alive(daemon: Rollbackd) -> bool:
     """The daemon's process runs."""
     return daemon.process is not None and daemon.process.poll() is None
@@ -326,6 +344,9 @@ def test_lock_connection_terminated_old_leader_stops_and_never_writes_again(
     assert {p["node"] for p in status["peers"]} == {"a", "b"}
     metrics = http_get(f"http://127.0.0.1:{pair.daemons[leader].port}/metrics")[1].decode()
     assert re.search(r"^rollbackd_leader 0\.0$", metrics, re.MULTILINE)
+    code, body = post(pair.daemons[leader], "/rearm/payments")
+    assert code == 503
+    assert "is a standby" in body
     wait_for(pair.finished, 40, 0.2, what="the rollback by the new leader")
     ((incident, _),) = pair.rollbacks()
     assert_exactly_once(receiver, incident)

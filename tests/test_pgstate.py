@@ -14,14 +14,17 @@ from typing import Any
 
 import pytest
 
+from rollbackd import assemble
 from rollbackd.assemble import load
 from rollbackd.config import from_dict
+from rollbackd.daemon import Daemon
 from rollbackd.engine import Check, Event, MonitorState, Outcome, Phase
 from rollbackd.errors import ConfigError, DeposedError, StateError
 from rollbackd.leader import Leadership
 from rollbackd.pgstate import PgState, translate
 from rollbackd.records import IncidentDraft
 from rollbackd.schema import MIGRATIONS, SCHEMA_VERSION
+from tests import helpers
 from tests.helpers import config_file, to_toml
 from tests.pg import PASSWORD, ROLE, Postgres, running
 from tests.servers import free_port
@@ -378,3 +381,26 @@ def load_text(raw: dict[str, Any], tmp_path: Path) -> Any:
     if "ha" in raw:
         text += "[ha]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in raw["ha"].items())
     return load(config_file(tmp_path, text))
+
+
+async def test_sqlite_state_is_always_the_leader(tmp_path: Path) -> None:
+    """Without PostgreSQL: /status role leader, generation 0, no peers; rollbackd_leader 1."""
+    raw = {
+        "daemon": {"state_dir": str(tmp_path / "state"), "listen": ""},
+        "sources": {"boop": {"type": "synthetic", "seed": 1}},
+        "monitors": {
+            "payments": {
+                "interval": "1s",
+                "rules": [
+                    {"name": "e", "source": "boop", "query": "payment_error_rate", "above": 1.0}
+                ],
+            }
+        },
+    }
+
+    async def body(daemon: Daemon) -> None:
+        status = daemon.status()
+        assert (status["role"], status["generation"], status["peers"]) == ("leader", 0, [])
+        assert daemon.registry.get_sample_value("rollbackd_leader") == 1.0
+
+    await helpers.running(assemble.from_dict(raw), body)
