@@ -6,8 +6,11 @@ The daemons as processes failing over are in ``test_ha.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from rollbackd.daemon import Daemon
 from rollbackd.engine import Check, Event, MonitorState, Outcome, Phase
 from rollbackd.errors import ConfigError, DeposedError, StateError
 from rollbackd.leader import Leadership
-from rollbackd.pgstate import PgState, translate
+from rollbackd.pgstate import LOCK_KEY, PgState, translate
 from rollbackd.records import IncidentDraft
 from rollbackd.schema import MIGRATIONS, SCHEMA_VERSION
 from tests import helpers
@@ -404,3 +407,75 @@ async def test_sqlite_state_is_always_the_leader(tmp_path: Path) -> None:
         assert daemon.registry.get_sample_value("rollbackd_leader") == 1.0
 
     await helpers.running(assemble.from_dict(raw), body)
+
+
+async def test_takeover_counts_on_from_the_committed_state(
+    pg: Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A standby evaluates on its own copy; taking over, it reloads the committed counters.
+
+    Its systemd STATUS line says the role and the generation.
+    """
+    name = pg.database()
+    with tempfile.TemporaryDirectory(prefix="rbn-") as directory:
+        path = str(Path(directory) / "notify")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notified:
+            notified.bind(path)
+            notified.setblocking(False)
+            monkeypatch.setenv("NOTIFY_SOCKET", path)
+            holder = pg.admin(name)  # another "leader": holds the lock
+            holder.execute(f"SELECT pg_advisory_lock({LOCK_KEY})".encode())
+            raw = {
+                "daemon": {
+                    "state_dir": str(tmp_path / "state"),
+                    "listen": "",
+                    "state": pg.url(name),
+                    "state_user": ROLE,
+                    "state_password": {"env": "RBD_TEST_PG_PASSWORD"},
+                },
+                "ha": {"takeover_after": "400ms", "node": "solo"},
+                "sources": {"boop": {"type": "synthetic", "seed": 1, "noise": 0}},
+                "monitors": {
+                    "payments": {
+                        "interval": "100ms",
+                        "rules": [
+                            {
+                                "name": "e",
+                                "source": "boop",
+                                "query": "payment_error_rate",
+                                "above": 1.0,
+                            }
+                        ],
+                    }
+                },
+            }
+
+            async def body(daemon: Daemon) -> None:
+                runner = daemon.monitors["payments"]
+                await wait(lambda: runner.state.checks >= 3)
+                assert daemon.role == "standby"
+                assert pg.sql("SELECT count(*) FROM checks", name) == [(0,)]
+                other = await opened(pg, name)  # the other leader commits its counters
+                await lead(other)
+                committed = MonitorState(checks=1000, last_outcome=Outcome.OK)
+                await other.commit_check(check(1.0), committed, 10)
+                await other.close()
+                holder.close()  # the other leader's session ends: the lock is free
+                await wait(lambda: daemon.role == "leader", 5.0)
+                assert daemon.status()["generation"] == 2
+                await wait(lambda: runner.state.checks > 1000)
+                assert runner.state.checks < 1100, "counted on from 1000, not from its copy"
+                await wait(lambda: pg.sql("SELECT checks FROM monitors", name)[0][0] > 1000)
+                lines = []
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        lines += notified.recv(4096).decode().split("\n")
+                assert any(
+                    line.startswith("STATUS=leader (generation 2), watching 1 monitors")
+                    for line in lines
+                ), lines
+
+            try:
+                await helpers.running(assemble.from_dict(raw), body)
+            finally:
+                holder.close()
