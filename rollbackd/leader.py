@@ -3,9 +3,12 @@
 The leader holds a session-level ``pg_try_advisory_lock`` on a connection of its own (TCP
 keepalives on both ends, so a dead host's lock goes within about ``takeover_after``); on
 taking it, one transaction raises the generation, the fencing token every write checks
-(``pgstate``). The leader looks at its lock connection every ``takeover_after / 4`` (at most
-every second) and steps down when it is gone; a standby tries the lock every
-``takeover_after / 2``.
+(``pgstate``). Every ``takeover_after / 4`` (at most every second) the leader renews its
+lease on that connection (``renewed_at``, only while the generation is still its own) and
+steps down when it cannot; a standby tries the lock every ``takeover_after / 2``. A leader
+whose lease is older than ``takeover_after`` while its session lives on (a paused process or
+VM, whose kernel still answers keepalives) is evicted: the standby terminates that session
+(``pg_terminate_backend``, allowed on sessions of one's own role) and takes the lock.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ class Leadership:
             await self._close()
 
     async def _watch(self) -> None:
-        """The leader: is the lock connection alive? If not, step down at once."""
+        """The leader: renew the lease on the lock connection; if it cannot, step down at once."""
         conn = self._conn
         why = "lock connection closed"
         if not self.store.leading:  # a write found a newer generation
@@ -92,11 +95,16 @@ class Leadership:
         elif conn is not None:
             try:
                 async with asyncio.timeout(self.takeover_after / 2):
-                    await conn.execute("SELECT 1")
+                    cur = await conn.execute(
+                        "UPDATE leadership SET renewed_at = EXTRACT(EPOCH FROM now()) "
+                        "WHERE id = 1 AND generation = %s",
+                        (self.store.generation,),
+                    )
+                if cur.rowcount == 1:
+                    return
+                why = "a newer generation leads"
             except (psycopg.Error, TimeoutError) as exc:
                 why = f"lock connection lost: {str(exc).strip() or type(exc).__name__}"
-            else:
-                return
         await self.step_down(why)
 
     async def step_down(self, why: str) -> None:
@@ -114,14 +122,13 @@ class Leadership:
         try:
             conn = self._conn or await self._connect()
             async with asyncio.timeout(self.takeover_after):
-                cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,))
-                row = await cur.fetchone()
-                if row is None or not row[0]:
+                if not await self._lock(conn):
                     return
                 async with conn.transaction():
                     cur = await conn.execute(
                         "UPDATE leadership SET generation = generation + 1, holder = %s, "
-                        "since = %s WHERE id = 1 RETURNING generation",
+                        "since = %s, holder_pid = pg_backend_pid(), "
+                        "renewed_at = EXTRACT(EPOCH FROM now()) WHERE id = 1 RETURNING generation",
                         (self.node, time.time()),
                     )
                     row = await cur.fetchone()
@@ -141,6 +148,33 @@ class Leadership:
             await self._on_lead(self.generation)
         except StateError as exc:  # e.g. the store failing during the resume
             await self.step_down(f"takeover failed: {exc}")
+
+    async def _lock(self, conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> bool:
+        """Try the lock; evict a holder whose lease ran out, then try again (up to 1 s)."""
+        cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,))
+        row = await cur.fetchone()
+        if row is not None and row[0]:
+            return True
+        cur = await conn.execute(
+            "SELECT l.holder, l.holder_pid, EXTRACT(EPOCH FROM now()) - l.renewed_at "
+            "FROM leadership l JOIN pg_locks k ON k.pid = l.holder_pid "
+            "AND k.locktype = 'advisory' AND k.granted AND k.classid = %s AND k.objid = %s "
+            "WHERE l.id = 1",
+            (LOCK_KEY >> 32, LOCK_KEY & 0xFFFFFFFF),
+        )
+        stale = await cur.fetchone()
+        if stale is None or stale[2] is None or float(stale[2]) <= self.takeover_after:
+            return False
+        holder, pid, age = stale
+        log.error("leader_evicted", node=self.node, leader=holder, lease_age=round(float(age), 2))
+        await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        for _ in range(20):  # the terminated session lets go of the lock as it exits
+            await asyncio.sleep(0.05)
+            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,))
+            row = await cur.fetchone()
+            if row is not None and row[0]:
+                return True
+        return False
 
     async def _connect(self) -> psycopg.AsyncConnection[tuple[Any, ...]]:
         """The lock connection: keepalives on both ends bound how long a dead peer holds it."""

@@ -44,7 +44,8 @@ HA_TABLES = (
     (
         "leadership",
         "CREATE TABLE leadership (id INTEGER PRIMARY KEY CHECK (id = 1), "
-        "generation BIGINT NOT NULL, holder TEXT, since DOUBLE PRECISION)",
+        "generation BIGINT NOT NULL, holder TEXT, since DOUBLE PRECISION, "
+        "holder_pid INTEGER, renewed_at DOUBLE PRECISION)",
         "INSERT INTO leadership (id, generation) VALUES (1, 0) ON CONFLICT DO NOTHING",
     ),
     (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import threading
 import time
 import urllib.error
@@ -355,7 +356,7 @@ def test_lock_connection_terminated_old_leader_stops_and_never_writes_again(
     takeover = next(
         i
         for i, line in enumerate(lines)
-        if f"[rollbackd-lock:{follower}]" in line and "UPDATE leadership" in line
+        if f"[rollbackd-lock:{follower}]" in line and "UPDATE leadership SET generation" in line
     )
     assert writes(lines[:takeover], leader), "the log shows the old leader's writes before"
     late = writes(lines[takeover:], leader)
@@ -416,3 +417,40 @@ def test_postgres_restarted_both_reconnect_no_false_rollback(
     time.sleep(1.0)
     ((incident, _),) = pair.rollbacks()
     assert_exactly_once(receiver, incident)
+
+
+def test_paused_leader_is_evicted_and_never_writes_after(
+    tmp_path: Path, pg: Postgres, receiver: Receiver, group: list[Rollbackd]
+) -> None:
+    """SIGSTOP the leader in the wait step (a paused VM): its session lives on, its lease not.
+
+    The standby evicts it, finishes the plan; resumed, the old leader stands by without a
+    write or a call: each effect once.
+    """
+    pair = Pair(tmp_path, pg, receiver, group, healthy=6.0)
+    pair.start("a", "b")
+    leader = pair.leader()
+    follower = other(leader)
+    wait_for(lambda: receiver.paths() == ["flag"], 20, 0.05, what="the plan's first step")
+    time.sleep(0.5)  # in the wait step now
+    paused = pair.daemons[leader].process
+    assert paused is not None
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: pair.role(follower) == "leader", 5.0, 0.1, what="the eviction")
+        wait_for(pair.finished, 30, 0.2, what="the plan finished by the new leader")
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    wait_for(lambda: pair.role(leader) == "standby", 5.0, 0.1, what="the old leader standing by")
+    time.sleep(2.0)  # anything the old leader still tried is in the log and the receiver now
+    ((incident, _),) = pair.rollbacks()
+    assert_exactly_once(receiver, incident)
+    lines = pg.log_lines()
+    takeover = max(
+        i
+        for i, line in enumerate(lines)
+        if f"[rollbackd-lock:{follower}]" in line and "UPDATE leadership SET generation" in line
+    )
+    assert writes(lines[:takeover], leader)
+    assert writes(lines[takeover:], leader) == []
+    assert b"leader_evicted" in pair.daemons[follower].log_bytes()
