@@ -82,6 +82,12 @@ def table(status: dict[str, Any]) -> str:
         "",
         f"{'MONITOR':<18} {'STATE':<12} {'FAILURES':<9} {'ERRORS':<7} {'LAST CHECK':<20} INCIDENT",
     ]
+    peers: list[dict[str, Any]] = status.get("peers") or []
+    if peers:  # a high-availability group (PostgreSQL state)
+        seen = ", ".join(f"{p['node']} ({p['role']}, {p['seen_seconds_ago']}s ago)" for p in peers)
+        lines[1:1] = [
+            f"role={status.get('role')}  generation={status.get('generation')}  peers: {seen}"
+        ]
     monitors: dict[str, Any] = status.get("monitors", {})
     for name, monitor in sorted(monitors.items()):
         failures = f"{monitor['consecutive_failures']}/{monitor['rollback_after']}"

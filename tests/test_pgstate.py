@@ -27,6 +27,7 @@ from rollbackd.leader import Leadership
 from rollbackd.pgstate import LOCK_KEY, PgState, translate
 from rollbackd.records import IncidentDraft
 from rollbackd.schema import MIGRATIONS, SCHEMA_VERSION
+from rollbackd.status import table as status_table
 from tests import helpers
 from tests.helpers import config_file, to_toml
 from tests.pg import PASSWORD, ROLE, Postgres, running
@@ -479,3 +480,25 @@ async def test_takeover_counts_on_from_the_committed_state(
                 await helpers.running(assemble.from_dict(raw), body)
             finally:
                 holder.close()
+
+
+def test_status_table_shows_the_role_and_peers() -> None:
+    """``rollbackd status`` of a group member: its role, the generation, the peers seen."""
+    document = {
+        "version": "0.1.0",
+        "mode": "armed",
+        "environment": "production",
+        "role": "standby",
+        "generation": 4,
+        "peers": [
+            {"node": "a", "role": "leader", "generation": 4, "seen_seconds_ago": 0.3},
+            {"node": "b", "role": "standby", "generation": 0, "seen_seconds_ago": 0.1},
+        ],
+        "monitors": {},
+        "incidents": [],
+    }
+    text = status_table(document)
+    assert "role=standby  generation=4  peers: a (leader, 0.3s ago), b (standby, 0.1s ago)" in (
+        text
+    )
+    assert "role=" not in status_table({**document, "peers": []})
