@@ -35,7 +35,7 @@ from rollbackd.parts import Parts
 from rollbackd.plan import PlanRunner
 from rollbackd.records import IncidentDraft, IncidentRecord
 from rollbackd.redact import Redactor
-from rollbackd.schedule import Schedule
+from rollbackd.schedule import Backlog, Schedule
 from rollbackd.sources import Arrival, Source
 from rollbackd.state import Store
 from rollbackd.statedir import StateDirLock
@@ -191,12 +191,16 @@ class Daemon:
         assembly: Assembly,
         running: Parts | None = None,
         next_runs: Mapping[str, dt.datetime] | None = None,
+        backlogs: Mapping[str, Backlog] | None = None,
     ) -> None:
-        """Start the parts of ``assembly`` and their schedule (``next_runs``: a reload's)."""
+        """Start the parts of ``assembly`` and their schedule.
+
+        ``next_runs`` and ``backlogs`` are what a reload hands over from the old schedule.
+        """
         self.parts = await parts.start(assembly, self._monitor, self._on_arrival, running)
         for name, runner in self.monitors.items():
             self.metrics.track(name, runner.config, runner.state)
-        self._schedule = Schedule(self.monitors)
+        self._schedule = Schedule(self.monitors, backlogs=backlogs)
         self._schedule.start(next_runs or {})
 
     def _monitor(
@@ -392,12 +396,13 @@ class Daemon:
             self.redactor.learn(new.secret_values())
             old = self.parts
             next_runs = self._schedule.next_runs() if self._schedule is not None else {}
-            await self._stop_checks()
+            # the old schedule keeps queueing arrivals (judging none) until the new one starts
+            backlogs = await self._schedule.stop(handover=True) if self._schedule else {}
             try:
-                await self._start_parts(new, old, next_runs)
+                await self._start_parts(new, old, next_runs, backlogs)
             except RollbackdError as exc:  # e.g. a plugin that cannot be built: keep the old
                 log.error("reload_failed", error=str(exc), kept=self.config.sha256)
-                self._schedule = Schedule(self.monitors)
+                self._schedule = Schedule(self.monitors, backlogs=backlogs)
                 self._schedule.start(next_runs)
                 notify.ready(f"reload failed; watching {len(self.monitors)} monitors")
                 return False
