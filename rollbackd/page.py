@@ -70,6 +70,16 @@ def assets() -> dict[str, Asset]:
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class Gathered:
+    """What ``/`` shows, read on the loop; ``status`` None when the token is needed."""
+
+    status: dict[str, Any] | None
+    history: dict[str, Sequence[Check]]
+    slots: int
+    now: float
+
+
 @runtime_checkable
 class Records(Protocol):
     """What the page reads beyond /status (the daemon has it; a bare surface may not)."""
@@ -132,16 +142,15 @@ class Page:
     # --- handlers -----------------------------------------------------------------------
 
     async def _index(self, request: web.Request) -> web.Response:
-        context = await self._index_context(request)
-        html = await self.host.render(self._page, ("index.html", context))
+        html = await self.host.render(self._index_page, await self._gather(request))
         return _html(html)
 
     async def _live(self, request: web.Request) -> web.Response:
         if self._locked(request):
             return _unauthorized()
-        context = await self._index_context(request)
-        sections = await self.host.render(self._sections, (context, pageview.SECTIONS))
-        return _json({"sections": sections, "at": context["now"]})
+        gathered = await self._gather(request)
+        sections = await self.host.render(self._index_sections, gathered)
+        return _json({"sections": sections, "at": gathered.now})
 
     async def _incident(self, request: web.Request) -> web.Response:
         context = await self._incident_context(request)
@@ -180,10 +189,11 @@ class Page:
     def _locked(self, request: web.Request) -> bool:
         return self.host.status_token and not self.host.authorized(request)
 
-    async def _index_context(self, request: web.Request) -> dict[str, Any]:
+    async def _gather(self, request: web.Request) -> Gathered:
+        """The data of ``/`` (on the loop: the daemon's state and its store live there)."""
         now = time.time()
         if self._locked(request):
-            return self._common(pageview.index_context(None, {}, slots=1, now=now))
+            return Gathered(None, {}, 1, now)
         status = self.host.surface.status()
         history: dict[str, Sequence[Check]] = {}
         slots = 1
@@ -192,7 +202,23 @@ class Page:
             slots = records.history
             for name in status.get("monitors", {}):
                 history[name] = await records.recent_checks(name)
+        return Gathered(status, history, slots, now)
+
+    def _index_context(self, gathered: Gathered) -> dict[str, Any]:
+        """The views of ``/`` (in the render pool: sparklines of every series cost CPU)."""
+        status, history, slots, now = (
+            gathered.status,
+            gathered.history,
+            gathered.slots,
+            gathered.now,
+        )
         return self._common(pageview.index_context(status, history, slots=slots, now=now))
+
+    def _index_page(self, gathered: Gathered) -> str:
+        return self.templates().page("index.html", self._index_context(gathered))
+
+    def _index_sections(self, gathered: Gathered) -> dict[str, str]:
+        return self.templates().sections(self._index_context(gathered), pageview.SECTIONS)
 
     async def _incident_context(self, request: web.Request) -> dict[str, Any]:
         incident_id = request.match_info["incident"]
