@@ -269,6 +269,7 @@ class Daemon:
             state_dir=self.config.daemon.state_dir,
             config_sha256=self.config.sha256,
             on_attempt=self.metrics.action_attempt,
+            on_duration=self.metrics.action_duration,
             on_failed_steps=self._alert_failed_steps,
             redactor=self.redactor,
         )
