@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +21,10 @@ import aiohttp
 import pytest
 from ruamel.yaml import YAML
 
-from rollbackd import assemble, readings
-from rollbackd.assemble import Registries
-from rollbackd.config import RuleConfig
+from rollbackd import assemble
 from rollbackd.daemon import Daemon
 from rollbackd.engine import Phase
-from rollbackd.options import Frozen
-from rollbackd.readings import Reading
-from rollbackd.sources import ArrivalListener, SourceType
+from tests import scripted
 from tests.helpers import daemon_table, payment_error_rate, running, wait_until
 from tests.servers import free_port
 
@@ -82,67 +77,20 @@ def names_in(exprs: Sequence[str]) -> set[str]:
     return found
 
 
-class ScriptedOptions(Frozen):
-    """No options: the test sets the value through ``Script``."""
-
-
-@dataclass
-class Script:
-    """What the scripted source answers next: a value, or an error."""
-
-    value: float = 0.1
-    failing: str | None = None
-
-
-SCRIPT = Script()
-
-
-@dataclass
-class ScriptedSource:
-    """A poll source whose answer the test controls."""
-
-    name: str
-    push: bool = False
-
-    def watch(self, monitor: str, rule: RuleConfig) -> None:
-        """Nothing to subscribe to."""
-
-    def add_listener(self, listener: ArrivalListener) -> None:
-        """Polled: nothing arrives by itself."""
-
-    async def start(self) -> None:
-        """Nothing to connect."""
-
-    async def aclose(self) -> None:
-        """Nothing to close."""
-
-    async def read(self, rule: RuleConfig, now: float) -> Sequence[Reading]:
-        """Answer from the script."""
-        if SCRIPT.failing is not None:
-            return [readings.error(SCRIPT.failing, now)]
-        return [readings.ok(SCRIPT.value, now)]
-
-
-REGISTRIES = Registries()
-REGISTRIES.sources.register(
-    "test.contrib",
-    SourceType(ScriptedOptions, frozenset({"query"}), lambda name, _options: ScriptedSource(name)),
-)
-
-
 @pytest.fixture(autouse=True)
 def healthy_script() -> Iterator[None]:
-    """Each test starts healthy."""
-    SCRIPT.value, SCRIPT.failing = 0.1, None
+    """Each test starts healthy, and leaves nothing scripted behind."""
+    scripted.reset()
+    scripted.VALUES["x"] = 0.1
     yield
-    SCRIPT.value, SCRIPT.failing = 0.1, None
+    scripted.reset()
 
 
 def daemon_config(tmp_path: Path, port: int) -> dict[str, Any]:
     """One scripted monitor; its plan has a step that works and one that always fails."""
     return {
         "daemon": daemon_table(tmp_path / "state", listen=f"127.0.0.1:{port}"),
-        "sources": {"script": {"type": "test.contrib"}},
+        "sources": {"script": {"type": scripted.KIND}},
         "monitors": {
             "payments": {
                 "interval": "50ms",
@@ -164,15 +112,16 @@ def daemon_config(tmp_path: Path, port: int) -> dict[str, Any]:
 async def scraped_names(tmp_path: Path) -> set[str]:
     """The sample names of a daemon's /metrics after a source error and a rollback."""
     port = free_port()
-    config = assemble.from_dict(daemon_config(tmp_path, port), registries=REGISTRIES)
+    config = assemble.from_dict(daemon_config(tmp_path, port), registries=scripted.REGISTRIES)
     names: set[str] = set()
 
     async def body(daemon: Daemon) -> None:
         runner = daemon.monitors["payments"]
         await wait_until(lambda: runner.state.checks >= 2, what="healthy checks")
-        SCRIPT.failing = "query failed: connection refused"
+        scripted.FAILING["x"] = "query failed: connection refused"
         await wait_until(lambda: runner.state.consecutive_errors >= 1, what="a source error")
-        SCRIPT.failing, SCRIPT.value = None, 5.0
+        del scripted.FAILING["x"]
+        scripted.VALUES["x"] = 5.0
         await wait_until(lambda: runner.state.phase is Phase.ROLLED_BACK, what="the rollback")
 
         def plan_finished() -> bool:
@@ -189,7 +138,7 @@ async def scraped_names(tmp_path: Path) -> set[str]:
             if line and not line.startswith("#"):
                 names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
 
-    await running(config, body, REGISTRIES)
+    await running(config, body, scripted.REGISTRIES)
     return names
 
 
