@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -547,3 +549,21 @@ async def test_health_answers_while_the_page_renders(
     assert health[0] == 200
     assert page[0] == 200
     assert health[1] < page[1]
+
+
+def test_the_daemon_loads_jinja2_only_when_the_page_is_asked_for() -> None:
+    """Importing the daemon does not import jinja2 (~3 MiB); the first page render does."""
+    code = (
+        "import sys, rollbackd.daemon\n"
+        "assert 'jinja2' not in sys.modules, 'jinja2 imported at start'\n"
+        "from rollbackd.page import Page\n"
+        "class Host:\n"
+        "    surface = None\n"
+        "    status_token = False\n"
+        "Page(Host()).templates()\n"
+        "assert 'jinja2' in sys.modules\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
