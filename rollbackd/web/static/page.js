@@ -70,7 +70,7 @@
         }
       })
       .catch(function (error) {
-        stamp("daemon not reachable (" + error.message + "), retrying", "lost");
+        stamp("not updated (" + error.message + "), retrying", "lost");
       })
       .then(schedule);
   }
