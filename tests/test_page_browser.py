@@ -196,6 +196,11 @@ async def test_page_follows_a_breach_and_rearms_only_with_the_token(tmp_path: Pa
         rearm = tab.locator('[data-monitor="payments"] button[data-act="rearm"]')
         await rearm.click()
         await expect(tab.locator("#token-form")).to_be_visible()
+        await tab.click("#token-cancel")  # no token: nothing is sent
+        await expect(tab.locator("#token-form")).to_be_hidden()
+        assert [r for r in b.requests if r.method == "POST"] == []
+        await rearm.click()
+        await expect(tab.locator("#token-form")).to_be_visible()
         await tab.fill("#token-input", "not-the-control-token")
         await tab.click('#token-form button[type="submit"]')
         await expect(tab.locator("#messages")).to_contain_text("Refused")

@@ -26,11 +26,16 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
+from rollbackd import assemble
 from rollbackd import page as page_module
 from rollbackd.api import ApiServer
-from rollbackd.engine import Check, Outcome
+from rollbackd.daemon import Daemon
+from rollbackd.engine import Check, Outcome, Phase
 from rollbackd.sparkline import MAX_POINTS, Point, bucketed, draw
 from rollbackd.verdicts import RuleResult, Verdict
+from tests import scripted
+from tests.helpers import daemon_table, payment_error_rate, running, wait_until
+from tests.servers import free_port
 
 TOKEN = "page-render-token-0123456789"
 EVIL = '<script>alert("x")</script>'
@@ -567,3 +572,53 @@ def test_the_daemon_loads_jinja2_only_when_the_page_is_asked_for() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+async def test_page_of_a_running_daemon_shows_history_and_the_incident(tmp_path: Path) -> None:
+    """A real daemon: sparklines from its stored checks, its rollback rendered for people."""
+    port = free_port()
+    scripted.reset()
+    scripted.VALUES["pay"] = 0.05
+    raw = {
+        "daemon": {**daemon_table(tmp_path, listen=f"127.0.0.1:{port}"), "history": 30},
+        "sources": {"script": {"type": scripted.KIND}},
+        "monitors": {
+            "payments": {
+                "interval": "50ms",
+                "rollback_after": 3,
+                "on_rollback": ["note"],
+                "rules": [payment_error_rate("script", "pay", above=0.1)],
+            }
+        },
+        "actions": {"note": {"type": "alert.log"}},
+    }
+    config = assemble.from_dict(raw, registries=scripted.REGISTRIES)
+
+    async def body(daemon: Daemon) -> None:
+        runner = daemon.monitors["payments"]
+        await wait_until(lambda: runner.state.checks >= 5, what="healthy checks")
+        scripted.VALUES["pay"] = 3.0
+        await wait_until(lambda: runner.state.phase is Phase.ROLLED_BACK, what="the rollback")
+        url = f"http://127.0.0.1:{port}"
+        status, _, html = await _get(url + "/")
+        assert status == 200
+        svg = re.search(r'<svg class="spark".*?</svg>', html, re.S)
+        assert svg is not None
+        assert 'class="breach"' in svg.group(0)
+        assert 'data-act="rearm"' in html
+        incident = runner.state.incident_id
+        assert incident is not None
+        await wait_until(
+            lambda: daemon.store.incident(incident).finished_at is not None, what="the plan"
+        )
+        status, _, html = await _get(f"{url}/incidents/{incident}")
+        assert status == 200
+        for shown in ("payment-error-rate", "note", "The checks behind it", "3.0%"):
+            assert shown in html, shown
+        assert_no_inline_code(html)
+
+    try:
+        await running(config, body, scripted.REGISTRIES)
+    finally:
+        scripted.reset()
