@@ -33,6 +33,7 @@ from rollbackd.errors import (
     UnknownMonitorError,
 )
 from rollbackd.listener import Limits, Listener
+from rollbackd.page import Page
 
 log = structlog.get_logger("rollbackd.api")
 
@@ -160,6 +161,7 @@ class ApiServer:
         app.router.add_post("/rearm/{monitor}", self._rearm)
         app.router.add_post("/retry/{incident}", self._retry)
         app.router.add_post("/approve/{incident}", self._approve)
+        Page(self).add_routes(app.router)  # GET /, /incidents/{id}, /page/live, /static/{name}
         return app
 
     async def start(self) -> None:
@@ -240,6 +242,16 @@ class ApiServer:
             return await asyncio.get_running_loop().run_in_executor(self._pool, render, subject)
         finally:
             self._renders -= 1
+
+    # --- what the operator page (page.py) uses ---------------------------------------------
+
+    def authorized(self, request: web.Request) -> bool:
+        """Whether ``request`` carries the control token."""
+        return self._authorized(request)
+
+    async def render(self, render: Callable[[Any], T], subject: object) -> T:
+        """Run ``render(subject)`` in the render pool, like /status (a 503 when too many wait)."""
+        return await self._render(render, subject)
 
     async def _rearm(self, request: web.Request) -> web.Response:
         monitor = request.match_info["monitor"]

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from rollbackd import __version__, health, incidents, logs, notify, parts, status
+from rollbackd import __version__, health, incidents, logs, notify, pageview, parts, status
 from rollbackd.actions import Action
 from rollbackd.api import ApiServer, ensure_control_token
 from rollbackd.assemble import Assembly, Registries, load
@@ -273,6 +273,7 @@ class Daemon:
             state_dir=self.config.daemon.state_dir,
             config_sha256=self.config.sha256,
             on_attempt=self.metrics.action_attempt,
+            on_duration=self.metrics.action_duration,
             on_failed_steps=self._alert_failed_steps,
             redactor=self.redactor,
         )
@@ -338,6 +339,27 @@ class Daemon:
     async def approve(self, incident: str) -> dict[str, Any]:
         """Run a plan that waits (``rollbackd approve``); exactly one of concurrent calls does."""
         return await self.waiting.approve(incident)
+
+    # --- what the operator page reads (page.Records) ------------------------------------
+
+    @property
+    def history(self) -> int:
+        """Checks kept per monitor (``daemon.history``)."""
+        return self.config.daemon.history
+
+    async def recent_checks(self, monitor: str) -> list[Check]:
+        """The newest ``history`` checks of ``monitor``, oldest first (the page's sparklines)."""
+        checks = self.store.recent_checks(monitor, self.config.daemon.history)
+        await asyncio.sleep(0)  # one monitor's read at a time: checks run in between
+        return checks
+
+    async def incident_document(self, incident: str) -> dict[str, Any] | None:
+        """One incident for the page (secrets redacted), or None when the store has none."""
+        found = self.store.select_incidents("WHERE id = ?", (incident,))
+        if not found:
+            return None
+        document: dict[str, Any] = self.redactor.value(pageview.incident_document(found[0]))
+        return document
 
     async def _start_surface(self, stack: contextlib.AsyncExitStack) -> None:
         address = self.config.daemon.listen_address()

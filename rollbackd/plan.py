@@ -60,6 +60,8 @@ class PlanRunner:
     config_sha256: str = ""
     environment: str = "production"
     on_attempt: AttemptObserver | None = None
+    on_duration: Callable[[str, float], None] | None = None
+    """Told ``(action, seconds)`` of every attempt that ran (the latency metric)."""
     backoff_base: float = 0.5
     """First retry delay in seconds; it doubles per attempt (with jitter) up to ``backoff_cap``."""
     backoff_cap: float = 30.0
@@ -140,7 +142,10 @@ class PlanRunner:
                 sources=self.sources,
                 state_dir=self.state_dir,
             )
+            began = time.perf_counter()
             ok, detail, transient = await attempt_once(action, ctx, config.timeout)
+            if self.on_duration is not None:
+                self.on_duration(step.action, time.perf_counter() - began)
             self._count(step.action, "ok" if ok else "failed")
             if ok:
                 self._finish(incident, step, StepStatus.OK, detail, attempt=attempt)
