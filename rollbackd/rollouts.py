@@ -1,0 +1,448 @@
+"""Progressive rollouts, pure: windows, freezes, and ``decide`` (what a rollout does next).
+
+No I/O and no clock: times are passed in. ``ramp`` runs the decisions in the daemon and
+``rolloutlog`` keeps the rollouts' state in the store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_WINDOW = re.compile(
+    r"(?P<days>\S+)\s+(?P<start>\d{1,2}:\d{2})-(?P<end>\d{1,2}:\d{2})(?:\s+(?P<tz>\S+))?"
+)
+_CLOCK = re.compile(r"(\d{1,2}):(\d{2})")
+
+
+# --- windows and freezes --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """``Mon-Thu 09:00-16:00 Europe/Berlin``: when promotion is allowed, in local wall time.
+
+    ``start``/``end`` are minutes after local midnight; an ``end`` before ``start`` spans
+    midnight (the window belongs to the day it opens). Local wall time is compared, so a
+    daylight saving change moves the UTC instants with it: a time that does not exist that
+    day (spring forward) opens the window at the first local time after it, and a time that
+    occurs twice (fall back) is inside the window both times.
+    """
+
+    text: str
+    days: frozenset[int]
+    """Weekdays the window opens on, Monday = 0."""
+    start: int
+    end: int
+    zone: str
+
+    def open_at(self, now: float) -> bool:
+        """Whether the instant ``now`` (Unix seconds) lies inside the window."""
+        local = dt.datetime.fromtimestamp(now, ZoneInfo(self.zone))
+        minute = local.hour * 60 + local.minute
+        day = local.weekday()
+        if self.start < self.end:
+            return day in self.days and self.start <= minute < self.end
+        # Spans midnight: the evening part of an opening day, or the morning after one.
+        return (day in self.days and minute >= self.start) or (
+            (day - 1) % 7 in self.days and minute < self.end
+        )
+
+
+def parse_window(text: str) -> Window:
+    """Parse ``DAYS HH:MM-HH:MM [ZONE]``; ValueError says what is wrong.
+
+    DAYS: ``Mon-Thu``, ``Mon,Wed,Fri``, ``Mon-Wed,Sat``, ``Fri-Mon`` (wraps) or ``*``;
+    ZONE: an IANA time zone (default ``UTC``).
+    """
+    match = _WINDOW.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(
+            f'{text!r} is not a window: write DAYS HH:MM-HH:MM [ZONE], e.g. "Mon-Thu 09:00-16:00 '
+            'Europe/Berlin"'
+        )
+    days = _days(match["days"])
+    start, end = _minutes(match["start"]), _minutes(match["end"])
+    if start == end:
+        raise ValueError(f"{text!r}: the window opens and closes at the same time")
+    if start == 24 * 60:
+        raise ValueError(f"{text!r}: a window cannot open at 24:00")
+    zone = match["tz"] or "UTC"
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"{text!r}: unknown time zone {zone!r} (use an IANA name)") from exc
+    return Window(text, days, start, end, zone)
+
+
+def _days(text: str) -> frozenset[int]:
+    if text == "*":
+        return frozenset(range(7))
+    days: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        a, b = _day(first), _day(last or first)
+        days.update((a + i) % 7 for i in range((b - a) % 7 + 1))
+    return frozenset(days)
+
+
+def _day(text: str) -> int:
+    key = text.strip().lower()[:3]
+    if key not in DAYS or len(text.strip()) < 3:
+        raise ValueError(f"{text!r} is not a day (Mon, Tue, Wed, Thu, Fri, Sat, Sun)")
+    return DAYS.index(key)
+
+
+def _minutes(text: str) -> int:
+    match = _CLOCK.fullmatch(text)
+    hours, minutes = (int(match[1]), int(match[2])) if match else (99, 99)
+    if minutes > 59 or hours > 24 or (hours == 24 and minutes):
+        raise ValueError(f"{text!r} is not a time of day (00:00 to 24:00)")
+    return hours * 60 + minutes
+
+
+@dataclass(frozen=True, slots=True)
+class Freeze:
+    """A period in which nothing is promoted: ``[start, end)`` in Unix seconds."""
+
+    start: float
+    end: float
+
+    def active_at(self, now: float) -> bool:
+        """Whether ``now`` lies inside the freeze."""
+        return self.start <= now < self.end
+
+
+def parse_instant(value: object) -> dt.datetime:
+    """An RFC 3339 date-time with its offset (a string, or a TOML offset date-time)."""
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise ValueError(
+                f"{value!r} is not an RFC 3339 date-time (e.g. 2026-12-20T00:00:00+01:00)"
+            ) from exc
+    if not isinstance(value, dt.datetime):
+        raise ValueError(  # noqa: TRY004 -- pydantic reports ValueError as the key's problem
+            "give an RFC 3339 date-time string, e.g. 2026-12-20T00:00:00+01:00"
+        )
+    if value.tzinfo is None:
+        raise ValueError(f"{value.isoformat()} has no offset: add one, e.g. +01:00 or Z")
+    return value
+
+
+def blocked(windows: Sequence[Window], freezes: Sequence[Freeze], now: float) -> str | None:
+    """Why a promotion may not happen at ``now`` (a freeze, outside every window), or None."""
+    for freeze in freezes:
+        if freeze.active_at(now):
+            until = dt.datetime.fromtimestamp(freeze.end, dt.UTC).isoformat()
+            return f"frozen until {until}"
+    if windows and not any(window.open_at(now) for window in windows):
+        return "outside the promotion windows (" + "; ".join(w.text for w in windows) + ")"
+    return None
+
+
+# --- the decision ---------------------------------------------------------------------------
+
+
+class Phase(StrEnum):
+    """Where a rollout stands (``state`` in ``/status``)."""
+
+    HOLDING = "holding"
+    PAUSED = "paused"
+    COMPLETE = "complete"
+    ROLLED_BACK = "rolled_back"
+
+
+PAUSED_BY_OPERATOR = "operator"
+PAUSED_BY_GATE = "gate"
+PAUSED_BY_SET = "set_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """What ``decide`` needs of a rollout's config (``config.RolloutConfig.spec()`` gives it)."""
+
+    steps: tuple[int, ...]
+    holds: tuple[float, ...]
+    min_checks: int
+    on_gate_failure: Literal["restart", "pause"]
+    windows: tuple[Window, ...] = ()
+    freezes: tuple[Freeze, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutState:
+    """A rollout's state as the store keeps it.
+
+    ``step`` is the index in ``steps`` the rollout is at or being moved to; ``confirmed``
+    says its percentage was set (the promotion's set step ended ok). ``hold_started_at`` is
+    None while the step is not set or a gate interrupted the hold. ``baseline`` is the
+    newest check id when the hold started: gates are judged on the checks after it.
+    """
+
+    run: int = 1
+    step: int = 0
+    confirmed: bool = False
+    percent: int = 0
+    phase: Phase = Phase.HOLDING
+    hold_started_at: float | None = None
+    baseline: int = 0
+    hold_done: bool = False
+    """An operator ended the hold (``rollbackd rollout promote``)."""
+    promoting: str | None = None
+    """The incident setting ``step``'s percentage, while it runs."""
+    paused_by: str | None = None
+    latched: tuple[str, ...] = ()
+    """Incidents gates were latched on when this run started: only later rollbacks count."""
+    reason: str = ""
+    """Why it does not move on now (shown in status)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """A gate monitor as ``decide`` sees it."""
+
+    name: str
+    state: str
+    """The monitor's phase: ok, failing, blind, rolled_back."""
+    open_incident: bool = False
+    ok_checks: int = 0
+    """Ok checks since the hold's baseline."""
+    breaches: int = 0
+    """Breaching checks since the hold's baseline."""
+    rolled_back_in_run: bool = False
+    """It rolled back after this run of the rollout started."""
+
+    @property
+    def healthy(self) -> bool:
+        """Green right now: state ok and no incident of it still running."""
+        return self.state == "ok" and not self.open_incident
+
+    def why(self, min_checks: int) -> str | None:
+        """Why this gate does not let a hold pass, or None."""
+        if self.state != "ok":
+            return f"{self.name} is {self.state}"
+        if self.open_incident:
+            return f"{self.name} has an incident still running"
+        if self.ok_checks < min_checks:
+            return f"{self.name} has {self.ok_checks} of {min_checks} ok checks in this hold"
+        return None
+
+
+Promotion = Literal["running", "ok", "failed"]
+"""Where the incident setting the current step stands (None: there is none in flight)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The rollout's next state, and the step whose percentage to set now (if any)."""
+
+    state: RolloutState
+    set_step: int | None = None
+    event: str | None = None
+    """What happened, for the log: started, promoting, promoted, hold_restarted, paused..."""
+
+
+def hold_of(spec: Spec, step: int) -> float:
+    """The hold of ``step`` (the last one's if the config now has fewer steps)."""
+    return spec.holds[min(step, len(spec.holds) - 1)]
+
+
+def remaining(spec: Spec, state: RolloutState, now: float) -> float | None:
+    """Seconds left in the current hold (0 once passed), or None when no hold runs."""
+    if state.phase is not Phase.HOLDING or state.hold_started_at is None:
+        return None
+    if state.hold_done:
+        return 0.0
+    hold = hold_of(spec, state.step)
+    return max(0.0, min(hold, hold - (now - state.hold_started_at)))
+
+
+def decide(
+    spec: Spec,
+    state: RolloutState,
+    gates: Sequence[Gate],
+    now: float,
+    *,
+    promotion: Promotion | None = None,
+    newest_check: int = 0,
+) -> Decision:
+    """What the rollout does at ``now``, given its gates and the promotion in flight.
+
+    A gate's rollback always wins. Windows and freezes only ever hold back a percentage set
+    (the first one included), never a rollback. A hold whose start lies in the future (the
+    clock went back across a restart) starts again now: it never passes early, and it never
+    waits longer than one more hold.
+    """
+    if state.phase in (Phase.COMPLETE, Phase.ROLLED_BACK):
+        return Decision(state)
+    if rolled := [g.name for g in gates if g.rolled_back_in_run]:
+        why = f"{', '.join(rolled)} rolled back"
+        done = replace(state, phase=Phase.ROLLED_BACK, percent=0, hold_started_at=None, reason=why)
+        return Decision(done, event="rolled_back")
+    if state.promoting is not None:
+        return _promotion(state, promotion, now, newest_check)
+    if state.phase is Phase.PAUSED:
+        return Decision(state)
+    if not state.confirmed:
+        return _set(spec, state, gates, now, state.step)
+    return _hold(spec, state, gates, now, newest_check)
+
+
+def _promotion(
+    state: RolloutState, promotion: Promotion | None, now: float, newest_check: int
+) -> Decision:
+    if promotion is None or promotion == "running":
+        return Decision(_why(state, "setting the percentage"))
+    if promotion == "failed":
+        paused = replace(
+            state,
+            promoting=None,
+            phase=Phase.PAUSED,
+            paused_by=PAUSED_BY_SET,
+            reason="setting the percentage failed (see the incident); resume to try again",
+        )
+        return Decision(paused, event="set_failed")
+    holding = replace(
+        state,
+        promoting=None,
+        confirmed=True,
+        hold_started_at=now,
+        baseline=newest_check,
+        hold_done=False,
+        reason="",
+    )
+    return Decision(holding, event="promoted")
+
+
+def _set(spec: Spec, state: RolloutState, gates: Sequence[Gate], now: float, step: int) -> Decision:
+    """Set ``step``'s percentage when no gate is unhealthy and no window or freeze forbids."""
+    if unhealthy := [g.name for g in gates if not g.healthy]:
+        return Decision(_why(state, f"waiting for {', '.join(unhealthy)} to be ok"))
+    if why := blocked(spec.windows, spec.freezes, now):
+        return Decision(_why(state, why))
+    moved = replace(
+        state, step=step, confirmed=False, hold_started_at=None, hold_done=False, reason=""
+    )
+    return Decision(moved, set_step=step, event="promoting")
+
+
+def _hold(
+    spec: Spec, state: RolloutState, gates: Sequence[Gate], now: float, newest_check: int
+) -> Decision:
+    failing = [g for g in gates if not g.healthy or g.breaches]
+    if failing and state.hold_started_at is not None:
+        names = ", ".join(g.why(0) or f"{g.name} breached" for g in failing)
+        if spec.on_gate_failure == "pause":
+            paused = replace(
+                state,
+                phase=Phase.PAUSED,
+                paused_by=PAUSED_BY_GATE,
+                hold_started_at=None,
+                reason=f"paused: {names} during the hold; resume to hold again",
+            )
+            return Decision(paused, event="paused")
+        state = replace(state, hold_started_at=None, reason=f"hold interrupted: {names}")
+        event: str | None = "hold_interrupted"
+    else:
+        event = None
+    if state.hold_started_at is None or state.hold_started_at > now:
+        if unhealthy := [g.why(0) for g in gates if not g.healthy]:
+            return Decision(
+                _why(state, "hold waits: " + ", ".join(map(str, unhealthy))), event=event
+            )
+        restarted = replace(state, hold_started_at=now, baseline=newest_check, reason="")
+        return Decision(restarted, event=event or "hold_started")
+    return _passed(spec, state, gates, now)
+
+
+def _passed(spec: Spec, state: RolloutState, gates: Sequence[Gate], now: float) -> Decision:
+    """A running hold: promote (or complete) once it passed with every gate green."""
+    left = remaining(spec, state, now)
+    if left is not None and left > 0:
+        return Decision(_why(state, f"holding, {left:.0f}s left"))
+    if waits := [w for g in gates if (w := g.why(spec.min_checks)) is not None]:
+        return Decision(_why(state, "hold passed, waiting: " + "; ".join(waits)))
+    if state.step >= len(spec.steps) - 1:
+        done = replace(state, phase=Phase.COMPLETE, hold_started_at=None, reason="")
+        return Decision(done, event="complete")
+    if why := blocked(spec.windows, spec.freezes, now):
+        return Decision(_why(state, f"hold passed; {why}"))
+    return _set(spec, state, gates, now, state.step + 1)
+
+
+def _why(state: RolloutState, reason: str) -> RolloutState:
+    return state if state.reason == reason else replace(state, reason=reason)
+
+
+# --- operator requests ----------------------------------------------------------------------
+
+
+class RefusedError(ValueError):
+    """An operator request that does not apply to the rollout's state (HTTP 409)."""
+
+
+def pause(state: RolloutState) -> RolloutState:
+    """Stop promoting until resumed; the hold's start is kept."""
+    if state.phase is not Phase.HOLDING:
+        raise RefusedError(f"it is {state.phase}, not holding")
+    return replace(state, phase=Phase.PAUSED, paused_by=PAUSED_BY_OPERATOR, reason="paused")
+
+
+def resume(state: RolloutState) -> RolloutState:
+    """Hold again; after a gate failure the hold starts afresh, after a failed set it retries."""
+    if state.phase is not Phase.PAUSED:
+        raise RefusedError(f"it is {state.phase}, not paused")
+    fresh = state.paused_by != PAUSED_BY_OPERATOR
+    return replace(
+        state,
+        phase=Phase.HOLDING,
+        paused_by=None,
+        reason="",
+        hold_started_at=None if fresh else state.hold_started_at,
+    )
+
+
+def promote(state: RolloutState) -> RolloutState:
+    """End the current hold now (gates, windows and freezes still decide the promotion)."""
+    if state.phase is not Phase.HOLDING:
+        raise RefusedError(f"it is {state.phase}, not holding")
+    if not state.confirmed or state.hold_started_at is None:
+        raise RefusedError("no hold is running (its percentage is being set or a gate failed)")
+    return replace(state, hold_done=True)
+
+
+def restart(state: RolloutState, gates: Sequence[Gate]) -> RolloutState:
+    """A new run from the first step; refused while a gate is still rolled back (latched)."""
+    if latched := [g.name for g in gates if g.state == "rolled_back"]:
+        names = ", ".join(latched)
+        raise RefusedError(f"{names} still rolled back: rollbackd rearm {latched[0]} first")
+    if state.promoting is not None:
+        raise RefusedError("a percentage is being set; try again when it is done")
+    return RolloutState(run=state.run + 1)
+
+
+def aborted(state: RolloutState) -> RolloutState:
+    """The rollout after an operator's abort: rolled back, at 0 %."""
+    if state.phase is Phase.ROLLED_BACK:
+        raise RefusedError("it is already rolled_back")
+    return replace(
+        state, phase=Phase.ROLLED_BACK, percent=0, hold_started_at=None, reason="aborted"
+    )
+
+
+def idempotency_key(rollout: str, step: int, run: int = 1) -> str:
+    """``<rollout>:<step>``; a rollout restarted after a rollback adds ``:run<N>``."""
+    return f"{rollout}:{step}" if run == 1 else f"{rollout}:{step}:run{run}"
+
+
+def views(gates: Mapping[str, Gate], names: Sequence[str], missing: str = "unknown") -> list[Gate]:
+    """The gates in config order; one not running yet reads as ``missing`` (not green)."""
+    return [gates.get(name, Gate(name, missing)) for name in names]
