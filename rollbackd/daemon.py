@@ -33,6 +33,7 @@ from rollbackd.metrics import Metrics
 from rollbackd.monitor import MonitorRunner
 from rollbackd.parts import Parts
 from rollbackd.plan import PlanRunner
+from rollbackd.ramp import Ramp
 from rollbackd.records import IncidentDraft, IncidentRecord
 from rollbackd.redact import Redactor
 from rollbackd.schedule import Schedule
@@ -95,6 +96,14 @@ class Daemon:
             clock=clock,
         )
         """Plans held by max_rollbacks / rearm_cooldown; its cooldown timers stop with us."""
+        self.ramp = Ramp(
+            self.plans,
+            store=lambda: self.store,
+            config=lambda: self.config,
+            monitors=lambda: {name: runner.state for name, runner in self.monitors.items()},
+            on_change=self.metrics.rollout,
+        )
+        """The progressive rollouts ([rollouts.NAME]): ticked while serving."""
         self._reloading = asyncio.Lock()
         self._reload_waiting = False
         self._commits = health.GroupCommit(lambda: self.store)
@@ -149,6 +158,7 @@ class Daemon:
                     chores = [
                         group.create_task(health.watchdog(self.health)),
                         group.create_task(self._commits.run()),
+                        group.create_task(self.ramp.run()),
                     ]
                     await self._stop.wait()
                     for chore in chores:
@@ -251,6 +261,7 @@ class Daemon:
     def _observe(self, name: str) -> Callable[[Check, Transition, float], None]:
         def observe(check: Check, transition: Transition, seconds: float) -> None:
             self.metrics.observe_check(check, transition, seconds)
+            self.ramp.poke()
             if self.check_listener is not None:
                 self.check_listener(name, check, transition.state)
 
@@ -261,7 +272,7 @@ class Daemon:
     def _runner(self) -> PlanRunner:
         return PlanRunner(
             store=self.store,
-            actions=self.parts.actions,
+            actions=self.ramp.guarded(self.parts.actions),
             action_configs=self.config.actions,
             mode=self.config.daemon.mode,
             environment=self.config.daemon.environment,
@@ -302,6 +313,7 @@ class Daemon:
             waiting=self.waiting.waiting(),
             released=self.waiting.released_now(),
         )
+        document["rollouts"] = self.ramp.status()
         redacted: dict[str, Any] = self.redactor.value(document)
         return redacted
 
@@ -334,6 +346,10 @@ class Daemon:
     async def approve(self, incident: str) -> dict[str, Any]:
         """Run a plan that waits (``rollbackd approve``); exactly one of concurrent calls does."""
         return await self.waiting.approve(incident)
+
+    async def rollout(self, name: str, operation: str) -> dict[str, Any]:
+        """``rollbackd rollout pause|resume|promote|abort|restart NAME``."""
+        return await self.ramp.operate(name, operation)
 
     async def _start_surface(self, stack: contextlib.AsyncExitStack) -> None:
         address = self.config.daemon.listen_address()
@@ -408,6 +424,7 @@ class Daemon:
             for warning in exposure_warnings(new.config):
                 log.warning("api_exposed", warning=warning)
             self.metrics.retain(self.monitors)
+            self.metrics.retain_rollouts(new.config.rollouts)
             daemon = new.config.daemon
             self.metrics.info(__version__, daemon.mode, daemon.environment)
             log.info(

@@ -15,7 +15,7 @@ from typing import Any
 
 from rollbackd.engine import Event
 from rollbackd.records import IncidentDraft
-from rollbackd.rollouts import Phase, RolloutState
+from rollbackd.rollouts import Phase, Promotion, RolloutState
 from rollbackd.schema import insert_incident
 from rollbackd.state import Store
 
@@ -114,7 +114,7 @@ class RolloutLog:
             row = conn.execute("SELECT MAX(id) FROM checks").fetchone()
         return int(row[0] or 0)
 
-    def promotion(self, incident_id: str) -> str:
+    def promotion(self, incident_id: str) -> Promotion:
         """Where a promotion stands: ``running``, ``ok`` (set step ok / would_run), ``failed``."""
         record = self.store.incident(incident_id)
         if record.finished_at is None:
