@@ -288,7 +288,7 @@ def decide(
         done = replace(state, phase=Phase.ROLLED_BACK, percent=0, hold_started_at=None, reason=why)
         return Decision(done, event="rolled_back")
     if state.promoting is not None:
-        return _promotion(state, promotion, now, newest_check)
+        return _promotion(spec, state, promotion, now, newest_check)
     if state.phase is Phase.PAUSED:
         return Decision(state)
     if not state.confirmed:
@@ -297,7 +297,7 @@ def decide(
 
 
 def _promotion(
-    state: RolloutState, promotion: Promotion | None, now: float, newest_check: int
+    spec: Spec, state: RolloutState, promotion: Promotion | None, now: float, newest_check: int
 ) -> Decision:
     if promotion is None or promotion == "running":
         return Decision(_why(state, "setting the percentage"))
@@ -314,6 +314,7 @@ def _promotion(
         state,
         promoting=None,
         confirmed=True,
+        percent=spec.steps[min(state.step, len(spec.steps) - 1)],
         hold_started_at=now,
         baseline=newest_check,
         hold_done=False,
