@@ -150,7 +150,7 @@ class Router:
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # noqa: SLF001 -- aiohttp gives no public bound port
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -223,7 +223,8 @@ async def test_breach_at_50_rolls_back_once_and_stops_promotion(tmp_path: Path) 
         assert (status["state"], status["percent"], status["step"]) == ("rolled_back", 0, 2)
         assert "payments rolled back" in status["reason"]
         rollbacks = [i for i in daemon.store.incidents(limit=100) if i.event == "rollback"]
-        assert len(rollbacks) == 1 and rollbacks[0].monitor == "payments"
+        assert len(rollbacks) == 1
+        assert rollbacks[0].monitor == "payments"
         assert [s.status for s in rollbacks[0].steps] == ["ok"]
         assert promotions(daemon) == [(0, "boop:0"), (1, "boop:1"), (2, "boop:2")]
         with pytest.raises(RolloutRefusedError, match="rearm payments first"):
@@ -257,7 +258,7 @@ async def test_a_failing_gate_restarts_the_hold_and_pause_waits_for_an_operator(
 
 
 async def test_operator_pause_promote_and_abort(tmp_path: Path) -> None:
-    """pause stops promotion, promote ends a day-long hold, abort runs the gates' plan once."""
+    """Pause stops promotion, promote ends a day-long hold, abort runs the gates' plan once."""
     env = tmp_path / "traffic.env"
     raw = config(tmp_path, route_percent(env), hold="24h")
 
