@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp import web
@@ -307,3 +310,37 @@ async def test_a_day_long_hold_passes_on_an_injected_clock(tmp_path: Path) -> No
         await wait_until(lambda: rollout(daemon)["percent"] == 25, 10, "promoted after 24 h")
 
     await serve(raw, body)
+
+
+async def test_a_freeze_blocks_a_promotion_but_not_a_rollback(tmp_path: Path) -> None:
+    """In a freeze a passed hold waits; a gate's rollback still routes to 0 and stops the ramp."""
+    env = tmp_path / "traffic.env"
+    now = time.time()
+    freeze = {"from": iso(now + 3600), "to": iso(now + 7200)}
+    raw = config(tmp_path, route_percent(env), holds=["200ms", "1h", "200ms", "200ms"])
+    raw["rollouts"]["boop"]["freeze"] = [freeze]
+    offset = [0.0]
+
+    async def body(daemon: Daemon) -> None:
+        real = daemon.ramp.clock
+        daemon.ramp.clock = lambda: real() + offset[0]
+        await wait_until(lambda: rollout(daemon)["percent"] == 25, 10, "at 25 %")
+        offset[0] = 5400.0  # the hour's hold has passed, inside the freeze
+        await wait_until(lambda: "frozen until" in rollout(daemon)["reason"], 5, "frozen")
+        await asyncio.sleep(0.5)
+        assert (rollout(daemon)["percent"], rollout(daemon)["step"]) == (25, 1)
+        VALUES["payments"] = 5.0
+        await wait_until(lambda: rollout(daemon)["state"] == "rolled_back", 10, "rolled back")
+        await wait_until(lambda: traffic(env) == "0", 10, "routed to 0")
+        offset[0] = 9000.0  # after the freeze: still nothing is promoted
+        VALUES["payments"] = 0.0
+        await asyncio.sleep(0.5)
+        assert (rollout(daemon)["state"], rollout(daemon)["percent"]) == ("rolled_back", 0)
+
+    await serve(raw, body)
+    assert traffic(env) == "0"
+
+
+def iso(seconds: float) -> str:
+    """RFC 3339 in Berlin's offset of the day, as an operator would write it."""
+    return dt.datetime.fromtimestamp(seconds, ZoneInfo("Europe/Berlin")).isoformat()
