@@ -430,7 +430,7 @@ def cross_check(config: Config) -> Iterator[str]:
 
 
 def _rollout_problems(config: Config) -> Iterator[str]:
-    """Rollouts name known gates and actions; only a rollout's ``set`` may use ``{percent}``."""
+    """Rollouts name known gates and actions; only a rollout's actions may use ``{percent}``."""
     percent = {name for name, action in config.actions.items() if _uses_percent(action.options())}
     for name, rollout in config.rollouts.items():
         yield from _one_rollout(config, f"rollouts.{name}", rollout, percent)
@@ -453,8 +453,6 @@ def _one_rollout(
     for i, action in enumerate(rollout.on_promote):
         if action not in config.actions:
             yield f"{here}.on_promote[{i}]: no action named {action!r} in [actions]"
-        elif action in percent:
-            yield f"{here}.on_promote[{i}]: {action!r} uses {PERCENT_FIELD}: only set may"
     setter = config.actions.get(rollout.set)
     if setter is None:
         yield f"{here}.set: no action named {rollout.set!r} in [actions]"

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 
 from tests.helpers import config_file, daemon_table, route_legacy
 from tests.servers import Rollbackd, free_port, wait_for
+from tests.test_cli import rollbackd
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +70,12 @@ def hooks() -> Iterator[Hooks]:
     thread.join(5)
 
 
-def write_config(tmp_path: Path, port: int, hooks_port: int) -> Path:
+def write_config(
+    tmp_path: Path,
+    port: int,
+    hooks_port: int,
+    holds: tuple[str, ...] = ("300ms", "4s", "300ms", "300ms"),
+) -> Path:
     """Two synthetic, always healthy gates; 5 -> 25 -> 50 -> 100 with a 4 s hold at 25 %."""
     env = tmp_path / "traffic.env"
     healthy = {"type": "synthetic", "seed": 1, "noise": 0, "phases": [{"kind": "healthy"}]}
@@ -97,7 +106,7 @@ def write_config(tmp_path: Path, port: int, hooks_port: int) -> Path:
             "rollouts": {
                 "boop": {
                     "steps": [5, 25, 50, 100],
-                    "holds": ["300ms", "4s", "300ms", "300ms"],
+                    "holds": list(holds),
                     "gates": ["authentication", "payments"],
                     "min_checks": 2,
                     "set": "route-percent",
@@ -167,3 +176,51 @@ def test_sigkill_mid_hold_and_mid_promotion_resumes_without_repeating(
         (3, "route-percent", "ok", 1, 0),
         (3, "team", "ok", 1, 0),
     ]
+
+
+def test_rollout_cli_steers_a_running_daemon(tmp_path: Path, hooks: Hooks) -> None:
+    """Rollout status / pause / resume / promote --yes / abort / restart, token-guarded HTTP."""
+    port = free_port()
+    config = write_config(
+        tmp_path, port, hooks.server_address[1], holds=("300ms", "24h", "1s", "1s")
+    )
+    daemon = Rollbackd(config, port, tmp_path)
+    daemon.start()
+    try:
+        wait_for(lambda: boop(daemon)["percent"] == 25 and boop(daemon)["hold_remaining_s"], 20)
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return rollbackd("rollout", *args, "--config", str(config))
+
+        shown = cli("status")
+        assert shown.returncode == 0, shown.stderr
+        assert "boop" in shown.stdout
+        assert "25%" in shown.stdout
+        assert "gate authentication" in shown.stdout
+        assert json.loads(cli("status", "boop", "--json").stdout)["boop"]["step"] == 1
+        assert cli("pause", "boop").returncode == 0
+        refused = cli("promote", "boop", "--yes")
+        assert refused.returncode == 1
+        assert "cannot promote: it is paused, not holding" in refused.stderr
+        assert cli("resume", "boop").returncode == 0
+        no_tty = rollbackd("rollout", "promote", "boop", "--config", str(config))
+        assert no_tty.returncode == 1
+        assert "--yes" in no_tty.stderr
+        assert cli("promote", "boop", "--yes").returncode == 0
+        wait_for(lambda: boop(daemon)["percent"] == 50, 20, what="promoted to 50 %")
+        unknown = cli("pause", "bop")
+        assert unknown.returncode == 1
+        assert "rollouts.bop: no such rollout" in unknown.stderr
+        url = f"http://127.0.0.1:{port}/rollouts/boop/abort"
+        request = urllib.request.Request(url, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as no_token:
+            urllib.request.urlopen(request, timeout=5)
+        assert no_token.value.code == 401
+        aborted = cli("abort", "boop")
+        assert aborted.returncode == 0, aborted.stderr
+        assert "rolled_back" in aborted.stdout
+        wait_for(lambda: "BOOP_TRAFFIC_PERCENT=0" in (tmp_path / "traffic.env").read_text(), 20)
+        assert cli("restart", "boop").returncode == 0
+        wait_for(lambda: boop(daemon)["percent"] == 5 and boop(daemon)["run"] == 2, 20)
+    finally:
+        assert daemon.stop() == 0, daemon.log()
