@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Literal
@@ -421,7 +421,9 @@ def promote(state: RolloutState) -> RolloutState:
 
 
 def restart(state: RolloutState, gates: Sequence[Gate]) -> RolloutState:
-    """A new run from the first step; refused while a gate is still rolled back (latched)."""
+    """A new run from the first step, after a rollback; refused while a gate is latched."""
+    if state.phase is not Phase.ROLLED_BACK:
+        raise RefusedError(f"it is {state.phase}, not rolled_back (pause it, or abort it first)")
     if latched := [g.name for g in gates if g.state == "rolled_back"]:
         names = ", ".join(latched)
         raise RefusedError(f"{names} still rolled back: rollbackd rearm {latched[0]} first")
@@ -442,8 +444,3 @@ def aborted(state: RolloutState) -> RolloutState:
 def idempotency_key(rollout: str, step: int, run: int = 1) -> str:
     """``<rollout>:<step>``; a rollout restarted after a rollback adds ``:run<N>``."""
     return f"{rollout}:{step}" if run == 1 else f"{rollout}:{step}:run{run}"
-
-
-def views(gates: Mapping[str, Gate], names: Sequence[str], missing: str = "unknown") -> list[Gate]:
-    """The gates in config order; one not running yet reads as ``missing`` (not green)."""
-    return [gates.get(name, Gate(name, missing)) for name in names]

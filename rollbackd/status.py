@@ -108,6 +108,8 @@ def table(status: dict[str, Any]) -> str:
                 else f"runs at {_when(inc.get('until'))}"
             )
             lines.append(f"  {inc['id']}  {inc.get('waiting')}  {inc.get('reason') or ''}  {hint}")
+    if status.get("rollouts"):
+        lines += ["", rollout_table(status["rollouts"])]
     incidents = status.get("incidents", [])
     if incidents:
         lines += ["", "RECENT INCIDENTS"]

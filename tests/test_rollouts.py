@@ -264,6 +264,8 @@ def test_operator_requests_apply_to_their_states_only() -> None:
     assert decide(SPEC, rollouts.promote(state), [green()], T0 + 1).set_step == 2
     with pytest.raises(rollouts.RefusedError, match="no hold is running"):
         rollouts.promote(replace(state, confirmed=False))
+    with pytest.raises(rollouts.RefusedError, match="not rolled_back"):
+        rollouts.restart(state, [green()])
     aborted = rollouts.aborted(state)
     with pytest.raises(rollouts.RefusedError, match="rearm payments first"):
         rollouts.restart(aborted, [Gate("payments", "rolled_back")])
