@@ -163,9 +163,11 @@ def _config_option(p: argparse.ArgumentParser) -> None:
 def _check_config(args: argparse.Namespace) -> int:
     config = load(args.file).config
     rules = sum(len(m.rules) for m in config.monitors.values())
+    ramps = f", {len(config.rollouts)} rollouts" if config.rollouts else ""
     print(
         f"{args.file}: ok ({len(config.monitors)} monitors, {rules} rules, "
-        f"{len(config.sources)} sources, {len(config.actions)} actions; mode {config.daemon.mode})"
+        f"{len(config.sources)} sources, {len(config.actions)} actions{ramps}; "
+        f"mode {config.daemon.mode})"
     )
     for warning in exposure_warnings(config):
         print(f"{args.file}: warning: {warning}", file=sys.stderr)
