@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from rollbackd import assemble, readings
 from rollbackd.actions.envfile import unquote
@@ -22,9 +23,11 @@ from rollbackd.daemon import Daemon
 from rollbackd.errors import RolloutRefusedError
 from rollbackd.options import Frozen
 from rollbackd.readings import Reading
+from rollbackd.rolloutlog import RolloutLog
 from rollbackd.sources import ArrivalListener, SourceType
+from rollbackd.state import Store
 from tests import helpers
-from tests.helpers import daemon_table, route_legacy, wait_until
+from tests.helpers import config_file, daemon_table, route_legacy, wait_until
 
 
 class GateOptions(Frozen):
@@ -344,3 +347,40 @@ async def test_a_freeze_blocks_a_promotion_but_not_a_rollback(tmp_path: Path) ->
 def iso(seconds: float) -> str:
     """RFC 3339 in Berlin's offset of the day, as an operator would write it."""
     return dt.datetime.fromtimestamp(seconds, ZoneInfo("Europe/Berlin")).isoformat()
+
+
+async def test_a_reload_keeps_the_hold(tmp_path: Path) -> None:
+    """SIGHUP's reload re-reads the file; the running hold keeps its start and its step."""
+    env = tmp_path / "traffic.env"
+    path = config_file(tmp_path, config(tmp_path, route_percent(env), hold="24h"))
+    daemon = Daemon(
+        assemble.load(path, registries=REGISTRIES),
+        path,
+        registry=CollectorRegistry(),
+        registries=REGISTRIES,
+    )
+    serving = asyncio.create_task(daemon.serve())
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 10)
+        await wait_until(lambda: rollout(daemon)["hold_remaining_s"] is not None, 10, "holding")
+        saved = daemon.ramp.status()["boop"]
+        started = RolloutLog(daemon.store).load("boop")
+        assert started is not None
+        path.write_text(path.read_text().replace("min_checks = 2", "min_checks = 3"))
+        assert await daemon.reload()
+        await asyncio.sleep(0.3)
+        again = RolloutLog(daemon.store).load("boop")
+        assert again is not None
+        assert again.hold_started_at == started.hold_started_at
+        assert (rollout(daemon)["step"], rollout(daemon)["percent"]) == (saved["step"], 5)
+        assert rollout(daemon)["gates"]["payments"]["min_checks"] == 3
+    finally:
+        daemon.stop()
+        assert await asyncio.wait_for(serving, 30) == 0
+    assert promotions_in(tmp_path) == 1
+
+
+def promotions_in(state_dir: Path) -> int:
+    """Promotion incidents in the state store of ``state_dir``."""
+    with Store.open(state_dir) as store:
+        return sum(1 for i in store.incidents(limit=100) if i.event == "promote")
