@@ -126,7 +126,7 @@ def demo_config(directory: Path, speed: float = 1.0) -> Assembly:
 
 
 def prepare(directory: Path) -> None:
-    """Write the rollout's starting point: flag on, no traffic on BOOP yet (the ramp sets it)."""
+    """Write the rollout's starting point: flag on, 5 % of traffic on BOOP (the ramp's first step)."""
     directory.mkdir(parents=True, exist_ok=True)
     flags = {
         "flags": {
@@ -139,7 +139,7 @@ def prepare(directory: Path) -> None:
     }
     (directory / "flags.json").write_text(json.dumps(flags, indent=2) + "\n")
     (directory / "traffic.env").write_text(
-        "# BOOP staged rollout (deployment guide, section 3)\nBOOP_TRAFFIC_PERCENT=0\n"
+        "# BOOP staged rollout (deployment guide, section 3)\nBOOP_TRAFFIC_PERCENT=5\n"
     )
 
 
