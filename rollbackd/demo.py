@@ -126,7 +126,7 @@ def demo_config(directory: Path, speed: float = 1.0) -> Assembly:
 
 
 def prepare(directory: Path) -> None:
-    """Write the rollout's starting point: flag on, 5 % of traffic on BOOP (the ramp's first step)."""
+    """Write the rollout's starting point: flag on, 5 % of traffic on BOOP (the first step)."""
     directory.mkdir(parents=True, exist_ok=True)
     flags = {
         "flags": {
