@@ -281,11 +281,11 @@ class FreezeConfig(Frozen):
 class RolloutConfig(Frozen):
     """``[rollouts.NAME]``: a ramp of traffic percentages, each held while gates stay green."""
 
-    steps: list[int] = Field(min_length=1)
+    steps: list[Annotated[int, Field(strict=True)]] = Field(min_length=1)
     hold: Hold | None = None
     holds: list[Hold] | None = None
     gates: list[str] = Field(min_length=1)
-    min_checks: int = Field(default=1, ge=1)
+    min_checks: int = Field(default=1, ge=1, strict=True)
     set: str
     windows: list[WindowText] = Field(default_factory=list)
     freeze: list[FreezeConfig] = Field(default_factory=list)

@@ -261,7 +261,7 @@ class Daemon:
     def _observe(self, name: str) -> Callable[[Check, Transition, float], None]:
         def observe(check: Check, transition: Transition, seconds: float) -> None:
             self.metrics.observe_check(check, transition, seconds)
-            self.ramp.poke()
+            self.ramp.poke(name)
             if self.check_listener is not None:
                 self.check_listener(name, check, transition.state)
 

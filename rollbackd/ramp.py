@@ -82,9 +82,10 @@ class Ramp:
                 async with asyncio.timeout(TICK_SECONDS):
                     await self._poked.wait()
 
-    def poke(self) -> None:
-        """Tick soon (a gate was checked, a promotion finished)."""
-        self._poked.set()
+    def poke(self, monitor: str | None = None) -> None:
+        """Tick soon: after an operator's request, or after a check of ``monitor`` if a gate."""
+        if monitor is None or any(monitor in r.gates for r in self._config().rollouts.values()):
+            self._poked.set()
 
     async def tick(self) -> None:
         """Decide and act for every configured rollout once."""

@@ -331,6 +331,8 @@ def test_a_good_rollout_config_has_no_problem() -> None:
         ({"steps": [5, 5, 50]}, "rollouts.boop.steps: steps[1] = 5: steps must strictly increase"),
         ({"steps": [0, 50]}, "steps[0] = 0: a percentage is 1 to 100"),
         ({"steps": [5, 101]}, "steps[1] = 101: a percentage is 1 to 100"),
+        ({"steps": [5, True]}, "rollouts.boop.steps[1]: Input should be a valid integer"),
+        ({"steps": [5, 25.5]}, "rollouts.boop.steps[1]: Input should be a valid integer"),
         ({"holds": ["1h"]}, "rollouts.boop: give exactly one of hold / holds"),
         ({"gates": ["payments", "nope"]}, "rollouts.boop.gates[1]: no monitor named 'nope'"),
         ({"set": "team"},
