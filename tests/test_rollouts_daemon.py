@@ -6,7 +6,6 @@ import asyncio
 import datetime as dt
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -24,10 +23,11 @@ from rollbackd.errors import RolloutRefusedError
 from rollbackd.options import Frozen
 from rollbackd.readings import Reading
 from rollbackd.rolloutlog import RolloutLog
-from rollbackd.sources import ArrivalListener, SourceType
+from rollbackd.sources import SourceType
 from rollbackd.state import Store
 from tests import helpers
 from tests.helpers import config_file, daemon_table, route_legacy, wait_until
+from tests.test_daemon import ScriptedSource
 
 
 class GateOptions(Frozen):
@@ -38,24 +38,8 @@ VALUES: dict[str, float] = {}
 """What each rule's query reads now (0 is healthy, above 1 breaches)."""
 
 
-@dataclass
-class GateSource:
-    """A poll source answering ``VALUES[query]``."""
-
-    name: str
-    push: bool = False
-
-    def watch(self, monitor: str, rule: RuleConfig) -> None:
-        """Nothing to subscribe to."""
-
-    def add_listener(self, listener: ArrivalListener) -> None:
-        """Polled: nothing arrives by itself."""
-
-    async def start(self) -> None:
-        """Nothing to connect."""
-
-    async def aclose(self) -> None:
-        """Nothing to close."""
+class GateSource(ScriptedSource):
+    """A poll source answering ``VALUES[query]``: one value per gate monitor."""
 
     async def read(self, rule: RuleConfig, now: float) -> Sequence[Reading]:
         """The scripted value of the rule's query."""
