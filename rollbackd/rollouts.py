@@ -285,8 +285,7 @@ def decide(
         return Decision(state)
     if rolled := [g.name for g in gates if g.rolled_back_in_run]:
         why = f"{', '.join(rolled)} rolled back"
-        done = replace(state, phase=Phase.ROLLED_BACK, percent=0, hold_started_at=None, reason=why)
-        return Decision(done, event="rolled_back")
+        return Decision(_rolled_back(state, why), event="rolled_back")
     if state.promoting is not None:
         return _promotion(spec, state, promotion, now, newest_check)
     if state.phase is Phase.PAUSED:
@@ -359,7 +358,8 @@ def _hold(
             return Decision(
                 _why(state, "hold waits: " + ", ".join(map(str, unhealthy))), event=event
             )
-        restarted = replace(state, hold_started_at=now, baseline=newest_check, reason="")
+        reason = state.reason if event else ""  # keep what interrupted it, for the log
+        restarted = replace(state, hold_started_at=now, baseline=newest_check, reason=reason)
         return Decision(restarted, event=event or "hold_started")
     return _passed(spec, state, gates, now)
 
@@ -436,8 +436,19 @@ def aborted(state: RolloutState) -> RolloutState:
     """The rollout after an operator's abort: rolled back, at 0 %."""
     if state.phase is Phase.ROLLED_BACK:
         raise RefusedError("it is already rolled_back")
+    return _rolled_back(state, "aborted by an operator")
+
+
+def _rolled_back(state: RolloutState, why: str) -> RolloutState:
+    """At 0 %, promoting nothing more (a set still retrying is refused by its guard)."""
     return replace(
-        state, phase=Phase.ROLLED_BACK, percent=0, hold_started_at=None, reason="aborted"
+        state,
+        phase=Phase.ROLLED_BACK,
+        percent=0,
+        hold_started_at=None,
+        promoting=None,
+        paused_by=None,
+        reason=why,
     )
 
 

@@ -212,6 +212,7 @@ def test_a_gate_rollback_wins_over_everything() -> None:
     for state in (holding(2), replace(holding(2), phase=Phase.PAUSED), holding(2, promoting="x")):
         decision = decide(SPEC, state, [gate], T0 + DAY)
         assert (decision.state.phase, decision.state.percent) == (Phase.ROLLED_BACK, 0)
+        assert decision.state.promoting is None  # restart is not held up by it
         assert decide(SPEC, decision.state, [green()], T0 + 9 * DAY).set_step is None
 
 

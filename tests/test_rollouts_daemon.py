@@ -129,6 +129,8 @@ class Router:
         self.calls: list[tuple[str, str, str]] = []
         """(path, body, Idempotency-Key) of each request."""
         self.hooks: list[dict[str, Any]] = []
+        self.unavailable: set[str] = set()
+        """Keys answered 503 (a transient failure: the set step keeps retrying)."""
         self.runner: web.AppRunner | None = None
         self.port = 0
 
@@ -150,6 +152,8 @@ class Router:
     async def _route(self, request: web.Request) -> web.Response:
         key = request.headers.get("Idempotency-Key", "")
         self.calls.append((request.path, await request.text(), key))
+        if key in self.unavailable:
+            return web.json_response({"ok": False}, status=503)
         return web.json_response({"ok": True})
 
     async def _hook(self, request: web.Request) -> web.Response:
@@ -368,3 +372,36 @@ def promotions_in(state_dir: Path) -> int:
     """Promotion incidents in the state store of ``state_dir``."""
     with Store.open(state_dir) as store:
         return sum(1 for i in store.incidents(limit=100) if i.event == "promote")
+
+
+async def test_a_set_still_retrying_when_a_gate_rolls_back_is_refused(tmp_path: Path) -> None:
+    """A set retried after a gate's rollback is refused: it never lands after the rollback.
+
+    The routing API is down while 50 % is being set and the gate rolls back meanwhile.
+    """
+    async with Router() as router:
+        router.unavailable.add("boop:2")
+        set_action = {
+            "type": "route.http",
+            "url": f"http://127.0.0.1:{router.port}/routes/boop",
+            "method": "PUT",
+            "body": "{percent}",
+        }
+        raw = config(tmp_path, set_action, hold="200ms")
+
+        async def body(daemon: Daemon) -> None:
+            await wait_until(lambda: any(c[2] == "boop:2" for c in router.calls), 15, "setting 50")
+            VALUES["payments"] = 5.0
+            await wait_until(lambda: rollout(daemon)["state"] == "rolled_back", 10, "rolled back")
+            router.unavailable.clear()  # the API is back: the next attempt would succeed
+            tried = len(router.calls)
+            setting = [i for i in daemon.store.incidents(limit=100) if i.details.get("step") == 2]
+            await wait_until(lambda: daemon.store.incident(setting[0].id).finished_at, 15)
+            step = daemon.store.incident(setting[0].id).steps[0]
+            assert step.status == "failed"
+            assert "not set: rollout boop" in step.detail
+            assert rollout(daemon)["percent"] == 0
+            assert len(router.calls) == tried  # refused before sending anything
+
+        await serve(raw, body)
+    assert (tmp_path / "traffic.env").read_text().strip().endswith("BOOP_TRAFFIC_PERCENT=0")
