@@ -79,11 +79,16 @@ def test_cycle_finder_finds_a_cycle() -> None:
 
 
 def test_config_and_options_know_no_plugin() -> None:
-    """config.py and options.py (what plugins import) import no plugin and nothing above."""
+    """config.py and options.py (what plugins import) import no plugin and nothing above.
+
+    config.py reads rollout windows and freezes with ``rollouts``, which imports nothing.
+    """
     assert graph()["rollbackd.options"] == {"rollbackd.errors"}
     assert graph()["rollbackd.problems"] == set()
     assert graph()["rollbackd.config"] == {
         "rollbackd.errors",
         "rollbackd.options",
         "rollbackd.problems",
+        "rollbackd.rollouts",
     }
+    assert graph()["rollbackd.rollouts"] == set()  # pure: windows, freezes, decide()
