@@ -216,6 +216,7 @@ def test_rollout_cli_steers_a_running_daemon(tmp_path: Path, hooks: Hooks) -> No
         with pytest.raises(urllib.error.HTTPError) as no_token:
             urllib.request.urlopen(request, timeout=5)
         assert no_token.value.code == 401
+        no_token.value.close()
         aborted = cli("abort", "boop")
         assert aborted.returncode == 0, aborted.stderr
         assert "rolled_back" in aborted.stdout
