@@ -32,7 +32,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from rollbackd.errors import ConfigError
 from rollbackd.options import Frozen, bounded
 from rollbackd.problems import dotted, lines
-from rollbackd.rollouts import Freeze, Spec, Window, parse_instant, parse_window
+from rollbackd.rollouts import Spec
+from rollbackd.windows import Freeze, Window, parse_instant, parse_window
 
 NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 """Names of monitors, rules, sources and actions: they travel in URLs, file names and logs."""

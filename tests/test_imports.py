@@ -81,7 +81,8 @@ def test_cycle_finder_finds_a_cycle() -> None:
 def test_config_and_options_know_no_plugin() -> None:
     """config.py and options.py (what plugins import) import no plugin and nothing above.
 
-    config.py reads rollout windows and freezes with ``rollouts``, which imports nothing.
+    config.py reads rollout windows with ``windows`` (which imports nothing) and builds the
+    pure ``rollouts.Spec``.
     """
     assert graph()["rollbackd.options"] == {"rollbackd.errors"}
     assert graph()["rollbackd.problems"] == set()
@@ -90,5 +91,7 @@ def test_config_and_options_know_no_plugin() -> None:
         "rollbackd.options",
         "rollbackd.problems",
         "rollbackd.rollouts",
+        "rollbackd.windows",
     }
-    assert graph()["rollbackd.rollouts"] == set()  # pure: windows, freezes, decide()
+    assert graph()["rollbackd.windows"] == set()
+    assert graph()["rollbackd.rollouts"] == {"rollbackd.windows"}

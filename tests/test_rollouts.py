@@ -11,15 +11,8 @@ import pytest
 from rollbackd import rollouts
 from rollbackd.config import cross_check, from_dict
 from rollbackd.errors import ConfigError
-from rollbackd.rollouts import (
-    Freeze,
-    Gate,
-    Phase,
-    RolloutState,
-    Spec,
-    decide,
-    parse_window,
-)
+from rollbackd.rollouts import Gate, Phase, RolloutState, Spec, decide
+from rollbackd.windows import Freeze, blocked, parse_window
 
 DAY = 86_400.0
 
@@ -114,16 +107,16 @@ def test_bad_window_says_why(text: str, reason: str) -> None:
 def test_freeze_and_windows_block_with_a_reason() -> None:
     """A freeze blocks from its start to (not including) its end; outside windows blocks."""
     freeze = Freeze(utc("2026-12-19T23:00"), utc("2027-01-03T23:00"))
-    assert rollouts.blocked((), (freeze,), utc("2026-12-19T22:59")) is None
+    assert blocked((), (freeze,), utc("2026-12-19T22:59")) is None
     assert "frozen until 2027-01-03T23:00:00+00:00" in str(
-        rollouts.blocked((), (freeze,), utc("2026-12-19T23:00"))
+        blocked((), (freeze,), utc("2026-12-19T23:00"))
     )
-    assert rollouts.blocked((), (freeze,), utc("2027-01-03T23:00")) is None
+    assert blocked((), (freeze,), utc("2027-01-03T23:00")) is None
     window = parse_window("Mon-Thu 09:00-16:00 Europe/Berlin")
     assert "outside the promotion windows" in str(
-        rollouts.blocked((window,), (), utc("2026-11-27T10:00"))  # a Friday
+        blocked((window,), (), utc("2026-11-27T10:00"))  # a Friday
     )
-    assert rollouts.blocked((window,), (), utc("2026-11-26T10:00")) is None  # Thursday
+    assert blocked((window,), (), utc("2026-11-26T10:00")) is None  # Thursday
 
 
 # --- decide -----------------------------------------------------------------------------------
