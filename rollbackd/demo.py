@@ -32,7 +32,7 @@ def demo_config(directory: Path, speed: float = 1.0) -> Assembly:
     """The demo's configuration: the seed's thresholds over a synthetic source."""
     interval = f"{round(2000 / speed)}ms"
     seconds = {"healthy": 14 / speed, "degrading": 10 / speed}
-    hold = f"{round(4000 / speed)}ms"  # 5 -> 25 -> 50 while healthy; 50 holds past the breach
+    hold = f"{round(3000 / speed)}ms"  # 5 -> 25 -> 50 while healthy; 50 holds past the breach
     rules = {
         "authentication": [
             ("auth-error-rate", "auth_error_rate", "above", 1.0, "%"),
@@ -156,7 +156,7 @@ def run_demo(directory: Path | None = None, speed: float = 1.0, out: TextIO | No
     logs.configure("console", "info", quiet={"check_failed", "check_inconclusive"})
     assembly = demo_config(directory, speed)
     config = assembly.config
-    print(_INTRO.format(dir=directory, hold=4 / speed), file=out, flush=True)
+    print(_INTRO.format(dir=directory, hold=3 / speed), file=out, flush=True)
     started = time.monotonic()
     incident = asyncio.run(_watch(assembly, out, started))
     if incident is None:

@@ -29,7 +29,8 @@ from rollbackd.state import Store
 log = structlog.get_logger("rollbackd.rollouts")
 
 TICK_SECONDS = 1.0
-"""Rollouts are looked at this often, and after every check of any monitor."""
+"""Rollouts are looked at this often, and after every check of a gate monitor."""
+PROMOTING_TICK_SECONDS = 0.1
 OPERATIONS = ("pause", "resume", "promote", "abort", "restart")
 
 
@@ -66,6 +67,8 @@ class Ramp:
         """Settable: tests step it to pass day-long holds at once."""
         self._poked = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._promoting = False
+        """Some rollout's percentage is being set (the last tick saw it)."""
 
     @property
     def _log(self) -> RolloutLog:
@@ -78,8 +81,10 @@ class Ramp:
         while True:
             await self.tick()
             self._poked.clear()
+            # While a percentage is being set, look often: its hold starts when it is done.
+            wait = PROMOTING_TICK_SECONDS if self._promoting else TICK_SECONDS
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(TICK_SECONDS):
+                async with asyncio.timeout(wait):
                     await self._poked.wait()
 
     def poke(self, monitor: str | None = None) -> None:
@@ -90,13 +95,16 @@ class Ramp:
     async def tick(self) -> None:
         """Decide and act for every configured rollout once."""
         async with self._lock:
+            promoting = False
             for name, config in self._config().rollouts.items():
                 try:
-                    self._advance(name, config)
+                    promoting = self._advance(name, config) or promoting
                 except Exception:  # one broken rollout must not stop the others, nor the daemon
                     log.exception("rollout_tick_failed", rollout=name)
+            self._promoting = promoting
 
-    def _advance(self, name: str, config: RolloutConfig) -> None:
+    def _advance(self, name: str, config: RolloutConfig) -> bool:
+        """Decide and act for one rollout; whether a percentage of it is being set."""
         saved = self._log.load(name)
         state = saved or RolloutState(latched=self._latched(config))
         now = self.clock()
@@ -122,6 +130,7 @@ class Ramp:
             self._tell(name, config, decision.event, new)
         if self._on_change is not None:
             self._on_change(name, new)
+        return new.promoting is not None
 
     def _tell(self, name: str, config: RolloutConfig, event: str, state: RolloutState) -> None:
         fields = {

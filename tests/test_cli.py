@@ -162,7 +162,7 @@ def test_demo_rolls_back(tmp_path: Path) -> None:
     assert "rolled back. incident" in result.stdout
     assert "BREACH" in result.stdout
     assert "failures 5/5" in result.stdout
-    for ramp in ("setting 5%", "at 25%", "at 50%", "ROLLED BACK"):
+    for ramp in ("at 5%", "at 25%", "at 50%", "ROLLED BACK"):
         assert ramp in result.stdout, ramp
     assert "BOOP_TRAFFIC_PERCENT=0" in (tmp_path / "traffic.env").read_text()
     flags = json.loads((tmp_path / "flags.json").read_text())
