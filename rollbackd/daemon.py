@@ -33,6 +33,7 @@ from rollbackd.metrics import Metrics
 from rollbackd.monitor import MonitorRunner
 from rollbackd.parts import Parts
 from rollbackd.plan import PlanRunner
+from rollbackd.ramp import Ramp
 from rollbackd.records import IncidentDraft, IncidentRecord
 from rollbackd.redact import Redactor
 from rollbackd.schedule import Backlog, Schedule
@@ -95,6 +96,14 @@ class Daemon:
             clock=clock,
         )
         """Plans held by max_rollbacks / rearm_cooldown; its cooldown timers stop with us."""
+        self.ramp = Ramp(
+            self.plans,
+            store=lambda: self.store,
+            config=lambda: self.config,
+            monitors=lambda: {name: runner.state for name, runner in self.monitors.items()},
+            on_change=self.metrics.rollout,
+        )
+        """The progressive rollouts ([rollouts.NAME]): ticked while serving."""
         self._reloading = asyncio.Lock()
         self._reload_waiting = False
         self._commits = health.GroupCommit(lambda: self.store)
@@ -149,6 +158,7 @@ class Daemon:
                     chores = [
                         group.create_task(health.watchdog(self.health)),
                         group.create_task(self._commits.run()),
+                        group.create_task(self.ramp.run()),
                     ]
                     await self._stop.wait()
                     for chore in chores:
@@ -255,6 +265,7 @@ class Daemon:
     def _observe(self, name: str) -> Callable[[Check, Transition, float], None]:
         def observe(check: Check, transition: Transition, seconds: float) -> None:
             self.metrics.observe_check(check, transition, seconds)
+            self.ramp.poke(name)
             if self.check_listener is not None:
                 self.check_listener(name, check, transition.state)
 
@@ -265,7 +276,7 @@ class Daemon:
     def _runner(self) -> PlanRunner:
         return PlanRunner(
             store=self.store,
-            actions=self.parts.actions,
+            actions=self.ramp.guarded(self.parts.actions),
             action_configs=self.config.actions,
             mode=self.config.daemon.mode,
             environment=self.config.daemon.environment,
@@ -307,6 +318,7 @@ class Daemon:
             waiting=self.waiting.waiting(),
             released=self.waiting.released_now(),
         )
+        document["rollouts"] = self.ramp.status()
         redacted: dict[str, Any] = self.redactor.value(document)
         return redacted
 
@@ -360,6 +372,10 @@ class Daemon:
             return None
         document: dict[str, Any] = self.redactor.value(pageview.incident_document(found[0]))
         return document
+
+    async def rollout(self, name: str, operation: str) -> dict[str, Any]:
+        """``rollbackd rollout pause|resume|promote|abort|restart NAME``."""
+        return await self.ramp.operate(name, operation)
 
     async def _start_surface(self, stack: contextlib.AsyncExitStack) -> None:
         address = self.config.daemon.listen_address()
@@ -435,6 +451,7 @@ class Daemon:
             for warning in exposure_warnings(new.config):
                 log.warning("api_exposed", warning=warning)
             self.metrics.retain(self.monitors)
+            self.metrics.retain_rollouts(new.config.rollouts)
             daemon = new.config.daemon
             self.metrics.info(__version__, daemon.mode, daemon.environment)
             log.info(

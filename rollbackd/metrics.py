@@ -14,6 +14,7 @@ from rollbackd.config import MonitorConfig
 from rollbackd.engine import Check, Event, MonitorState, Outcome, Phase, Transition
 from rollbackd.limits import APPROVAL, COOLDOWN
 from rollbackd.readings import labels_text
+from rollbackd.rollouts import RolloutState
 from rollbackd.verdicts import Verdict
 
 MAX_SERIES_PER_RULE = 100
@@ -131,6 +132,19 @@ class Metrics:
             registry=registry,
         )
         self.plans_waiting({})
+        self.rollout_percent = Gauge(
+            "rollbackd_rollout_percent",
+            "Traffic percentage a rollout has set (0 before its first step and after a rollback).",
+            ["rollout"],
+            registry=registry,
+        )
+        self.rollout_step = Gauge(
+            "rollbackd_rollout_step",
+            "Index in steps of the step a rollout is at or moving to (the first is 0).",
+            ["rollout"],
+            registry=registry,
+        )
+        self._rollouts: set[str] = set()
         self._info = Info(
             "rollbackd", "Version, mode and environment of the running daemon.", registry=registry
         )
@@ -222,6 +236,19 @@ class Metrics:
                 self.rollbacks.labels(monitor, mode or self._mode).inc()
             else:
                 self.alerts.labels(monitor, event.value).inc()
+
+    def rollout(self, name: str, state: RolloutState) -> None:
+        """Export a rollout's current step and the percentage it has set."""
+        self._rollouts.add(name)
+        self.rollout_step.labels(name).set(state.step)
+        self.rollout_percent.labels(name).set(state.percent)
+
+    def retain_rollouts(self, names: Iterable[str]) -> None:
+        """Forget the rollouts a reload removed."""
+        gone, self._rollouts = self._rollouts - set(names), self._rollouts & set(names)
+        for name in gone:
+            self.rollout_step.remove(name)
+            self.rollout_percent.remove(name)
 
     def plans_waiting(self, counts: Mapping[str, int]) -> None:
         """Export how many plans wait, by reason (``approval``, ``cooldown``); absent is 0."""

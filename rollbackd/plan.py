@@ -47,6 +47,15 @@ def idempotency_key(incident_id: str, step: int) -> str:
     return f"{incident_id}:{step}"
 
 
+def step_key(incident: Incident, step: int) -> str:
+    """The step's idempotency key: ``<incident>:<step>``, or the incident's own if it has one.
+
+    A rollout's promotion carries ``<rollout>:<step>`` in its details.
+    """
+    given = incident.details.get("idempotency_key")
+    return given if isinstance(given, str) else idempotency_key(incident.id, step)
+
+
 @dataclass(slots=True)
 class PlanRunner:
     """Runs incidents' plans against the built actions; all progress goes through the Store."""
@@ -138,7 +147,7 @@ class PlanRunner:
                 incident=incident,
                 step=step.step,
                 attempt=attempt,
-                idempotency_key=idempotency_key(incident.id, step.step),
+                idempotency_key=step_key(incident, step.step),
                 sources=self.sources,
                 state_dir=self.state_dir,
             )
