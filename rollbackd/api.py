@@ -29,10 +29,13 @@ from rollbackd.errors import (
     IncidentNotWaitingError,
     MonitorNotLatchedError,
     RollbackdError,
+    RolloutRefusedError,
     UnknownIncidentError,
     UnknownMonitorError,
+    UnknownRolloutError,
 )
 from rollbackd.listener import Limits, Listener
+from rollbackd.page import Page
 
 log = structlog.get_logger("rollbackd.api")
 
@@ -60,6 +63,9 @@ class Surface(Protocol):
 
     async def approve(self, incident: str) -> dict[str, Any]:
         """Run a waiting plan; UnknownIncidentError / IncidentNotWaitingError if not."""
+
+    async def rollout(self, name: str, operation: str) -> dict[str, Any]:
+        """Pause, resume, promote, abort or restart a rollout (or say why not: errors)."""
 
 
 # --- the control token ------------------------------------------------------------------
@@ -160,6 +166,9 @@ class ApiServer:
         app.router.add_post("/rearm/{monitor}", self._rearm)
         app.router.add_post("/retry/{incident}", self._retry)
         app.router.add_post("/approve/{incident}", self._approve)
+        Page(self).add_routes(app.router)  # GET /, /incidents/{id}, /page/live, /static/{name}
+        operations = "|".join(("pause", "resume", "promote", "abort", "restart"))
+        app.router.add_post(f"/rollouts/{{rollout}}/{{operation:{operations}}}", self._rollout)
         return app
 
     async def start(self) -> None:
@@ -241,6 +250,16 @@ class ApiServer:
         finally:
             self._renders -= 1
 
+    # --- what the operator page (page.py) uses ---------------------------------------------
+
+    def authorized(self, request: web.Request) -> bool:
+        """Whether ``request`` carries the control token."""
+        return self._authorized(request)
+
+    async def render(self, render: Callable[[Any], T], subject: object) -> T:
+        """Run ``render(subject)`` in the render pool, like /status (a 503 when too many wait)."""
+        return await self._render(render, subject)
+
     async def _rearm(self, request: web.Request) -> web.Response:
         monitor = request.match_info["monitor"]
         return await self._control(request, "rearm", monitor, self.surface.rearm)
@@ -253,7 +272,17 @@ class ApiServer:
         incident = request.match_info["incident"]
         return await self._control(request, "approve", incident, self.surface.approve)
 
-    async def _control(
+    async def _rollout(self, request: web.Request) -> web.Response:
+        operation = request.match_info["operation"]
+
+        async def act(name: str) -> dict[str, Any]:
+            return await self.surface.rollout(name, operation)
+
+        return await self._control(
+            request, f"rollout_{operation}", request.match_info["rollout"], act
+        )
+
+    async def _control(  # noqa: PLR0911 -- one answer per kind of refusal
         self,
         request: web.Request,
         what: str,
@@ -265,8 +294,12 @@ class ApiServer:
             return _unauthorized(request, what)
         try:
             result = await act(subject)
-        except (UnknownMonitorError, UnknownIncidentError) as exc:
-            kind = "unknown_monitor" if isinstance(exc, UnknownMonitorError) else "unknown_incident"
+        except (UnknownMonitorError, UnknownIncidentError, UnknownRolloutError) as exc:
+            kind = {
+                UnknownMonitorError: "unknown_monitor",
+                UnknownIncidentError: "unknown_incident",
+                UnknownRolloutError: "unknown_rollout",
+            }[type(exc)]
             return _json({"error": kind, "message": str(exc)}, status=404)
         except MonitorNotLatchedError as exc:
             body = {"error": "not_rolled_back", "message": str(exc), "state": exc.state}
@@ -276,6 +309,9 @@ class ApiServer:
             return _json(body, status=409)
         except IncidentNotWaitingError as exc:
             return _json({"error": "not_waiting", "message": str(exc)}, status=409)
+        except RolloutRefusedError as exc:
+            body = {"error": "refused", "message": str(exc), "reason": exc.reason}
+            return _json(body, status=409)
         log.info(f"{what}_accepted", subject=subject, remote=request.remote)
         return _json(result)
 

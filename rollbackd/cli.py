@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         p = command(name, func, helptext)
         _config_option(p)
         p.add_argument(subject, help=about)
+    _rollout_commands(command("rollout", _rollout, "show and steer progressive rollouts"))
     p = command("test-action", _test_action, "fire one action on purpose")
     _config_option(p)
     p.add_argument("action", help="the action's name in [actions]")
@@ -92,6 +93,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     _backtest_arguments(command("backtest", _backtest, BACKTEST_HELP))
     return parser
+
+
+ROLLOUT_COMMANDS = (
+    ("status", "show rollouts: step, percent, hold remaining, each gate and why it is not green"),
+    ("pause", "stop promoting until resumed (a rollback still happens)"),
+    ("resume", "hold and promote again"),
+    ("promote", "end the current hold now (gates, windows and freezes still apply)"),
+    ("abort", "run the gates' rollback plans now; the rollout stays rolled_back"),
+    ("restart", "start a rolled-back rollout again from its first step"),
+)
+
+
+def _rollout_commands(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(required=True, metavar="OPERATION", dest="operation")
+    for name, helptext in ROLLOUT_COMMANDS:
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        _config_option(p)
+        if name == "status":
+            p.add_argument("rollout", nargs="?", help="only this rollout")
+            p.add_argument("--json", action="store_true", help="print the rollouts' JSON")
+        else:
+            p.add_argument("rollout", help="the rollout's name in [rollouts]")
+        if name == "promote":
+            p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
 
 BACKTEST_PROG = "rollbackd backtest"
@@ -138,9 +163,11 @@ def _config_option(p: argparse.ArgumentParser) -> None:
 def _check_config(args: argparse.Namespace) -> int:
     config = load(args.file).config
     rules = sum(len(m.rules) for m in config.monitors.values())
+    ramps = f", {len(config.rollouts)} rollouts" if config.rollouts else ""
     print(
         f"{args.file}: ok ({len(config.monitors)} monitors, {rules} rules, "
-        f"{len(config.sources)} sources, {len(config.actions)} actions; mode {config.daemon.mode})"
+        f"{len(config.sources)} sources, {len(config.actions)} actions{ramps}; "
+        f"mode {config.daemon.mode})"
     )
     for warning in exposure_warnings(config):
         print(f"{args.file}: warning: {warning}", file=sys.stderr)
@@ -200,6 +227,36 @@ def _retry(args: argparse.Namespace) -> int:
 def _approve(args: argparse.Namespace) -> int:
     result = _control(args, "approve", args.incident)
     print(f"{args.incident}: approved (it waited for {result.get('waited', '?')}); its plan runs")
+    return EXIT_OK
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    from rollbackd.api import read_control_token
+    from rollbackd.client import get_status, post_rollout
+    from rollbackd.status import rollout_table
+
+    config = load(args.config, secrets=False).config
+    if args.rollout is not None and args.rollout not in config.rollouts:
+        known = ", ".join(sorted(config.rollouts)) or "none"
+        raise RollbackdError(f"{config.path}: rollouts.{args.rollout}: no such rollout ({known})")
+    if args.operation == "status":
+        token = read_control_token(config.daemon.state_dir) if config.daemon.status_token else None
+        found = asyncio.run(get_status(_listen(config), timeout=5.0, token=token)).get(
+            "rollouts", {}
+        )
+        if args.rollout is not None:
+            found = {args.rollout: found.get(args.rollout)}
+        print(json.dumps(found, indent=2) if args.json else rollout_table(found))
+        return EXIT_OK
+    question = f"End the hold of {args.rollout!r} now? [y/N] "
+    if args.operation == "promote" and not args.yes and not _confirm(question):
+        print("not promoted", file=sys.stderr)
+        return EXIT_FAILED
+    token = read_control_token(config.daemon.state_dir)
+    result = asyncio.run(post_rollout(_listen(config), token, args.rollout, args.operation))
+    done = f"{args.rollout}: {args.operation}: {result.get('state')} at {result.get('percent')}%"
+    incident = f" (incident {result['incident']})" if result.get("incident") else ""
+    print(done + incident)
     return EXIT_OK
 
 

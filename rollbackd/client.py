@@ -67,6 +67,12 @@ async def post_approve(listen: str, token: str, incident: str) -> dict[str, Any]
     return await post_control(listen, token, "approve", incident)
 
 
+async def post_rollout(listen: str, token: str, rollout: str, operation: str) -> dict[str, Any]:
+    """``POST /rollouts/{rollout}/{operation}``: pause, resume, promote, abort or restart."""
+    path = f"/rollouts/{quote(rollout, safe='')}/{operation}"
+    return await _request("POST", listen, path, timeout=10.0, headers=_bearer(token))
+
+
 def _bearer(token: str | None) -> dict[str, str] | None:
     return None if token is None else {"Authorization": f"Bearer {token}"}
 
@@ -110,4 +116,12 @@ def _error_message(status: int, body: dict[str, Any]) -> str:
     return message
 
 
-__all__ = ["base_url", "get_status", "post_approve", "post_control", "post_rearm", "post_retry"]
+__all__ = [
+    "base_url",
+    "get_status",
+    "post_approve",
+    "post_control",
+    "post_rearm",
+    "post_retry",
+    "post_rollout",
+]

@@ -7,6 +7,7 @@ knows no plugin: ``assemble`` resolves the source and action types and their opt
 from __future__ import annotations
 
 import codecs
+import datetime as dt
 import hashlib
 import ipaddress
 import math
@@ -20,6 +21,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -32,6 +34,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from rollbackd.errors import ConfigError
 from rollbackd.options import CaFile, Frozen, SecretRef, bounded
 from rollbackd.problems import dotted, lines
+from rollbackd.rollouts import Spec
+from rollbackd.windows import Freeze, Window, parse_instant, parse_window
 
 NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 """Names of monitors, rules, sources and actions: they travel in URLs, file names and logs."""
@@ -300,6 +304,90 @@ class ActionConfig(PluginTable):
     """How long transient failures (refused, timed out, 5xx, EMFILE) keep being retried."""
 
 
+Hold = Annotated[float, bounded("100ms", "30d")]
+
+
+def _window(text: str) -> str:
+    parse_window(text)
+    return text
+
+
+WindowText = Annotated[str, AfterValidator(_window)]
+"""``"Mon-Thu 09:00-16:00 Europe/Berlin"``, checked when the config loads."""
+PERCENT_FIELD = "{percent}"
+SET_TYPES = ("route.file", "route.http", "exec")
+"""Action types a rollout's ``set`` may name: they take ``{percent}`` in their templates."""
+
+
+class FreezeConfig(Frozen):
+    """``{ from = "2026-12-20T00:00:00+01:00", to = "2027-01-04T00:00:00+01:00" }``."""
+
+    start: dt.datetime = Field(alias="from")
+    end: dt.datetime = Field(alias="to")
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _instant(cls, value: object) -> dt.datetime:
+        return parse_instant(value)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FreezeConfig:
+        if self.start >= self.end:
+            raise ValueError("from must be before to")
+        return self
+
+
+class RolloutConfig(Frozen):
+    """``[rollouts.NAME]``: a ramp of traffic percentages, each held while gates stay green."""
+
+    steps: list[Annotated[int, Field(strict=True)]] = Field(min_length=1)
+    hold: Hold | None = None
+    holds: list[Hold] | None = None
+    gates: list[str] = Field(min_length=1)
+    min_checks: int = Field(default=1, ge=1, strict=True)
+    set: str
+    windows: list[WindowText] = Field(default_factory=list)
+    freeze: list[FreezeConfig] = Field(default_factory=list)
+    on_promote: list[str] = Field(default_factory=list)
+    on_gate_failure: Literal["restart", "pause"] = "restart"
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, steps: list[int]) -> list[int]:
+        for i, percent in enumerate(steps):
+            if not 1 <= percent <= 100:
+                raise ValueError(f"steps[{i}] = {percent}: a percentage is 1 to 100")
+            if i and percent <= steps[i - 1]:
+                raise ValueError(f"steps[{i}] = {percent}: steps must strictly increase")
+        return steps
+
+    @model_validator(mode="after")
+    def _one_hold(self) -> RolloutConfig:
+        if (self.hold is None) == (self.holds is None):
+            raise ValueError("give exactly one of hold / holds")
+        if self.holds is not None and len(self.holds) != len(self.steps):
+            raise ValueError(
+                f"holds has {len(self.holds)} entries for {len(self.steps)} steps: one per step"
+            )
+        return self
+
+    def spec(self) -> Spec:
+        """What ``rollouts.decide`` needs of this rollout."""
+        holds = self.holds if self.holds is not None else [float(self.hold or 0)] * len(self.steps)
+        return Spec(
+            steps=tuple(self.steps),
+            holds=tuple(holds),
+            min_checks=self.min_checks,
+            on_gate_failure=self.on_gate_failure,
+            windows=tuple(self.parsed_windows()),
+            freezes=tuple(Freeze(f.start.timestamp(), f.end.timestamp()) for f in self.freeze),
+        )
+
+    def parsed_windows(self) -> list[Window]:
+        """The windows, parsed (they were checked on load)."""
+        return [parse_window(window) for window in self.windows]
+
+
 class Config(Frozen):
     """The whole configuration as written; ``assemble`` types the plugin tables' options."""
 
@@ -308,6 +396,7 @@ class Config(Frozen):
     monitors: dict[str, MonitorConfig] = Field(default_factory=dict)
     actions: dict[str, ActionConfig] = Field(default_factory=dict)
     ha: HaConfig = Field(default_factory=HaConfig)
+    rollouts: dict[str, RolloutConfig] = Field(default_factory=dict)
     path: Path | None = None
     sha256: str = ""
 
@@ -380,6 +469,11 @@ def cross_check(config: Config) -> Iterator[str]:
     """What the models alone cannot see: references to actions, limits, the production guard."""
     if "ha" in config.model_fields_set and not config.daemon.state:
         yield 'ha: only applies with daemon.state = "postgresql://..." (shared state)'
+    if config.rollouts and config.daemon.state:
+        yield (
+            'rollouts: not supported with daemon.state = "postgresql://..." yet (their '
+            "state lives in the SQLite store): use state_dir's SQLite store for rollouts"
+        )
     for name, monitor in config.monitors.items():
         here = f"monitors.{name}"
         if monitor.alert_after is not None and monitor.alert_after > monitor.rollback_after:
@@ -391,6 +485,7 @@ def cross_check(config: Config) -> Iterator[str]:
         for i, other in enumerate(monitor.held_by):
             if other not in config.monitors:
                 yield f"{here}.held_by[{i}]: no monitor named {other!r} in [monitors]"
+    yield from _rollout_problems(config)
     if cycle := _held_cycle(config):
         yield f"monitors.{cycle[0]}.held_by: a cycle ({' -> '.join(cycle)}): nothing could act"
     daemon = config.daemon
@@ -399,6 +494,56 @@ def cross_check(config: Config) -> Iterator[str]:
             "daemon.mode: armed in production needs daemon.confirm_production = true "
             "(or ROLLBACKD_CONFIRM_PRODUCTION=true): acting on production must be explicit"
         )
+
+
+def _rollout_problems(config: Config) -> Iterator[str]:
+    """Rollouts name known gates and actions; only a rollout's actions may use ``{percent}``."""
+    percent = {name for name, action in config.actions.items() if _uses_percent(action.options())}
+    for name, rollout in config.rollouts.items():
+        yield from _one_rollout(config, f"rollouts.{name}", rollout, percent)
+    for name, monitor in config.monitors.items():
+        for key in ("on_alert", "on_rollback"):
+            for i, action in enumerate(getattr(monitor, key)):
+                if action in percent:
+                    yield (
+                        f"monitors.{name}.{key}[{i}]: {action!r} uses {PERCENT_FIELD}, which only "
+                        "a rollout's set knows"
+                    )
+
+
+def _one_rollout(
+    config: Config, here: str, rollout: RolloutConfig, percent: set[str]
+) -> Iterator[str]:
+    for i, gate in enumerate(rollout.gates):
+        if gate not in config.monitors:
+            yield f"{here}.gates[{i}]: no monitor named {gate!r} in [monitors]"
+    for i, action in enumerate(rollout.on_promote):
+        if action not in config.actions:
+            yield f"{here}.on_promote[{i}]: no action named {action!r} in [actions]"
+    setter = config.actions.get(rollout.set)
+    if setter is None:
+        yield f"{here}.set: no action named {rollout.set!r} in [actions]"
+    elif setter.type not in SET_TYPES:
+        yield f"{here}.set: {rollout.set!r} is {setter.type}; use {', '.join(SET_TYPES)}"
+    elif rollout.set not in percent:
+        example = f'value = "{PERCENT_FIELD}"'
+        yield f"{here}.set: {rollout.set!r} must use {PERCENT_FIELD} (e.g. {example})"
+    if rollout.min_checks > config.daemon.history:
+        yield (
+            f"{here}.min_checks: {rollout.min_checks} is more than daemon.history "
+            f"({config.daemon.history}) checks kept per monitor"
+        )
+
+
+def _uses_percent(value: object) -> bool:
+    """Whether a table's strings (nested tables and lists included) hold ``{percent}``."""
+    if isinstance(value, str):
+        return PERCENT_FIELD in value
+    if isinstance(value, dict):
+        return any(_uses_percent(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_uses_percent(v) for v in value)
+    return False
 
 
 def _held_cycle(config: Config) -> list[str] | None:
@@ -427,7 +572,7 @@ def _held_cycle(config: Config) -> list[str] | None:
 def _bad_names(raw: dict[str, Any]) -> Iterator[str]:
     """Names as written follow ``NAME``: every ``[SECTION.NAME]`` and every rule's ``name``."""
     named: list[tuple[tuple[str | int, ...], object]] = []
-    for section in ("sources", "monitors", "actions"):
+    for section in ("sources", "monitors", "actions", "rollouts"):
         tables = raw.get(section)
         for name, table in tables.items() if isinstance(tables, dict) else ():
             named.append(((section, name), name))

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from rollbackd import __version__, health, incidents, logs, notify, parts, status
+from rollbackd import __version__, health, incidents, logs, notify, pageview, parts, status
 from rollbackd.actions import Action
 from rollbackd.api import ApiServer, ensure_control_token
 from rollbackd.assemble import Assembly, Registries, load
@@ -27,6 +27,7 @@ from rollbackd.engine import Check, Event, MonitorState, Transition
 from rollbackd.errors import (
     ConfigError,
     RollbackdError,
+    StateError,
     UnknownMonitorError,
 )
 from rollbackd.inflight import PlanTasks
@@ -34,9 +35,10 @@ from rollbackd.metrics import Metrics
 from rollbackd.monitor import MonitorRunner
 from rollbackd.parts import Parts
 from rollbackd.plan import PlanRunner
+from rollbackd.ramp import Ramp
 from rollbackd.records import IncidentDraft, IncidentRecord
 from rollbackd.redact import Redactor
-from rollbackd.schedule import Schedule
+from rollbackd.schedule import Backlog, Schedule
 from rollbackd.sources import Arrival, Source
 from rollbackd.state import Store
 from rollbackd.statedir import StateDirLock
@@ -102,6 +104,14 @@ class Daemon:
             clock=clock,
         )
         """Plans held by max_rollbacks / rearm_cooldown; its cooldown timers stop with us."""
+        self.ramp = Ramp(
+            self.plans,
+            store=lambda: self.store,
+            config=lambda: self.config,
+            monitors=lambda: {name: runner.state for name, runner in self.monitors.items()},
+            on_change=self.metrics.rollout,
+        )
+        """The progressive rollouts ([rollouts.NAME]): ticked while serving."""
         self._reloading = asyncio.Lock()
         self._reload_waiting = False
         self._commits = health.GroupCommit(lambda: self.state)
@@ -166,6 +176,7 @@ class Daemon:
                     chores = [
                         group.create_task(health.watchdog(self.health)),
                         group.create_task(self._commits.run()),
+                        group.create_task(self.ramp.run()),
                     ]
                     electing = None
                     if self.leadership is not None:
@@ -272,13 +283,17 @@ class Daemon:
         assembly: Assembly,
         running: Parts | None = None,
         next_runs: Mapping[str, dt.datetime] | None = None,
+        backlogs: Mapping[str, Backlog] | None = None,
     ) -> None:
-        """Start the parts of ``assembly`` and their schedule (``next_runs``: a reload's)."""
+        """Start the parts of ``assembly`` and their schedule.
+
+        ``next_runs`` and ``backlogs`` are what a reload hands over from the old schedule.
+        """
         self.parts = await parts.start(assembly, self._monitor, self._on_arrival, running)
         for name, runner in self.monitors.items():
             await runner.load()
             self.metrics.track(name, runner.config, runner.state)
-        self._schedule = Schedule(self.monitors)
+        self._schedule = Schedule(self.monitors, backlogs=backlogs)
         self._schedule.start(next_runs or {})
 
     def _monitor(
@@ -333,6 +348,7 @@ class Daemon:
     def _observe(self, name: str) -> Callable[[Check, Transition, float], None]:
         def observe(check: Check, transition: Transition, seconds: float) -> None:
             self.metrics.observe_check(check, transition, seconds)
+            self.ramp.poke(name)
             if self.check_listener is not None:
                 self.check_listener(name, check, transition.state)
 
@@ -343,7 +359,7 @@ class Daemon:
     def _runner(self) -> PlanRunner:
         return PlanRunner(
             store=self.state,
-            actions=self.parts.actions,
+            actions=self.ramp.guarded(self.parts.actions),
             action_configs=self.config.actions,
             mode=self.config.daemon.mode,
             environment=self.config.daemon.environment,
@@ -351,6 +367,7 @@ class Daemon:
             state_dir=self.config.daemon.state_dir,
             config_sha256=self.config.sha256,
             on_attempt=self.metrics.action_attempt,
+            on_duration=self.metrics.action_duration,
             on_failed_steps=self._alert_failed_steps,
             redactor=self.redactor,
         )
@@ -385,6 +402,7 @@ class Daemon:
             waiting=waiting,
             released=self.waiting.released_now(),
         )
+        document["rollouts"] = self.ramp.status()
         document["role"] = self.role
         leadership = self.leadership
         document["generation"] = leadership.generation if leadership is not None else 0
@@ -424,6 +442,32 @@ class Daemon:
         """Run a plan that waits (``rollbackd approve``); exactly one of concurrent calls does."""
         self._acting()
         return await self.waiting.approve(incident)
+
+    # --- what the operator page reads (page.Records) ------------------------------------
+
+    @property
+    def history(self) -> int:
+        """Checks kept per monitor (``daemon.history``)."""
+        return self.config.daemon.history
+
+    async def recent_checks(self, monitor: str) -> list[Check]:
+        """The newest ``history`` checks of ``monitor``, oldest first (the page's sparklines)."""
+        checks = await self.state.recent_checks(monitor, self.config.daemon.history)
+        await asyncio.sleep(0)  # one monitor's read at a time: checks run in between
+        return checks
+
+    async def incident_document(self, incident: str) -> dict[str, Any] | None:
+        """One incident for the page (secrets redacted), or None when the store has none."""
+        try:
+            found = await self.state.incident(incident)
+        except StateError:  # none with this id (or the store failing: the page says "none")
+            return None
+        document: dict[str, Any] = self.redactor.value(pageview.incident_document(found))
+        return document
+
+    async def rollout(self, name: str, operation: str) -> dict[str, Any]:
+        """``rollbackd rollout pause|resume|promote|abort|restart NAME``."""
+        return await self.ramp.operate(name, operation)
 
     async def _start_surface(self, stack: contextlib.AsyncExitStack) -> None:
         address = self.config.daemon.listen_address()
@@ -488,12 +532,13 @@ class Daemon:
             self.redactor.learn(new.secret_values())
             old = self.parts
             next_runs = self._schedule.next_runs() if self._schedule is not None else {}
-            await self._stop_checks()
+            # the old schedule keeps queueing arrivals (judging none) until the new one starts
+            backlogs = await self._schedule.stop(handover=True) if self._schedule else {}
             try:
-                await self._start_parts(new, old, next_runs)
+                await self._start_parts(new, old, next_runs, backlogs)
             except RollbackdError as exc:  # e.g. a plugin that cannot be built: keep the old
                 log.error("reload_failed", error=str(exc), kept=self.config.sha256)
-                self._schedule = Schedule(self.monitors)
+                self._schedule = Schedule(self.monitors, backlogs=backlogs)
                 self._schedule.start(next_runs)
                 notify.ready(f"reload failed; watching {len(self.monitors)} monitors")
                 return False
@@ -504,6 +549,7 @@ class Daemon:
             for warning in exposure_warnings(new.config):
                 log.warning("api_exposed", warning=warning)
             self.metrics.retain(self.monitors)
+            self.metrics.retain_rollouts(new.config.rollouts)
             daemon = new.config.daemon
             self.metrics.info(__version__, daemon.mode, daemon.environment)
             log.info(

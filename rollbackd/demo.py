@@ -31,7 +31,8 @@ DEADLINE_SECONDS = 120.0
 def demo_config(directory: Path, speed: float = 1.0) -> Assembly:
     """The demo's configuration: the seed's thresholds over a synthetic source."""
     interval = f"{round(2000 / speed)}ms"
-    seconds = {"healthy": 12 / speed, "degrading": 10 / speed}
+    seconds = {"healthy": 14 / speed, "degrading": 10 / speed}
+    hold = f"{round(3000 / speed)}ms"  # 5 -> 25 -> 50 while healthy; 50 holds past the breach
     rules = {
         "authentication": [
             ("auth-error-rate", "auth_error_rate", "above", 1.0, "%"),
@@ -99,13 +100,33 @@ def demo_config(directory: Path, speed: float = 1.0) -> Assembly:
                 "value": "0",
             },
             "notify-team": {"type": "alert.log", "level": "warning"},
+            "route-percent": {
+                "type": "route.file",
+                "path": str(directory / "traffic.env"),
+                "key": "BOOP_TRAFFIC_PERCENT",
+                "value": "{percent}",
+            },
+            "announce": {
+                "type": "alert.log",
+                "level": "info",
+                "message": "BOOP now takes {percent}% of traffic",
+            },
+        },
+        "rollouts": {
+            "boop": {
+                "steps": [5, 25, 50, 100],
+                "holds": [hold, hold, "10m", hold],
+                "gates": list(rules),
+                "set": "route-percent",
+                "on_promote": ["announce"],
+            }
         },
     }
     return from_dict(raw)
 
 
 def prepare(directory: Path) -> None:
-    """Write the rollout's starting point: flag on, 5 % of traffic on BOOP."""
+    """Write the rollout's starting point: flag on, 5 % of traffic on BOOP (the first step)."""
     directory.mkdir(parents=True, exist_ok=True)
     flags = {
         "flags": {
@@ -135,7 +156,7 @@ def run_demo(directory: Path | None = None, speed: float = 1.0, out: TextIO | No
     logs.configure("console", "info", quiet={"check_failed", "check_inconclusive"})
     assembly = demo_config(directory, speed)
     config = assembly.config
-    print(_INTRO.format(dir=directory), file=out, flush=True)
+    print(_INTRO.format(dir=directory, hold=3 / speed), file=out, flush=True)
     started = time.monotonic()
     incident = asyncio.run(_watch(assembly, out, started))
     if incident is None:
@@ -158,10 +179,12 @@ async def _watch(assembly: Assembly, out: TextIO, started: float) -> str | None:
     serving = asyncio.create_task(daemon.serve())
     deadline = time.monotonic() + DEADLINE_SECONDS
     incident: str | None = None
+    shown: tuple[Any, ...] = ()
     try:
         await daemon.ready.wait()
         while incident is None and time.monotonic() < deadline and not serving.done():
             await asyncio.sleep(0.2)
+            shown = _ramp(daemon.ramp.status().get("boop", {}), shown, started, out)
             finished = [
                 i.id
                 for i in await daemon.state.incidents()
@@ -172,6 +195,27 @@ async def _watch(assembly: Assembly, out: TextIO, started: float) -> str | None:
         daemon.stop()
         await serving
     return incident
+
+
+def _ramp(
+    rollout: dict[str, Any], shown: tuple[Any, ...], started: float, out: TextIO
+) -> tuple[Any, ...]:
+    """Print the rollout's line when its percentage or state changed; what it printed."""
+    now = (rollout.get("percent"), rollout.get("state"), rollout.get("promoting"))
+    if now != shown and rollout:
+        percent, state, promoting = now
+        steps = rollout.get("steps", [])
+        step = f"step {rollout.get('step')} of {len(steps) - 1}"
+        if promoting:
+            state, percent = "promoting", steps[rollout.get("step", 0)]
+        what = {
+            "promoting": f"setting {percent}% ({step}): incident {promoting}",
+            "holding": f"at {percent}% ({step}), holding {rollout.get('hold_s'):g}s "
+            "while both monitors stay green",
+            "rolled_back": f"ROLLED BACK ({rollout.get('reason')}): their plans route to 0%",
+        }.get(str(state), f"{state} at {percent}%")
+        print(f"[{time.monotonic() - started:5.1f}s] rollout boop    {what}", file=out, flush=True)
+    return now
 
 
 def _line(monitor: str, check: Check, state: MonitorState, elapsed: float, config: Config) -> str:
@@ -201,8 +245,10 @@ def _summary(directory: Path, config: Config, incident: str, out: TextIO) -> Non
 
 _INTRO = """\
 rollbackd demo: synthetic BOOP traffic, healthy at first, then degrading.
-Two monitors check the deployment guide's thresholds every 2 s and roll back after
-5 failing checks in a row: flag off, drain in-flight work, traffic back to legacy, notify.
+The rollout ramps BOOP's share of traffic 5% -> 25% -> 50%, holding {hold:g} s at each step
+while both monitors stay green. Two monitors check the deployment guide's thresholds every 2 s and
+roll back after 5 failing checks in a row: flag off, drain in-flight work, traffic back to
+legacy (0%), notify.
 Files (the 'production' the demo rolls back): {dir}
 """
 

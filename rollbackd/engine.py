@@ -41,6 +41,7 @@ class Event(StrEnum):
     REARM = "rearm"  # an operator re-armed the monitor (alerts resolve)
     TEST = "test"  # fired on purpose by `rollbackd test-action`
     SHADOW = "shadow"  # shadow rules would have rolled back (nothing is rolled back)
+    PROMOTE = "promote"  # a rollout sets its next step's percentage (set, then on_promote)
 
 
 class LimitsSpec(Protocol):

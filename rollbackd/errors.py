@@ -105,3 +105,19 @@ class DeposedError(StateError):
 
     The daemon that gets it stops acting at once and becomes a standby.
     """
+
+
+class UnknownRolloutError(RollbackdError):
+    """The rollout named in a request is not configured."""
+
+    def __init__(self, rollout: str) -> None:
+        self.rollout = rollout
+        super().__init__(f"no rollout named {rollout!r} in [rollouts]")
+
+
+class RolloutRefusedError(RollbackdError):
+    """An operator's request does not apply to the rollout's state (e.g. resume while holding)."""
+
+    def __init__(self, rollout: str, operation: str, reason: str) -> None:
+        self.rollout, self.operation, self.reason = rollout, operation, reason
+        super().__init__(f"rollout {rollout!r}: cannot {operation}: {reason}")

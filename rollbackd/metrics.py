@@ -14,6 +14,7 @@ from rollbackd.config import MonitorConfig
 from rollbackd.engine import Check, Event, MonitorState, Outcome, Phase, Transition
 from rollbackd.limits import APPROVAL, COOLDOWN
 from rollbackd.readings import labels_text
+from rollbackd.rollouts import RolloutState
 from rollbackd.verdicts import Verdict
 
 MAX_SERIES_PER_RULE = 100
@@ -23,6 +24,8 @@ WAIT_REASONS = (APPROVAL, COOLDOWN)
 """What a plan can wait for: both always exported (0 when none waits)."""
 
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+ACTION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+"""An attempt of a plan step: a file write takes milliseconds, a ``wait`` minutes."""
 
 
 class Metrics:
@@ -106,6 +109,21 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
+        self.action_duration_histogram = Histogram(
+            "rollbackd_action_duration_seconds",
+            "Time one attempt of a plan step took, by action (timeouts included).",
+            ["action"],
+            buckets=ACTION_BUCKETS,
+            registry=registry,
+        )
+        self.rule_threshold = Gauge(
+            "rollbackd_rule_threshold",
+            "Threshold of each rule (direction: above or below breaches), next to rule_value.",
+            ["monitor", "rule", "direction"],
+            registry=registry,
+        )
+        self._thresholds: dict[str, set[tuple[str, str]]] = {}
+        """Per monitor, the (rule, direction) threshold children exported."""
         self.plans_waiting_gauge = Gauge(
             "rollbackd_plans_waiting",
             "Rollback plans not started yet, by what they wait for: approval "
@@ -119,6 +137,19 @@ class Metrics:
             "1 while this daemon acts (leader; always with SQLite state), 0 as a standby.",
             registry=registry,
         )
+        self.rollout_percent = Gauge(
+            "rollbackd_rollout_percent",
+            "Traffic percentage a rollout has set (0 before its first step and after a rollback).",
+            ["rollout"],
+            registry=registry,
+        )
+        self.rollout_step = Gauge(
+            "rollbackd_rollout_step",
+            "Index in steps of the step a rollout is at or moving to (the first is 0).",
+            ["rollout"],
+            registry=registry,
+        )
+        self._rollouts: set[str] = set()
         self._info = Info(
             "rollbackd", "Version, mode and environment of the running daemon.", registry=registry
         )
@@ -133,6 +164,7 @@ class Metrics:
     def track(self, monitor: str, config: MonitorConfig, state: MonitorState) -> None:
         """Start exporting a monitor: zeroed counters, its state, which source each rule reads."""
         self._rule_sources[monitor] = {rule.name: rule.source for rule in config.rules}
+        self._export_thresholds(monitor, config)
         for outcome in Outcome:
             self.checks.labels(monitor, outcome.value)
         self.check_duration.labels(monitor)
@@ -143,6 +175,7 @@ class Metrics:
         for monitor in self._monitors - set(monitors):
             self._monitors.discard(monitor)
             self._rule_sources.pop(monitor, None)
+            self._export_thresholds(monitor, None)
             for rule, series in self._series.pop(monitor, {}):
                 self.rule_value.remove(monitor, rule, series)
             self._per_monitor.pop(monitor, None)
@@ -155,6 +188,21 @@ class Metrics:
                 _remove(self.checks, monitor, outcome.value)
             _remove(self.check_duration, monitor)
             self._shown.pop(monitor, None)
+
+    def _export_thresholds(self, monitor: str, config: MonitorConfig | None) -> None:
+        """Export ``monitor``'s rule thresholds; drop those its config no longer has."""
+        rules = config.rules if config is not None else ()
+        current = {(rule.name, rule.direction): rule.threshold for rule in rules}
+        for rule, direction in self._thresholds.pop(monitor, set()) - current.keys():
+            _remove(self.rule_threshold, monitor, rule, direction)
+        for (rule, direction), threshold in current.items():
+            self.rule_threshold.labels(monitor, rule, direction).set(threshold)
+        if current:
+            self._thresholds[monitor] = set(current)
+
+    def action_duration(self, action: str, seconds: float) -> None:
+        """Observe how long one attempt of a plan step took."""
+        self.action_duration_histogram.labels(action).observe(max(seconds, 0.0))
 
     def monitor_state(self, monitor: str, state: MonitorState) -> None:
         """Export a monitor's counters and state (after a check, a rearm or at start)."""
@@ -193,6 +241,19 @@ class Metrics:
                 self.rollbacks.labels(monitor, mode or self._mode).inc()
             else:
                 self.alerts.labels(monitor, event.value).inc()
+
+    def rollout(self, name: str, state: RolloutState) -> None:
+        """Export a rollout's current step and the percentage it has set."""
+        self._rollouts.add(name)
+        self.rollout_step.labels(name).set(state.step)
+        self.rollout_percent.labels(name).set(state.percent)
+
+    def retain_rollouts(self, names: Iterable[str]) -> None:
+        """Forget the rollouts a reload removed."""
+        gone, self._rollouts = self._rollouts - set(names), self._rollouts & set(names)
+        for name in gone:
+            self.rollout_step.remove(name)
+            self.rollout_percent.remove(name)
 
     def plans_waiting(self, counts: Mapping[str, int]) -> None:
         """Export how many plans wait, by reason (``approval``, ``cooldown``); absent is 0."""

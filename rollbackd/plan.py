@@ -48,6 +48,15 @@ def idempotency_key(incident_id: str, step: int) -> str:
     return f"{incident_id}:{step}"
 
 
+def step_key(incident: Incident, step: int) -> str:
+    """The step's idempotency key: ``<incident>:<step>``, or the incident's own if it has one.
+
+    A rollout's promotion carries ``<rollout>:<step>`` in its details.
+    """
+    given = incident.details.get("idempotency_key")
+    return given if isinstance(given, str) else idempotency_key(incident.id, step)
+
+
 @dataclass(slots=True)
 class PlanRunner:
     """Runs incidents' plans against the built actions; all progress goes through the Store."""
@@ -61,6 +70,8 @@ class PlanRunner:
     config_sha256: str = ""
     environment: str = "production"
     on_attempt: AttemptObserver | None = None
+    on_duration: Callable[[str, float], None] | None = None
+    """Told ``(action, seconds)`` of every attempt that ran (the latency metric)."""
     backoff_base: float = 0.5
     """First retry delay in seconds; it doubles per attempt (with jitter) up to ``backoff_cap``."""
     backoff_cap: float = 30.0
@@ -142,11 +153,14 @@ class PlanRunner:
                 incident=incident,
                 step=step.step,
                 attempt=attempt,
-                idempotency_key=idempotency_key(incident.id, step.step),
+                idempotency_key=step_key(incident, step.step),
                 sources=self.sources,
                 state_dir=self.state_dir,
             )
+            began = time.perf_counter()
             ok, detail, transient = await attempt_once(action, ctx, config.timeout)
+            if self.on_duration is not None:
+                self.on_duration(step.action, time.perf_counter() - began)
             self._count(step.action, "ok" if ok else "failed")
             if ok:
                 await self._finish(incident, step, StepStatus.OK, detail, attempt=attempt)

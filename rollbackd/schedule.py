@@ -2,7 +2,8 @@
 
 A monitor's check never overlaps itself (its runner's lock); a crash costs one check, never
 the daemon. A push monitor's arrivals wait in its own bounded queue, judged one by one in
-order by one consumer task per monitor, owned by the schedule.
+order by one consumer task per monitor, owned by the schedule. A reload hands the queues
+over to the next schedule, so an arrival during a reload is judged by the new config.
 """
 
 from __future__ import annotations
@@ -94,17 +95,30 @@ class Schedule:
         *,
         clock: Callable[[], float] = time.monotonic,
         backlog: int = BACKLOG,
+        backlogs: Mapping[str, Backlog] | None = None,
     ) -> None:
+        """``backlogs``: the queues a previous schedule handed over (``stop(handover=True)``)."""
         self.monitors = monitors
         self._clock = clock
         self._scheduler: AsyncIOScheduler | None = None
         self._last_tick: dict[str, float] = {}
         self._ticks: dict[str, asyncio.Task[None]] = {}
         """Each monitor's check in flight, if any."""
-        self.backlogs = {name: Backlog(name, backlog) for name, r in monitors.items() if r.push}
+        handed = dict(backlogs or {})
+        self.backlogs = {
+            name: handed.pop(name) if name in handed else Backlog(name, backlog)
+            for name, runner in monitors.items()
+            if runner.push
+        }
         """Per push monitor, its arrivals waiting to be judged."""
+        for gone in handed.values():  # no longer a push monitor: nothing will judge these
+            if left := gone.discard():
+                log.warning("arrivals_dropped_at_reload", monitor=gone.monitor, dropped=left)
         self._consumers: dict[str, asyncio.Task[None]] = {}
+        self._judging: set[str] = set()
+        """Push monitors whose consumer is judging an arrival right now."""
         self._stopped = False
+        self._handing_over = False
 
     def start(self, next_runs: Mapping[str, dt.datetime] | None = None) -> None:
         """Schedule the monitors' checks: the first at ``next_runs[name]`` (else now).
@@ -137,7 +151,7 @@ class Schedule:
         self._scheduler.start()
         loop = asyncio.get_running_loop()
         for name, backlog in self.backlogs.items():
-            consumer = _consume(self.monitors[name], backlog)
+            consumer = self._consume(self.monitors[name], backlog)
             self._consumers[name] = loop.create_task(consumer, name=f"arrivals-{name}")
 
     def next_runs(self) -> dict[str, dt.datetime]:
@@ -157,21 +171,27 @@ class Schedule:
         checks: those monitors judge their latest values on their interval.
         """
         backlog = self.backlogs.get(arrival.monitor)
-        if backlog is not None and not self._stopped:
+        if backlog is not None and (self._handing_over or not self._stopped):
             backlog.put(arrival)
 
-    async def stop(self) -> None:
+    async def stop(self, *, handover: bool = False) -> dict[str, Backlog]:
         """Stop scheduling checks; a check in flight finishes and commits.
 
         Arrivals already queued are still judged for up to ``STOP_DRAIN_SECONDS``; what is
-        left then is dropped, counted and logged.
+        left then is dropped, counted and logged. With ``handover`` (a reload), each push
+        monitor's judging stops after the arrival in hand and its queue is returned whole,
+        still taking arrivals, for the next schedule (``Schedule(backlogs=...)``).
         """
         self._stopped = True
+        self._handing_over = handover
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
         if self._ticks:  # checks in flight finish and commit
             await asyncio.wait(list(self._ticks.values()))
+        if handover:
+            await self._hand_over()
+            return self.backlogs
         for backlog in self.backlogs.values():
             backlog.close()
         consumers, self._consumers = self._consumers, {}
@@ -184,6 +204,22 @@ class Schedule:
         for backlog in self.backlogs.values():
             if left := backlog.discard():
                 log.warning("arrivals_dropped_at_stop", monitor=backlog.monitor, dropped=left)
+        for runner in self.monitors.values():
+            await runner.idle()
+        return {}
+
+    async def _hand_over(self) -> None:
+        """Stop each consumer after the arrival it is judging; leave the queues as they are.
+
+        A consumer waiting for an arrival is cancelled there, which takes nothing from the
+        queue (``asyncio.Queue.get`` only removes an item once it returns).
+        """
+        consumers, self._consumers = self._consumers, {}
+        for name, task in consumers.items():
+            if name not in self._judging:
+                task.cancel()
+        if consumers:
+            await asyncio.wait(consumers.values())
         for runner in self.monitors.values():
             await runner.idle()
 
@@ -212,11 +248,19 @@ class Schedule:
     def _done(self, name: str, _task: asyncio.Task[None]) -> None:
         self._ticks.pop(name, None)
 
+    async def _consume(self, runner: MonitorRunner, backlog: Backlog) -> None:
+        """Judge ``backlog``'s arrivals one by one, in order, until it is closed and empty.
 
-async def _consume(runner: MonitorRunner, backlog: Backlog) -> None:
-    """Judge ``backlog``'s arrivals one by one, in order, until it is closed and empty."""
-    while (arrival := await backlog.get()) is not None:
-        await _guarded(runner.arrival(arrival), runner.name)
+        In a hand-over, stop once the arrival in hand is judged.
+        """
+        while (arrival := await backlog.get()) is not None:
+            self._judging.add(runner.name)
+            try:
+                await _guarded(runner.arrival(arrival), runner.name)
+            finally:
+                self._judging.discard(runner.name)
+            if self._handing_over:
+                return
 
 
 async def _guarded(check: Awaitable[object], monitor: str) -> None:

@@ -62,6 +62,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE incidents ADD COLUMN waiting TEXT",
         "ALTER TABLE incidents ADD COLUMN approved_at REAL",
     ),
+    # 4: progressive rollouts (rolloutlog.py): one row per rollout; its promotions are
+    # incidents (event 'promote', monitor 'rollout:NAME').
+    (
+        """CREATE TABLE rollouts (
+            name TEXT PRIMARY KEY, run INTEGER NOT NULL, step INTEGER NOT NULL,
+            confirmed INTEGER NOT NULL, percent INTEGER NOT NULL, phase TEXT NOT NULL,
+            hold_started_at REAL, baseline INTEGER NOT NULL, hold_done INTEGER NOT NULL,
+            promoting TEXT, paused_by TEXT, latched TEXT NOT NULL, reason TEXT NOT NULL,
+            updated_at REAL NOT NULL)""",
+    ),
 )
 """``MIGRATIONS[i]`` takes the schema from version ``i`` to ``i + 1``; append, never edit."""
 

@@ -114,6 +114,8 @@ def table(status: dict[str, Any]) -> str:
                 else f"runs at {_when(inc.get('until'))}"
             )
             lines.append(f"  {inc['id']}  {inc.get('waiting')}  {inc.get('reason') or ''}  {hint}")
+    if status.get("rollouts"):
+        lines += ["", rollout_table(status["rollouts"])]
     incidents = status.get("incidents", [])
     if incidents:
         lines += ["", "RECENT INCIDENTS"]
@@ -139,3 +141,26 @@ def _when(epoch: float | None) -> str:
     if epoch is None:
         return "never"
     return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def rollout_table(rollouts: dict[str, Any]) -> str:
+    """Rollouts (``rollouts`` of ``/status``): step, percent, hold left, every gate and why."""
+    if not rollouts:
+        return "no rollouts configured"
+    lines = [f"{'ROLLOUT':<18} {'STATE':<12} {'STEP':<6} {'PERCENT':<8} {'HOLD LEFT':<11} REASON"]
+    for name, rollout in sorted(rollouts.items()):
+        if rollout is None:
+            lines.append(f"{name:<18} (not running: reload the daemon with this config)")
+            continue
+        steps = rollout.get("steps", [])
+        left = rollout.get("hold_remaining_s")
+        lines.append(
+            f"{name:<18} {rollout['state']:<12} {rollout['step']}/{len(steps) - 1:<4} "
+            f"{str(rollout['percent']) + '%':<8} {'-' if left is None else f'{left:.0f}s':<11} "
+            f"{rollout.get('reason') or ''}".rstrip()
+        )
+        for gate, view in rollout.get("gates", {}).items():
+            checks = f"{view.get('ok_checks')}/{view.get('min_checks')} ok checks"
+            why = view.get("why") or "green"
+            lines.append(f"    gate {gate:<21} {view.get('state'):<12} {checks:<16} {why}")
+    return "\n".join(lines)

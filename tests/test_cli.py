@@ -148,7 +148,7 @@ def test_run_with_bad_config_exits_1_naming_key(tmp_path: Path) -> None:
 
 
 def test_demo_rolls_back(tmp_path: Path) -> None:
-    """The demo runs without servers or root and ends with a rollback and its record."""
+    """The demo ramps 5 -> 25 -> 50 % without servers or root, then rolls back with a record."""
     env = {**os.environ}
     result = subprocess.run(
         [sys.executable, "-m", "rollbackd", "demo", "--speed", "8", "--dir", str(tmp_path)],
@@ -162,6 +162,8 @@ def test_demo_rolls_back(tmp_path: Path) -> None:
     assert "rolled back. incident" in result.stdout
     assert "BREACH" in result.stdout
     assert "failures 5/5" in result.stdout
+    for ramp in ("at 5%", "at 25%", "at 50%", "ROLLED BACK"):
+        assert ramp in result.stdout, ramp
     assert "BOOP_TRAFFIC_PERCENT=0" in (tmp_path / "traffic.env").read_text()
     flags = json.loads((tmp_path / "flags.json").read_text())
     assert flags["flags"]["boop-payments"]["defaultVariant"] == "off"

@@ -79,11 +79,19 @@ def test_cycle_finder_finds_a_cycle() -> None:
 
 
 def test_config_and_options_know_no_plugin() -> None:
-    """config.py and options.py (what plugins import) import no plugin and nothing above."""
+    """config.py and options.py (what plugins import) import no plugin and nothing above.
+
+    config.py reads rollout windows with ``windows`` (which imports nothing) and builds the
+    pure ``rollouts.Spec``.
+    """
     assert graph()["rollbackd.options"] == {"rollbackd.errors"}
     assert graph()["rollbackd.problems"] == set()
     assert graph()["rollbackd.config"] == {
         "rollbackd.errors",
         "rollbackd.options",
         "rollbackd.problems",
+        "rollbackd.rollouts",
+        "rollbackd.windows",
     }
+    assert graph()["rollbackd.windows"] == set()
+    assert graph()["rollbackd.rollouts"] == {"rollbackd.windows"}

@@ -198,3 +198,81 @@ async def test_backlog_discard_counts_what_was_left() -> None:
     backlog.close()
     assert backlog.discard() == 4
     assert (len(backlog), backlog.dropped) == (0, 4)
+
+
+def config_toml(tmp_path: Path, port: int) -> str:
+    """The same monitor as ``config`` (awaiting reads), as the file a reload re-reads."""
+    return f"""
+[daemon]
+mode = "armed"
+environment = "test"
+state_dir = "{tmp_path / "state"}"
+listen = ""
+history = 500
+
+[sources.bus]
+type = "test.awaiting-mqtt"
+host = "127.0.0.1"
+port = {port}
+qos = 1
+stale_after = "1h"
+
+[actions.note]
+type = "alert.log"
+
+[monitors.auth]
+interval = "1h"
+rollback_after = {ROLLBACK_AFTER}
+on_rollback = ["note"]
+rules = [
+    {{ name = "error-rate", source = "bus", topic = "{TOPIC}", above = {THRESHOLD} }},
+    {{ name = "latency", source = "bus", topic = "{LATENCY}", above = 500.0 }},
+]
+"""
+
+
+@pytest.mark.slow
+async def test_samples_arriving_during_reloads_are_each_one_check_in_order(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Reloads while a burst is being judged: 100 samples are still 100 checks, one rollback.
+
+    The queued and the arriving samples pass to the new config's monitor, in order.
+    """
+    path = tmp_path / "rollbackd.toml"
+    path.write_text(config_toml(tmp_path, mosquitto.port))
+    daemon = Daemon(assemble.load(path, registries=REGISTRIES), path, registries=REGISTRIES)
+    serving = asyncio.create_task(daemon.serve())
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 10)
+        source = daemon.sources["bus"]
+        assert isinstance(source, MqttSource)
+        await asyncio.wait_for(source.subscribed.wait(), 10)
+        await asyncio.to_thread(publish_burst, mosquitto.port, LATENCY, ["120"])
+        await wait_until(
+            lambda: judged(daemon.monitors["auth"].last_check, "latency") == 120, what="latency"
+        )
+        before = daemon.monitors["auth"].state.checks
+        payloads = [str(value(i)) for i in range(SAMPLES)]
+        burst = asyncio.create_task(
+            asyncio.to_thread(publish_burst, mosquitto.port, TOPIC, payloads)
+        )
+        reloads = 0
+        while not burst.done() or reloads < 3:  # each check awaits 2 ms: the burst queues up
+            assert await daemon.reload()
+            reloads += 1
+            await asyncio.sleep(0.01)
+        await burst
+        assert daemon.sources["bus"] is source, "the unchanged source was kept"
+        last = value(SAMPLES - 1)
+        monitor = lambda: daemon.monitors["auth"]  # noqa: E731 - a reload replaces the runner
+        await wait_until(lambda: judged(monitor().last_check) == last, what="the last sample")
+        assert monitor().state.checks - before == SAMPLES, "checks counted vs samples sent"
+        checks = daemon.store.recent_checks("auth", SAMPLES)
+        assert [judged(c) for c in checks] == [value(i) for i in range(SAMPLES)]
+        rollbacks = [i for i in daemon.store.incidents() if i.event == "rollback"]
+        assert len(rollbacks) == 1
+        assert rollbacks[0].details["trigger"]["results"][0]["value"] == value(TRIGGER)
+    finally:
+        daemon.stop()
+        assert await asyncio.wait_for(serving, 30) == 0

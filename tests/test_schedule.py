@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from rollbackd.schedule import Schedule
+from rollbackd.sources import Arrival
 
 
 @dataclass
@@ -63,3 +64,68 @@ async def test_one_job_per_interval_and_next_runs_kept() -> None:
     assert set(runs) == set(runners)
     assert runs["other"] == later
     await schedule.stop()
+
+
+@dataclass
+class PushRunner:
+    """A push monitor whose arrival checks take ``takes`` seconds; records each topic judged."""
+
+    name: str
+    takes: float
+    judged: list[str] = field(default_factory=list)
+    push: bool = True
+    config: Any = field(default_factory=lambda: SimpleNamespace(interval=3600.0))
+
+    async def tick(self) -> None:
+        """Interval checks are not what this test counts."""
+
+    async def arrival(self, arrival: Arrival) -> None:
+        """One check per arrival."""
+        await asyncio.sleep(self.takes)
+        self.judged.append(arrival.topic)
+
+    async def idle(self) -> None:
+        """Nothing in flight after stop()."""
+
+
+def arrival(monitor: str, n: int) -> Arrival:
+    """Arrival number ``n`` for ``monitor`` (its topic tells which)."""
+    return Arrival(monitor=monitor, source="broker", topic=str(n), readings={})
+
+
+async def test_a_reload_hands_queued_and_new_arrivals_to_the_next_schedule() -> None:
+    """Arrivals queued at a reload, or arriving during it, are each judged once, in order.
+
+    The new runner takes over after the arrival in hand: none lost, none judged twice.
+    """
+    old = PushRunner("m", takes=0.01)
+    schedule = Schedule({"m": old})  # type: ignore[dict-item]
+    schedule.start()
+    for n in range(20):
+        schedule.arrival(arrival("m", n))
+    await asyncio.sleep(0.035)  # a few judged, one in hand, the rest queued
+    backlogs = await schedule.stop(handover=True)
+    for n in range(20, 30):  # the reload is still building the new parts
+        schedule.arrival(arrival("m", n))
+    new = PushRunner("m", takes=0.0)
+    following = Schedule({"m": new}, backlogs=backlogs)  # type: ignore[dict-item]
+    following.start()
+    for n in range(30, 40):
+        following.arrival(arrival("m", n))
+    await asyncio.sleep(0.1)
+    await following.stop()
+    assert 1 <= len(old.judged) < 20, "the old runner stops after the arrival in hand"
+    assert old.judged + new.judged == [str(n) for n in range(40)]
+    assert backlogs["m"].dropped == 0
+
+
+async def test_a_monitor_that_no_longer_pushes_drops_its_handed_queue_counted() -> None:
+    """A reload that removes a push monitor drops (and counts) the arrivals left for it."""
+    schedule = Schedule({"m": PushRunner("m", takes=1.0)})  # type: ignore[dict-item]
+    schedule.start()
+    for n in range(5):
+        schedule.arrival(arrival("m", n))
+    await asyncio.sleep(0.01)
+    backlogs = await schedule.stop(handover=True)
+    Schedule({}, backlogs=backlogs)
+    assert backlogs["m"].dropped == 4, "one was judged (in hand), four were left"

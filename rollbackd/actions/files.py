@@ -20,6 +20,7 @@ from pydantic import Field, field_validator
 
 from rollbackd.actions import ActionContext, ActionType, OptionsAction, OptionsT, flagdoc
 from rollbackd.actions.envfile import KEY, set_env_value
+from rollbackd.actions.templates import Template, fields, render
 from rollbackd.actions.workers import BlockingPool
 from rollbackd.atomic import (
     AccessNotKeptError,
@@ -192,7 +193,8 @@ class RouteFileOptions(Frozen):
 
     path: Path
     key: str
-    value: str
+    value: Template
+    """The value, e.g. ``"0"``, or ``"{percent}"`` for a rollout's ``set``."""
 
     @field_validator("key")
     @classmethod
@@ -216,8 +218,9 @@ class RouteFileAction(FileEditAction[RouteFileOptions]):
     async def run(self, ctx: ActionContext) -> str:
         """Write ``KEY=VALUE`` (a no-op if already so); the file is created if missing."""
         o = self.options
+        value = render(o.value, fields(ctx))
         return await self.edit(
-            ctx, o.path, lambda text: set_env_value(text, o.path, o.key, o.value), create=True
+            ctx, o.path, lambda text: set_env_value(text, o.path, o.key, value), create=True
         )
 
 

@@ -15,9 +15,15 @@ from urllib.parse import quote, quote_plus
 from pydantic import AfterValidator
 
 from rollbackd.actions import ActionContext
+from rollbackd.errors import ActionError
 
-FIELDS = ("monitor", "incident", "reason", "event", "idempotency_key", "mode", "environment")
-"""The names a template may use, e.g. ``"/flags/{monitor}?key={idempotency_key}"``."""
+FIELDS = (
+    "monitor", "incident", "reason", "event", "idempotency_key", "mode", "environment", "percent",
+)  # fmt: skip
+"""The names a template may use, e.g. ``"/flags/{monitor}?key={idempotency_key}"``.
+
+``percent`` is known only to a rollout's promotion (its ``set`` action): elsewhere a template
+using it fails its step rather than send a made-up number."""
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _URL_KEEP = "!#$%&'()*+,/:;=?@[]~"
@@ -66,6 +72,9 @@ def fields(ctx: ActionContext) -> dict[str, str]:
         "mode": incident.mode,
         "environment": incident.environment,
     }
+    percent = incident.details.get("percent")
+    if isinstance(percent, int) and not isinstance(percent, bool):
+        values["percent"] = str(percent)
     # A NUL (from a series label, say) cannot travel in argv, env or a header: spell it.
     return {k: v.replace("\0", "\\0") for k, v in values.items()}
 
@@ -75,9 +84,20 @@ def render(text: str, values: Mapping[str, str], escape: Callable[[str], str] = 
 
     def substitute(match: re.Match[str]) -> str:
         name = match.group(1)
-        return escape(values[name]) if name in values else match.group(0)
+        if name in values:
+            return escape(values[name])
+        _unknown_here(name)
+        return match.group(0)
 
     return _PLACEHOLDER.sub(substitute, text)
+
+
+def _unknown_here(name: str) -> None:
+    """A known field without a value in this incident (``{percent}`` outside a rollout)."""
+    if name in FIELDS:
+        raise ActionError(
+            f"{{{name}}} has no value here: only a rollout's promotion gives it", transient=False
+        )
 
 
 def path_segment(value: str) -> str:
@@ -108,6 +128,7 @@ def render_url(text: str, values: Mapping[str, str]) -> str:
         in_query = in_query or "?" in literal or "#" in literal
         value = values.get(match.group(1))
         if value is None:
+            _unknown_here(match.group(1))
             out.append(match.group(0))
         else:
             out.append(query_value(value) if in_query else path_segment(value))

@@ -281,6 +281,7 @@ ALERT_NAMES = {
     Event.BLIND: "RollbackdBlind",
     Event.SHADOW: "RollbackdShadow",
     Event.TEST: "RollbackdTest",
+    Event.PROMOTE: "RollbackdPromotion",
 }
 """Every event has one (a test pins it): an event without an alertname would fail its step."""
 
@@ -321,6 +322,7 @@ def _summary(ctx: ActionContext) -> str:
         Event.BLIND: f"rollbackd: {incident.monitor} is blind (its sources give no data)",
         Event.SHADOW: f"rollbackd: shadow rules of {incident.monitor} would have rolled back",
         Event.TEST: f"rollbackd test alert ({incident.monitor})",
+        Event.PROMOTE: f"rollbackd promoted {incident.monitor}: {incident.reason}{dry}",
     }[incident.event]
 
 

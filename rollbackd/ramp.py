@@ -1,0 +1,341 @@
+"""Rollouts at run time: tick each ramp, open its promotions, answer the operator.
+
+``rollouts.decide`` decides; ``rolloutlog`` keeps the state; a promotion is an incident that
+``inflight.PlanTasks`` runs (set, then ``on_promote``) exactly once, resumed after a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import structlog
+
+from rollbackd import rollouts
+from rollbackd.actions import Action, ActionContext
+from rollbackd.config import Config, RolloutConfig
+from rollbackd.engine import Event, MonitorState, Phase
+from rollbackd.errors import ActionError, RolloutRefusedError, UnknownRolloutError
+from rollbackd.inflight import PlanTasks
+from rollbackd.records import IncidentDraft
+from rollbackd.rolloutlog import RolloutLog, owner
+from rollbackd.rollouts import Gate, RolloutState
+from rollbackd.state import Store
+
+log = structlog.get_logger("rollbackd.rollouts")
+
+TICK_SECONDS = 1.0
+"""Rollouts are looked at this often, and after every check of a gate monitor."""
+PROMOTING_TICK_SECONDS = 0.1
+OPERATIONS = ("pause", "resume", "promote", "abort", "restart")
+
+
+def steady(wall: Callable[[], float] = time.time) -> Callable[[], float]:
+    """Wall-clock seconds that move with the monotonic clock: a clock step leaves them alone.
+
+    Anchored once to ``wall()``; holds measured with it neither pass early nor stall when
+    the system clock is set forward or back while the daemon runs.
+    """
+    anchor_wall, anchor_mono = wall(), time.monotonic()
+    return lambda: anchor_wall + (time.monotonic() - anchor_mono)
+
+
+class Ramp:
+    """The daemon's rollouts; ``run()`` ticks them until cancelled."""
+
+    def __init__(
+        self,
+        plans: PlanTasks,
+        *,
+        store: Callable[[], Store],
+        config: Callable[[], Config],
+        monitors: Callable[[], Mapping[str, MonitorState]],
+        on_change: Callable[[str, RolloutState], None] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """``store``, ``config`` and ``monitors`` (live gate states) are asked each time."""
+        self._plans = plans
+        self._store = store
+        self._config = config
+        self._monitors = monitors
+        self._on_change = on_change
+        self.clock = clock or steady()
+        """Settable: tests step it to pass day-long holds at once."""
+        self._poked = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._promoting = False
+        """Some rollout's percentage is being set (the last tick saw it)."""
+
+    @property
+    def _log(self) -> RolloutLog:
+        return RolloutLog(self._store())
+
+    # --- ticking --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Tick every rollout every second and when poked, until cancelled."""
+        while True:
+            await self.tick()
+            self._poked.clear()
+            # While a percentage is being set, look often: its hold starts when it is done.
+            wait = PROMOTING_TICK_SECONDS if self._promoting else TICK_SECONDS
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._poked.wait()
+
+    def poke(self, monitor: str | None = None) -> None:
+        """Tick soon: after an operator's request, or after a check of ``monitor`` if a gate."""
+        if monitor is None or any(monitor in r.gates for r in self._config().rollouts.values()):
+            self._poked.set()
+
+    async def tick(self) -> None:
+        """Decide and act for every configured rollout once."""
+        async with self._lock:
+            promoting = False
+            for name, config in self._config().rollouts.items():
+                try:
+                    promoting = self._advance(name, config) or promoting
+                except Exception:  # one broken rollout must not stop the others, nor the daemon
+                    log.exception("rollout_tick_failed", rollout=name)
+            self._promoting = promoting
+
+    def _advance(self, name: str, config: RolloutConfig) -> bool:
+        """Decide and act for one rollout; whether a percentage of it is being set."""
+        saved = self._log.load(name)
+        state = saved or RolloutState(latched=self._latched(config))
+        now = self.clock()
+        promotion = None if state.promoting is None else self._log.promotion(state.promoting)
+        decision = rollouts.decide(
+            config.spec(),
+            state,
+            self._gates(config, state),
+            now,
+            promotion=promotion,
+            newest_check=self._log.newest_check(),
+        )
+        new = decision.state
+        if decision.set_step is not None:
+            draft = self._promotion(name, config, new, now)
+            opened = self._log.replace_if(name, state, new, now, draft)
+            if isinstance(opened, str):
+                self._plans.start(opened)
+                new = replace(new, promoting=opened)
+        elif saved is None or new != state:
+            self._log.save(name, new, now)
+        if decision.event is not None:
+            self._tell(name, config, decision.event, new)
+        if self._on_change is not None:
+            self._on_change(name, new)
+        return new.promoting is not None
+
+    def _tell(self, name: str, config: RolloutConfig, event: str, state: RolloutState) -> None:
+        fields = {
+            "rollout": name,
+            "run": state.run,
+            "step": state.step,
+            "percent": config.steps[min(state.step, len(config.steps) - 1)],
+            "state": str(state.phase),
+        }
+        if event == "rolled_back":
+            log.error("rollout_rolled_back", **fields, reason=state.reason)
+        elif event in ("hold_interrupted", "paused", "set_failed"):
+            log.warning(f"rollout_{event}", **fields, reason=state.reason)
+        else:
+            log.info(f"rollout_{event}", **fields, incident=state.promoting)
+
+    def _promotion(
+        self, name: str, config: RolloutConfig, state: RolloutState, now: float
+    ) -> IncidentDraft:
+        """The incident that sets ``state.step``'s percentage and then runs ``on_promote``."""
+        percent = config.steps[state.step]
+        key = rollouts.idempotency_key(name, state.step, state.run)
+        return IncidentDraft(
+            monitor=owner(name),
+            event=Event.PROMOTE,
+            reason=f"rollout {name}: {state.percent}% -> {percent}% (step {state.step})",
+            mode=self._config().daemon.mode,
+            opened_at=now,
+            actions=(config.set, *config.on_promote),
+            details={
+                "rollout": name,
+                "run": state.run,
+                "step": state.step,
+                "percent": percent,
+                "previous_percent": state.percent,
+                "idempotency_key": key,
+            },
+        )
+
+    def _gates(self, config: RolloutConfig, state: RolloutState) -> list[Gate]:
+        monitors = self._monitors()
+        gates = []
+        for name in config.gates:
+            monitor = monitors.get(name)
+            if monitor is None:
+                gates.append(Gate(name, "unknown"))
+                continue
+            checks = self._log.gate_checks(name, state.baseline)
+            latched = monitor.phase is Phase.ROLLED_BACK
+            gates.append(
+                Gate(
+                    name,
+                    str(monitor.phase),
+                    open_incident=checks.open_incident,
+                    ok_checks=checks.ok,
+                    breaches=checks.breaches,
+                    rolled_back_in_run=latched and monitor.incident_id not in state.latched,
+                )
+            )
+        return gates
+
+    def _latched(self, config: RolloutConfig) -> tuple[str, ...]:
+        """Incidents the gates are latched on now: a new run does not count them."""
+        monitors = self._monitors()
+        return tuple(
+            m.incident_id
+            for name in config.gates
+            if (m := monitors.get(name)) is not None
+            and m.phase is Phase.ROLLED_BACK
+            and m.incident_id is not None
+        )
+
+    # --- the set action's guard -------------------------------------------------------------
+
+    def guarded(self, actions: Mapping[str, Action]) -> dict[str, Action]:
+        """``actions`` with every rollout's ``set`` refusing to run for a rollout that moved on.
+
+        A promotion's set step may still be retrying when a gate rolls back: it must not
+        put traffic back up after the rollback's routing step.
+        """
+        out = dict(actions)
+        for config in self._config().rollouts.values():
+            inner = actions.get(config.set)
+            if inner is not None and not isinstance(inner, _Guard):
+                out[config.set] = _Guard(inner.name, inner, self._moved_on)
+        return out
+
+    def _moved_on(self, name: str, run: int, step: int) -> str | None:
+        """Why rollout ``name`` must not set ``step`` of ``run`` now, or None."""
+        config = self._config().rollouts.get(name)
+        state = self._log.load(name)
+        if config is None or state is None:
+            return f"rollout {name} is no longer configured"
+        if (state.run, state.step) != (run, step) or state.phase is rollouts.Phase.ROLLED_BACK:
+            return f"rollout {name} moved on (run {state.run}, step {state.step}, {state.phase})"
+        if rolled := [g.name for g in self._gates(config, state) if g.rolled_back_in_run]:
+            return f"rollout {name}: {', '.join(rolled)} rolled back"
+        return None
+
+    # --- the operator -----------------------------------------------------------------------
+
+    async def operate(self, name: str, operation: str) -> dict[str, Any]:
+        """``pause``, ``resume``, ``promote``, ``abort`` or ``restart`` rollout ``name``.
+
+        UnknownRolloutError; RolloutRefusedError when it does not apply to its state.
+        """
+        config = self._config().rollouts.get(name)
+        if config is None:
+            raise UnknownRolloutError(name)
+        if operation not in OPERATIONS:
+            raise RolloutRefusedError(name, operation, f"no operation {operation!r}")
+        async with self._lock:
+            state = self._log.load(name) or RolloutState(latched=self._latched(config))
+            draft = None
+            try:
+                if operation == "abort":
+                    new, draft = rollouts.aborted(state), self._abort(name, config, state)
+                elif operation == "restart":
+                    new = rollouts.restart(state, self._gates(config, state))
+                else:
+                    new = getattr(rollouts, operation)(state)
+            except rollouts.RefusedError as exc:
+                raise RolloutRefusedError(name, operation, str(exc)) from exc
+            opened = self._log.replace_if(name, state, new, self.clock(), draft)
+            if opened is False:
+                raise RolloutRefusedError(name, operation, "it changed meanwhile; try again")
+        log.warning(f"rollout_{operation}", rollout=name, state=str(new.phase), step=new.step)
+        result: dict[str, Any] = {"rollout": name, "operation": operation}
+        if isinstance(opened, str):
+            self._plans.start(opened)
+            result["incident"] = opened
+        self.poke()
+        return {**result, **self.status_of(name, config)}
+
+    def _abort(self, name: str, config: RolloutConfig, state: RolloutState) -> IncidentDraft:
+        """The rollback an operator's abort runs: every gate's ``on_rollback``, each once."""
+        monitors = self._config().monitors
+        actions = dict.fromkeys(
+            action for gate in config.gates for action in monitors[gate].on_rollback
+        )
+        return IncidentDraft(
+            monitor=owner(name),
+            event=Event.ROLLBACK,
+            reason=f"rollout {name} aborted by an operator at {state.percent}%",
+            mode=self._config().daemon.mode,
+            opened_at=self.clock(),
+            actions=tuple(actions),
+            details={"rollout": name, "run": state.run, "step": state.step, "aborted": True},
+        )
+
+    # --- status ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """``rollouts`` of ``/status``: every configured rollout, by name."""
+        return {name: self.status_of(name, c) for name, c in self._config().rollouts.items()}
+
+    def status_of(self, name: str, config: RolloutConfig) -> dict[str, Any]:
+        """One rollout's part of ``/status``."""
+        state = self._log.load(name) or RolloutState()
+        spec = config.spec()
+        left = rollouts.remaining(spec, state, self.clock())
+        return {
+            "percent": state.percent,
+            "step": state.step,
+            "state": str(state.phase),
+            "hold_remaining_s": None if left is None else round(left, 3),
+            "steps": list(config.steps),
+            "hold_s": rollouts.hold_of(spec, state.step),
+            "run": state.run,
+            "next_percent": config.steps[state.step + 1]
+            if state.confirmed and state.step + 1 < len(config.steps)
+            else None,
+            "promoting": state.promoting,
+            "paused_by": state.paused_by,
+            "reason": state.reason,
+            "gates": {
+                gate.name: {
+                    "state": gate.state,
+                    "ok_checks": gate.ok_checks,
+                    "min_checks": config.min_checks,
+                    "breaches": gate.breaches,
+                    "why": gate.why(config.min_checks),
+                }
+                for gate in self._gates(config, state)
+            },
+        }
+
+
+@dataclass(slots=True)
+class _Guard:
+    """A rollout's ``set`` action, refusing to run for a rollout that moved on."""
+
+    name: str
+    inner: Action
+    moved_on: Callable[[str, int, int], str | None]
+
+    async def run(self, ctx: ActionContext) -> str:
+        """Run the set action, unless its rollout was rolled back or moved on meanwhile."""
+        details = ctx.incident.details
+        rollout = details.get("rollout")
+        if ctx.incident.event is Event.PROMOTE and isinstance(rollout, str):
+            why = self.moved_on(rollout, int(details.get("run", 1)), int(details.get("step", 0)))
+            if why is not None:
+                raise ActionError(f"not set: {why}", transient=False)
+        return await self.inner.run(ctx)
+
+    async def aclose(self) -> None:
+        """Nothing: the daemon closes the inner action with the others."""
