@@ -26,8 +26,8 @@ from rollbackd.config import Config, MonitorConfig, exposure_warnings
 from rollbackd.engine import Check, Event, MonitorState, Transition
 from rollbackd.errors import (
     ConfigError,
+    NoIncidentError,
     RollbackdError,
-    StateError,
     UnknownMonitorError,
 )
 from rollbackd.inflight import PlanTasks
@@ -460,7 +460,7 @@ class Daemon:
         """One incident for the page (secrets redacted), or None when the store has none."""
         try:
             found = await self.state.incident(incident)
-        except StateError:  # none with this id (or the store failing: the page says "none")
+        except NoIncidentError:  # a failing store is not "none": the API answers 503 and why
             return None
         document: dict[str, Any] = self.redactor.value(pageview.incident_document(found))
         return document

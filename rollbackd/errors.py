@@ -21,6 +21,10 @@ class StateError(RollbackdError):
     """The state store cannot be opened or is from an incompatible version."""
 
 
+class NoIncidentError(StateError):
+    """The state store holds no incident with the id asked for (the store itself is fine)."""
+
+
 class ActionError(RollbackdError):
     """An action attempt failed; the plan runner records it and may retry.
 

@@ -26,7 +26,7 @@ import structlog
 from rollbackd.codec import decode_results, encode_results
 from rollbackd.config import DaemonConfig
 from rollbackd.engine import Check, Event, MonitorState, Outcome
-from rollbackd.errors import DeposedError, StateError
+from rollbackd.errors import DeposedError, NoIncidentError, StateError
 from rollbackd.records import IncidentDraft, IncidentRecord, StepRecord, StepStatus
 from rollbackd.schema import MIGRATIONS, SCHEMA_VERSION, state_from_row, state_row, step_from_row
 from rollbackd.state import GROUP_COMMIT_SECONDS, _durable, _Quiet
@@ -432,12 +432,12 @@ class PgState:
                 (now, incident_id),
             )
         if found is None:
-            raise StateError(f"no incident {incident_id!r} in {self.where}")
+            raise NoIncidentError(f"no incident {incident_id!r} in {self.where}")
 
     async def incident(self, incident_id: str) -> IncidentRecord:
         found = await self._incidents(f"{INCIDENT} WHERE id = %s", (incident_id,))
         if not found:
-            raise StateError(f"no incident {incident_id!r} in {self.where}")
+            raise NoIncidentError(f"no incident {incident_id!r} in {self.where}")
         return found[0]
 
     async def incidents(self, monitor: str | None = None, limit: int = 20) -> list[IncidentRecord]:
@@ -510,7 +510,7 @@ class PgState:
             )
             row = await cur.fetchone()
             if row is None:
-                raise StateError(f"no incident {incident_id!r} in {self.where}")
+                raise NoIncidentError(f"no incident {incident_id!r} in {self.where}")
             if row[0] is None:
                 return None
             await cur.execute(

@@ -20,7 +20,7 @@ from typing import Any
 from rollbackd import statedir
 from rollbackd.codec import decode_results, encode_results
 from rollbackd.engine import Check, Event, MonitorState, Outcome
-from rollbackd.errors import StateError
+from rollbackd.errors import NoIncidentError, StateError
 from rollbackd.records import IncidentDraft, IncidentRecord, StepRecord, StepStatus
 from rollbackd.schema import (
     INCIDENT,
@@ -343,13 +343,13 @@ class Store:
                 (now, incident_id),
             )
         if found is None:
-            raise StateError(f"no incident {incident_id!r} in {self.path}")
+            raise NoIncidentError(f"no incident {incident_id!r} in {self.path}")
 
     def incident(self, incident_id: str) -> IncidentRecord:
         """Return one incident with its steps; StateError if there is none with this id."""
         found = self._incidents(f"{INCIDENT} WHERE id = ?", (incident_id,))
         if not found:
-            raise StateError(f"no incident {incident_id!r} in {self.path}")
+            raise NoIncidentError(f"no incident {incident_id!r} in {self.path}")
         return found[0]
 
     def incidents(self, monitor: str | None = None, limit: int = 20) -> list[IncidentRecord]:

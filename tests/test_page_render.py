@@ -31,6 +31,7 @@ from rollbackd import page as page_module
 from rollbackd.api import ApiServer
 from rollbackd.daemon import Daemon
 from rollbackd.engine import Check, Outcome, Phase
+from rollbackd.errors import StateError
 from rollbackd.sparkline import MAX_POINTS, Point, bucketed, draw
 from rollbackd.verdicts import RuleResult, Verdict
 from tests import scripted
@@ -617,6 +618,16 @@ async def test_page_of_a_running_daemon_shows_history_and_the_incident(tmp_path:
         for shown in ("payment-error-rate", "note", "The checks behind it", "3.0%"):
             assert shown in html, shown
         assert_no_inline_code(html)
+        status, _, _ = await _get(f"{url}/incidents/20990101T000000Z-payments-0000")
+        assert status == 404, "an unknown incident"
+
+        async def failing(incident_id: str) -> None:
+            raise StateError(f"{incident_id}: disk I/O error")
+
+        daemon.state.incident = failing  # type: ignore[method-assign]
+        status, _, answer = await _get(f"{url}/incidents/{incident}")
+        assert status == 503, "a failing store is not 'no such incident'"
+        assert "disk I/O error" in answer
 
     try:
         await running(config, body, scripted.REGISTRIES)
