@@ -502,4 +502,3 @@ def test_status_table_shows_the_role_and_peers() -> None:
         text
     )
     assert "role=" not in status_table({**document, "peers": []})
-
