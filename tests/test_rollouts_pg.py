@@ -19,9 +19,16 @@ from typing import Any
 import pytest
 
 from rollbackd.api import read_control_token
+from rollbackd.engine import Check, Event, MonitorState, Outcome
+from rollbackd.errors import DeposedError
+from rollbackd.pgstate import PgState
+from rollbackd.records import IncidentDraft
+from rollbackd.rollouts import Phase, RolloutState
+from rollbackd.stores import SqliteState, StateStore
 from tests.helpers import daemon_table, route_legacy, to_toml
 from tests.pg import PASSWORD, Postgres, running
 from tests.servers import Rollbackd, free_port, http_get, wait_for
+from tests.test_pgstate import daemon_of, lead
 from tests.test_rollouts_restart import Hooks
 
 pytestmark = pytest.mark.slow
@@ -286,3 +293,103 @@ def test_leader_killed_mid_promotion_new_leader_finishes_it(
         (2, "route-percent", "ok", 1, 0),
         (2, "team", "ok", 2, 1),
     ]
+
+
+# --- the store seam: the same answers from SQLite and PostgreSQL; fenced on PostgreSQL -----
+
+HOLDING = RolloutState(step=1, confirmed=True, percent=25, hold_started_at=100.0, baseline=0)
+
+
+def promotion() -> IncidentDraft:
+    """The incident of a promotion to 50 %."""
+    return IncidentDraft(
+        monitor="rollout:boop",
+        event=Event.PROMOTE,
+        reason="rollout boop: 25% -> 50% (step 2)",
+        mode="armed",
+        opened_at=200.0,
+        actions=("route-percent", "team"),
+        details={"rollout": "boop", "run": 1, "step": 2, "idempotency_key": "boop:2"},
+    )
+
+
+async def exercise(store: StateStore) -> None:
+    """What a ramp asks of its store, with the answers both stores must give."""
+    assert await store.rollout("boop") is None
+    assert await store.newest_check() == 0
+    await store.save_rollout("boop", HOLDING, 150.0)
+    assert await store.rollout("boop") == HOLDING
+    for at, outcome in ((1.0, Outcome.OK), (2.0, Outcome.BREACH), (3.0, Outcome.OK)):
+        checks = 1 + int(at)
+        await store.commit_check(
+            Check("payments", at, outcome, ()), MonitorState(checks=checks), 10
+        )
+    await store.flush()
+    newest = await store.newest_check()
+    assert newest > 0
+    found = await store.gate_checks("payments", 0)
+    assert (found.ok, found.breaches, found.open_incident) == (2, 1, False)
+    assert (await store.gate_checks("payments", newest)).ok == 0
+    stale = RolloutState(step=0, percent=5)
+    assert await store.replace_rollout("boop", stale, HOLDING, 160.0) is False
+    moving = RolloutState(step=2, percent=25, baseline=newest, run=1)
+    opened = await store.replace_rollout("boop", HOLDING, moving, 200.0, promotion())
+    assert isinstance(opened, str)
+    saved = await store.rollout("boop")
+    assert saved is not None
+    assert (saved.step, saved.promoting, saved.baseline) == (2, opened, newest)
+    record = await store.incident(opened)
+    assert [s.action for s in record.steps] == ["route-percent", "team"]
+    assert record.details["idempotency_key"] == "boop:2"
+    paused = RolloutState(step=2, percent=25, phase=Phase.PAUSED, promoting=opened)
+    assert await store.replace_rollout("boop", saved, paused, 210.0) is True
+    assert await store.rollout("boop") == paused
+
+
+async def test_the_rollout_store_answers_alike_on_sqlite_and_postgresql(
+    tmp_path: Path, pg: Postgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Load, save, compare-and-replace with a promotion, gate checks: one behaviour."""
+    sqlite = SqliteState.open(tmp_path)
+    try:
+        await exercise(sqlite)
+    finally:
+        await sqlite.close()
+    monkeypatch.setenv("RBD_TEST_PG_PASSWORD", PASSWORD)
+    store = await PgState.open(daemon_of(pg.url(pg.database())))
+    try:
+        await lead(store)
+        await exercise(store)
+    finally:
+        await store.close()
+
+
+async def test_a_deposed_leader_changes_no_rollout(
+    pg: Postgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rollout writes check the generation in their transaction: a deposed leader's fail.
+
+    Neither the state nor a promotion's incident is written; a standby's reads still work.
+    """
+    monkeypatch.setenv("RBD_TEST_PG_PASSWORD", PASSWORD)
+    database = pg.database()
+    old = await PgState.open(daemon_of(pg.url(database)))
+    new = await PgState.open(daemon_of(pg.url(database)))
+    try:
+        with pytest.raises(DeposedError, match="standby"):
+            await old.save_rollout("boop", HOLDING, 1.0)
+        await lead(old)
+        await old.save_rollout("boop", HOLDING, 1.0)
+        second = await lead(new)
+        moving = RolloutState(step=2, percent=25)
+        with pytest.raises(DeposedError, match=rf"generation {second} leads"):
+            await old.replace_rollout("boop", HOLDING, moving, 2.0, promotion())
+        assert not old.leading
+        with pytest.raises(DeposedError):
+            await old.save_rollout("boop", moving, 3.0)
+        assert pg.sql("SELECT count(*) FROM incidents", database) == [(0,)]
+        assert await old.rollout("boop") == HOLDING  # read-only, as a standby's /status
+        assert isinstance(await new.replace_rollout("boop", HOLDING, moving, 4.0, promotion()), str)
+    finally:
+        await old.close()
+        await new.close()
