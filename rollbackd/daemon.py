@@ -164,6 +164,7 @@ class Daemon:
                 stack.push_async_callback(self._stop_parts)  # also after a failed start
                 stack.push_async_callback(self.waiting.stop)
                 await self._start_parts(self.assembly)
+                await self.ramp.read()  # /status shows the stored rollouts from the start
                 await self._start_surface(stack)
                 self._install_signals()
                 if self.leadership is None:

@@ -117,6 +117,12 @@ class Ramp:
                     log.exception("rollout_tick_failed", rollout=name)
             self._promoting = promoting
 
+    async def read(self) -> None:
+        """Read every rollout for /status without deciding (at start, before /status serves)."""
+        async with self._lock:
+            for name, config in self._config().rollouts.items():
+                await self._read(name, config)
+
     async def _read(self, name: str, config: RolloutConfig) -> RolloutState:
         """A standby's look at one rollout: what the leader stored, for /status."""
         state = await self._store().rollout(name) or RolloutState()
@@ -199,11 +205,17 @@ class Ramp:
         )
 
     async def _gates(self, name: str, config: RolloutConfig, state: RolloutState) -> list[Gate]:
-        """The gates of rollout ``name`` in ``state``, their checks read from the store now."""
-        store = self._store()
-        checks = {gate: await store.gate_checks(gate, state.baseline) for gate in config.gates}
+        """The gates of rollout ``name`` in ``state``, their checks read from the store now.
+
+        Remembered with ``state`` for /status.
+        """
+        checks = await self._checks(config, state)
         self._seen[name] = (state, checks)
         return self._gates_of(config, state, checks)
+
+    async def _checks(self, config: RolloutConfig, state: RolloutState) -> dict[str, GateChecks]:
+        store = self._store()
+        return {gate: await store.gate_checks(gate, state.baseline) for gate in config.gates}
 
     def _remember(self, name: str, state: RolloutState) -> None:
         """``state`` is the rollout's now (its gates' checks as last read)."""
@@ -268,7 +280,7 @@ class Ramp:
             return f"rollout {name} is no longer configured"
         if (state.run, state.step) != (run, step) or state.phase is rollouts.Phase.ROLLED_BACK:
             return f"rollout {name} moved on (run {state.run}, step {state.step}, {state.phase})"
-        gates = await self._gates(name, config, state)
+        gates = self._gates_of(config, state, await self._checks(config, state))
         if rolled := [g.name for g in gates if g.rolled_back_in_run]:
             return f"rollout {name}: {', '.join(rolled)} rolled back"
         return None
