@@ -217,12 +217,12 @@ def test_a_rollout_ramps_on_postgresql_state(
 def test_leader_killed_mid_hold_standby_resumes_the_hold_and_promotes_once(
     tmp_path: Path, pg: Postgres, hooks: Hooks, started: list[Rollbackd]
 ) -> None:
-    """SIGKILL the leader 2 s into a 6 s hold: the standby holds what was left, then promotes.
+    """SIGKILL the leader 2 s into an 8 s hold: the standby holds what was left, then promotes.
 
     Before, the standby shows the rollout from the store and refuses operations (503).
     """
     url = pg.url(pg.database())
-    holds = ["300ms", "6s", "300ms"]
+    holds = ["300ms", "8s", "300ms"]
     a = node(tmp_path, "a", url, hooks, holds=holds, started=started)
     b = node(tmp_path, "b", url, hooks, holds=holds, started=started)
     a.start()
