@@ -469,11 +469,6 @@ def cross_check(config: Config) -> Iterator[str]:
     """What the models alone cannot see: references to actions, limits, the production guard."""
     if "ha" in config.model_fields_set and not config.daemon.state:
         yield 'ha: only applies with daemon.state = "postgresql://..." (shared state)'
-    if config.rollouts and config.daemon.state:
-        yield (
-            'rollouts: not supported with daemon.state = "postgresql://..." yet (their '
-            "state lives in the SQLite store): use state_dir's SQLite store for rollouts"
-        )
     for name, monitor in config.monitors.items():
         here = f"monitors.{name}"
         if monitor.alert_after is not None and monitor.alert_after > monitor.rollback_after:

@@ -106,7 +106,7 @@ class Daemon:
         """Plans held by max_rollbacks / rearm_cooldown; its cooldown timers stop with us."""
         self.ramp = Ramp(
             self.plans,
-            store=lambda: self.store,
+            store=lambda: self.state,
             config=lambda: self.config,
             monitors=lambda: {name: runner.state for name, runner in self.monitors.items()},
             on_change=self.metrics.rollout,
@@ -164,6 +164,7 @@ class Daemon:
                 stack.push_async_callback(self._stop_parts)  # also after a failed start
                 stack.push_async_callback(self.waiting.stop)
                 await self._start_parts(self.assembly)
+                await self.ramp.read()  # /status shows the stored rollouts from the start
                 await self._start_surface(stack)
                 self._install_signals()
                 if self.leadership is None:
@@ -467,6 +468,8 @@ class Daemon:
 
     async def rollout(self, name: str, operation: str) -> dict[str, Any]:
         """``rollbackd rollout pause|resume|promote|abort|restart NAME``."""
+        if name in self.config.rollouts:  # an unknown name is a 404 on a standby too
+            self._acting()
         return await self.ramp.operate(name, operation)
 
     async def _start_surface(self, stack: contextlib.AsyncExitStack) -> None:

@@ -23,11 +23,14 @@ import psycopg
 import psycopg_pool
 import structlog
 
+from rollbackd import rolloutlog
 from rollbackd.codec import decode_results, encode_results
 from rollbackd.config import DaemonConfig
 from rollbackd.engine import Check, Event, MonitorState, Outcome
 from rollbackd.errors import DeposedError, NoIncidentError, StateError
 from rollbackd.records import IncidentDraft, IncidentRecord, StepRecord, StepStatus
+from rollbackd.rolloutlog import GateChecks, changed, state_of, values_of
+from rollbackd.rollouts import RolloutState
 from rollbackd.schema import MIGRATIONS, SCHEMA_VERSION, state_from_row, state_row, step_from_row
 from rollbackd.state import GROUP_COMMIT_SECONDS, _durable, _Quiet
 from rollbackd.stores import SHOWN_INCIDENTS
@@ -36,7 +39,10 @@ log = structlog.get_logger("rollbackd.pgstate")
 
 LOCK_KEY = 0x726F6C6C6261636B  # "rollback": the leadership's session-level advisory lock
 MIGRATE_KEY = LOCK_KEY + 1  # transaction-level: one daemon migrates at a time
-TABLES = ("schema_version", "monitors", "checks", "incidents", "steps", "leadership", "peers")
+TABLES = (
+    "schema_version", "monitors", "checks", "incidents", "steps", "rollouts", "leadership",
+    "peers",
+)  # fmt: skip
 SHOWN_RELEASES = 1000
 """Rollback releases /status counts ``max_rollbacks`` from (as of the last flush)."""
 
@@ -113,6 +119,16 @@ RELEASED = (
     "AND COALESCE(waiting, '') != 'approval'"
 )
 FENCE = "SELECT generation FROM leadership WHERE id = 1 FOR SHARE"
+ROLLOUT = translate(rolloutlog.SELECT)
+SAVE_ROLLOUT = (
+    translate(rolloutlog.INSERT)
+    + " ON CONFLICT (name) DO UPDATE SET "
+    # rolloutlog.INSERT's own column list: no outside text reaches this statement.
+    + ", ".join(
+        f"{c} = EXCLUDED.{c}"
+        for c in rolloutlog.INSERT.split("(", 1)[1].split(")", 1)[0].replace(" ", "").split(",")[1:]
+    )
+)
 
 Cursor = psycopg.AsyncCursor[tuple[Any, ...]]
 
@@ -527,6 +543,61 @@ class PgState:
             )
             released = cur.rowcount
         return released == 1
+
+    # --- rollouts -----------------------------------------------------------------------
+
+    async def rollout(self, name: str) -> RolloutState | None:
+        async with self._tx("reading a rollout") as cur:
+            await cur.execute(ROLLOUT, (name,))
+            row = await cur.fetchone()
+        return None if row is None else state_of(row)
+
+    async def save_rollout(self, name: str, state: RolloutState, now: float) -> None:
+        async with self._tx("saving a rollout", fenced=True) as cur:
+            await cur.execute(SAVE_ROLLOUT, (name, *values_of(state, now)))
+
+    async def replace_rollout(
+        self,
+        name: str,
+        expected: RolloutState,
+        state: RolloutState,
+        now: float,
+        draft: IncidentDraft | None = None,
+    ) -> str | bool:
+        incident_id = None
+        async with self._tx("changing a rollout", fenced=True) as cur:
+            await cur.execute(f"{ROLLOUT} FOR UPDATE", (name,))
+            row = await cur.fetchone()
+            if changed(None if row is None else state_of(row), expected):
+                return False
+            if draft is not None:
+                incident_id = await insert_incident(cur, draft)
+                if draft.event is Event.PROMOTE:
+                    state = replace(state, promoting=incident_id)
+            await cur.execute(SAVE_ROLLOUT, (name, *values_of(state, now)))
+        return True if incident_id is None else incident_id
+
+    async def gate_checks(self, monitor: str, after: int) -> GateChecks:
+        async with self._tx("reading a gate's checks") as cur:
+            await cur.execute(
+                "SELECT outcome, COUNT(*) FROM checks WHERE monitor = %s AND id > %s "
+                "GROUP BY outcome",
+                (monitor, after),
+            )
+            counts = {str(o): int(n) for o, n in await cur.fetchall()}
+            await cur.execute(
+                "SELECT COUNT(*) FROM incidents WHERE monitor = %s AND finished_at IS NULL",
+                (monitor,),
+            )
+            row = await cur.fetchone()
+        running = 0 if row is None else int(row[0])
+        return GateChecks(counts.get("ok", 0), counts.get("breach", 0), bool(running))
+
+    async def newest_check(self) -> int:
+        async with self._tx("reading the newest check") as cur:
+            await cur.execute("SELECT MAX(id) FROM checks")
+            row = await cur.fetchone()
+        return 0 if row is None or row[0] is None else int(row[0])
 
     # --- group commit, /status, peers ---------------------------------------------------
 

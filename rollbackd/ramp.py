@@ -1,7 +1,9 @@
 """Rollouts at run time: tick each ramp, open its promotions, answer the operator.
 
-``rollouts.decide`` decides; ``rolloutlog`` keeps the state; a promotion is an incident that
-``inflight.PlanTasks`` runs (set, then ``on_promote``) exactly once, resumed after a crash.
+``rollouts.decide`` decides; the state store (``stores.StateStore``: SQLite or PostgreSQL)
+keeps the state; a promotion is an incident that ``inflight.PlanTasks`` runs (set, then
+``on_promote``) exactly once, resumed after a crash or by a new leader. Only the leader
+(``StateStore.leading``) decides and writes; a standby reads the rollouts for /status.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,12 +21,18 @@ from rollbackd import rollouts
 from rollbackd.actions import Action, ActionContext
 from rollbackd.config import Config, RolloutConfig
 from rollbackd.engine import Event, MonitorState, Phase
-from rollbackd.errors import ActionError, RolloutRefusedError, UnknownRolloutError
+from rollbackd.errors import (
+    ActionError,
+    DeposedError,
+    RollbackdError,
+    RolloutRefusedError,
+    UnknownRolloutError,
+)
 from rollbackd.inflight import PlanTasks
 from rollbackd.records import IncidentDraft
-from rollbackd.rolloutlog import RolloutLog, owner
+from rollbackd.rolloutlog import GateChecks, owner, promotion_of
 from rollbackd.rollouts import Gate, RolloutState
-from rollbackd.state import Store
+from rollbackd.stores import StateStore
 
 log = structlog.get_logger("rollbackd.rollouts")
 
@@ -51,7 +59,7 @@ class Ramp:
         self,
         plans: PlanTasks,
         *,
-        store: Callable[[], Store],
+        store: Callable[[], StateStore],
         config: Callable[[], Config],
         monitors: Callable[[], Mapping[str, MonitorState]],
         on_change: Callable[[str, RolloutState], None] | None = None,
@@ -69,10 +77,8 @@ class Ramp:
         self._lock = asyncio.Lock()
         self._promoting = False
         """Some rollout's percentage is being set (the last tick saw it)."""
-
-    @property
-    def _log(self) -> RolloutLog:
-        return RolloutLog(self._store())
+        self._seen: dict[str, tuple[RolloutState, dict[str, GateChecks]]] = {}
+        """Each rollout's state and its gates' checks as last read or written (/status)."""
 
     # --- ticking --------------------------------------------------------------------------
 
@@ -93,39 +99,67 @@ class Ramp:
             self._poked.set()
 
     async def tick(self) -> None:
-        """Decide and act for every configured rollout once."""
+        """Decide and act for every configured rollout once (read them only as a standby)."""
         async with self._lock:
             promoting = False
-            for name, config in self._config().rollouts.items():
+            configured = self._config().rollouts
+            for name in set(self._seen) - set(configured):
+                del self._seen[name]
+            for name, config in configured.items():
                 try:
-                    promoting = self._advance(name, config) or promoting
+                    if self._store().leading:
+                        promoting = await self._advance(name, config) or promoting
+                    else:
+                        await self._read(name, config)
+                except DeposedError as exc:  # the new leader goes on from the stored state
+                    log.warning("rollout_tick_deposed", rollout=name, reason=str(exc))
                 except Exception:  # one broken rollout must not stop the others, nor the daemon
                     log.exception("rollout_tick_failed", rollout=name)
             self._promoting = promoting
 
-    def _advance(self, name: str, config: RolloutConfig) -> bool:
+    async def read(self) -> None:
+        """Read every rollout for /status without deciding (at start, before /status serves)."""
+        async with self._lock:
+            for name, config in self._config().rollouts.items():
+                await self._read(name, config)
+
+    async def _read(self, name: str, config: RolloutConfig) -> RolloutState:
+        """A standby's look at one rollout: what the leader stored, for /status."""
+        state = await self._store().rollout(name) or RolloutState()
+        await self._gates(name, config, state)
+        if self._on_change is not None:
+            self._on_change(name, state)
+        return state
+
+    async def _advance(self, name: str, config: RolloutConfig) -> bool:
         """Decide and act for one rollout; whether a percentage of it is being set."""
-        saved = self._log.load(name)
+        store = self._store()
+        saved = await store.rollout(name)
         state = saved or RolloutState(latched=self._latched(config))
         now = self.clock()
-        promotion = None if state.promoting is None else self._log.promotion(state.promoting)
+        promotion = None
+        if state.promoting is not None:
+            promotion = promotion_of(await store.incident(state.promoting))
         decision = rollouts.decide(
             config.spec(),
             state,
-            self._gates(config, state),
+            await self._gates(name, config, state),
             now,
             promotion=promotion,
-            newest_check=self._log.newest_check(),
+            newest_check=await store.newest_check(),
         )
         new = decision.state
         if decision.set_step is not None:
             draft = self._promotion(name, config, new, now)
-            opened = self._log.replace_if(name, state, new, now, draft)
+            opened = await store.replace_rollout(name, state, new, now, draft)
             if isinstance(opened, str):
                 self._plans.start(opened)
                 new = replace(new, promoting=opened)
+            elif opened is False:  # changed meanwhile: the next tick decides again
+                new = state
         elif saved is None or new != state:
-            self._log.save(name, new, now)
+            await store.save_rollout(name, new, now)
+        self._remember(name, new)
         if decision.event is not None:
             self._tell(name, config, decision.event, new)
         if self._on_change is not None:
@@ -170,7 +204,27 @@ class Ramp:
             },
         )
 
-    def _gates(self, config: RolloutConfig, state: RolloutState) -> list[Gate]:
+    async def _gates(self, name: str, config: RolloutConfig, state: RolloutState) -> list[Gate]:
+        """The gates of rollout ``name`` in ``state``, their checks read from the store now.
+
+        Remembered with ``state`` for /status.
+        """
+        checks = await self._checks(config, state)
+        self._seen[name] = (state, checks)
+        return self._gates_of(config, state, checks)
+
+    async def _checks(self, config: RolloutConfig, state: RolloutState) -> dict[str, GateChecks]:
+        store = self._store()
+        return {gate: await store.gate_checks(gate, state.baseline) for gate in config.gates}
+
+    def _remember(self, name: str, state: RolloutState) -> None:
+        """``state`` is the rollout's now (its gates' checks as last read)."""
+        self._seen[name] = (state, self._seen.get(name, (state, {}))[1])
+
+    def _gates_of(
+        self, config: RolloutConfig, state: RolloutState, found: Mapping[str, GateChecks]
+    ) -> list[Gate]:
+        """The gates of ``state`` from the live monitors and their checks in ``found``."""
         monitors = self._monitors()
         gates = []
         for name in config.gates:
@@ -178,7 +232,7 @@ class Ramp:
             if monitor is None:
                 gates.append(Gate(name, "unknown"))
                 continue
-            checks = self._log.gate_checks(name, state.baseline)
+            checks = found.get(name, GateChecks(0, 0, open_incident=False))
             latched = monitor.phase is Phase.ROLLED_BACK
             gates.append(
                 Gate(
@@ -218,15 +272,16 @@ class Ramp:
                 out[config.set] = _Guard(inner.name, inner, self._moved_on)
         return out
 
-    def _moved_on(self, name: str, run: int, step: int) -> str | None:
+    async def _moved_on(self, name: str, run: int, step: int) -> str | None:
         """Why rollout ``name`` must not set ``step`` of ``run`` now, or None."""
         config = self._config().rollouts.get(name)
-        state = self._log.load(name)
+        state = await self._store().rollout(name)
         if config is None or state is None:
             return f"rollout {name} is no longer configured"
         if (state.run, state.step) != (run, step) or state.phase is rollouts.Phase.ROLLED_BACK:
             return f"rollout {name} moved on (run {state.run}, step {state.step}, {state.phase})"
-        if rolled := [g.name for g in self._gates(config, state) if g.rolled_back_in_run]:
+        gates = self._gates_of(config, state, await self._checks(config, state))
+        if rolled := [g.name for g in gates if g.rolled_back_in_run]:
             return f"rollout {name}: {', '.join(rolled)} rolled back"
         return None
 
@@ -242,21 +297,28 @@ class Ramp:
             raise UnknownRolloutError(name)
         if operation not in OPERATIONS:
             raise RolloutRefusedError(name, operation, f"no operation {operation!r}")
+        store = self._store()
+        if not store.leading:
+            raise RollbackdError(
+                f"rollout {name}: cannot {operation}: this daemon is a standby: send this to "
+                "the leader (see /status peers)"
+            )
         async with self._lock:
-            state = self._log.load(name) or RolloutState(latched=self._latched(config))
+            state = await store.rollout(name) or RolloutState(latched=self._latched(config))
             draft = None
             try:
                 if operation == "abort":
                     new, draft = rollouts.aborted(state), self._abort(name, config, state)
                 elif operation == "restart":
-                    new = rollouts.restart(state, self._gates(config, state))
+                    new = rollouts.restart(state, await self._gates(name, config, state))
                 else:
                     new = getattr(rollouts, operation)(state)
             except rollouts.RefusedError as exc:
                 raise RolloutRefusedError(name, operation, str(exc)) from exc
-            opened = self._log.replace_if(name, state, new, self.clock(), draft)
+            opened = await store.replace_rollout(name, state, new, self.clock(), draft)
             if opened is False:
                 raise RolloutRefusedError(name, operation, "it changed meanwhile; try again")
+            self._remember(name, new)  # an abort's rollback is no promotion: no ``promoting``
         log.warning(f"rollout_{operation}", rollout=name, state=str(new.phase), step=new.step)
         result: dict[str, Any] = {"rollout": name, "operation": operation}
         if isinstance(opened, str):
@@ -284,12 +346,16 @@ class Ramp:
     # --- status ----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """``rollouts`` of ``/status``: every configured rollout, by name."""
+        """``rollouts`` of ``/status``: every configured rollout, by name.
+
+        Without waiting: each rollout as the last tick (at most a second ago) or operator's
+        request read or wrote it; the hold's remaining time as of now.
+        """
         return {name: self.status_of(name, c) for name, c in self._config().rollouts.items()}
 
     def status_of(self, name: str, config: RolloutConfig) -> dict[str, Any]:
         """One rollout's part of ``/status``."""
-        state = self._log.load(name) or RolloutState()
+        state, checks = self._seen.get(name, (RolloutState(), {}))
         spec = config.spec()
         left = rollouts.remaining(spec, state, self.clock())
         return {
@@ -314,7 +380,7 @@ class Ramp:
                     "breaches": gate.breaches,
                     "why": gate.why(config.min_checks),
                 }
-                for gate in self._gates(config, state)
+                for gate in self._gates_of(config, state, checks)
             },
         }
 
@@ -325,14 +391,16 @@ class _Guard:
 
     name: str
     inner: Action
-    moved_on: Callable[[str, int, int], str | None]
+    moved_on: Callable[[str, int, int], Awaitable[str | None]]
 
     async def run(self, ctx: ActionContext) -> str:
         """Run the set action, unless its rollout was rolled back or moved on meanwhile."""
         details = ctx.incident.details
         rollout = details.get("rollout")
         if ctx.incident.event is Event.PROMOTE and isinstance(rollout, str):
-            why = self.moved_on(rollout, int(details.get("run", 1)), int(details.get("step", 0)))
+            why = await self.moved_on(
+                rollout, int(details.get("run", 1)), int(details.get("step", 0))
+            )
             if why is not None:
                 raise ActionError(f"not set: {why}", transient=False)
         return await self.inner.run(ctx)

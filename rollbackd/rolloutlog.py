@@ -1,6 +1,8 @@
 """The store's record of rollouts: their state, their promotions, what their gates did.
 
-Every read and write of a rollout is here, each one transaction of the ``Store``;
+Every read and write of a rollout in the SQLite ``Store`` is here, each one transaction;
+``stores.SqliteState`` offers them to the daemon, ``pgstate.PgState`` does the same with this
+module's statements and rows on PostgreSQL (fenced by the leadership generation).
 ``rollouts`` decides and ``ramp`` runs the daemon's side. A promotion is an incident (event
 ``promote``, monitor ``rollout:NAME``) opened in the same transaction as the state that
 points at it, so the plan runner's exactly-once machinery runs and resumes it.
@@ -14,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from rollbackd.engine import Event
-from rollbackd.records import IncidentDraft
+from rollbackd.records import IncidentDraft, IncidentRecord
 from rollbackd.rollouts import Phase, Promotion, RolloutState
 from rollbackd.schema import insert_incident
 from rollbackd.state import Store
@@ -59,7 +61,7 @@ class RolloutLog:
         """The saved state of rollout ``name``, or None if it never ran."""
         with self.store.transaction("reading a rollout") as conn:
             row = conn.execute(SELECT, (name,)).fetchone()
-        return None if row is None else _state(row)
+        return None if row is None else state_of(row)
 
     def save(self, name: str, state: RolloutState, now: float) -> None:
         """Write the state of rollout ``name``."""
@@ -83,8 +85,7 @@ class RolloutLog:
         """
         with self.store.transaction("changing a rollout", write=True) as conn:
             row = conn.execute(SELECT, (name,)).fetchone()
-            saved = None if row is None else _state(row)
-            if saved is not None and _key(saved) != _key(expected):
+            if changed(None if row is None else state_of(row), expected):
                 return False
             incident_id = None if draft is None else insert_incident(conn, draft)
             if incident_id is not None and draft is not None and draft.event is Event.PROMOTE:
@@ -116,20 +117,32 @@ class RolloutLog:
 
     def promotion(self, incident_id: str) -> Promotion:
         """Where a promotion stands: ``running``, ``ok`` (set step ok / would_run), ``failed``."""
-        record = self.store.incident(incident_id)
-        if record.finished_at is None:
-            return "running"
-        first = record.steps[0] if record.steps else None
-        return "ok" if first is not None and first.status in ("ok", "would_run") else "failed"
+        return promotion_of(self.store.incident(incident_id))
+
+
+def promotion_of(record: IncidentRecord) -> Promotion:
+    """Where a promotion's incident stands: ``running``, ``ok`` (set step ran), ``failed``."""
+    if record.finished_at is None:
+        return "running"
+    first = record.steps[0] if record.steps else None
+    return "ok" if first is not None and first.status in ("ok", "would_run") else "failed"
+
+
+def changed(saved: RolloutState | None, expected: RolloutState) -> bool:
+    """Whether ``saved`` moved away from ``expected`` (a concurrent change won).
+
+    What a concurrent change would have moved: the reason and the hold's start are not it.
+    """
+    return saved is not None and _key(saved) != _key(expected)
 
 
 def _key(state: RolloutState) -> tuple[Any, ...]:
-    """What a concurrent change would have moved (the reason and hold are not it)."""
     return (state.run, state.step, state.confirmed, state.phase, state.promoting, state.hold_done)
 
 
-def _write(conn: sqlite3.Connection, name: str, state: RolloutState, now: float) -> None:
-    values = (
+def values_of(state: RolloutState, now: float) -> tuple[Any, ...]:
+    """The row of ``state`` after its name: ``UPDATE``'s and ``INSERT``'s parameters."""
+    return (
         state.run,
         state.step,
         int(state.confirmed),
@@ -144,11 +157,16 @@ def _write(conn: sqlite3.Connection, name: str, state: RolloutState, now: float)
         state.reason,
         now,
     )
+
+
+def _write(conn: sqlite3.Connection, name: str, state: RolloutState, now: float) -> None:
+    values = values_of(state, now)
     if conn.execute(UPDATE, (*values, name)).rowcount == 0:
         conn.execute(INSERT, (name, *values))
 
 
-def _state(row: tuple[Any, ...]) -> RolloutState:
+def state_of(row: tuple[Any, ...]) -> RolloutState:
+    """The state of a row ``SELECT`` read."""
     (run, step, confirmed, percent, phase, hold_started_at, baseline, hold_done, promoting,
      paused_by, latched, reason, _updated_at) = row  # fmt: skip
     return RolloutState(

@@ -1,7 +1,7 @@
 """Progressive rollouts, pure: ``decide`` (what a rollout does next) and operator requests.
 
 No I/O and no clock: times are passed in. ``ramp`` runs the decisions in the daemon and
-``rolloutlog`` keeps the rollouts' state in the store.
+the state store keeps the rollouts' state (``rolloutlog`` on SQLite, ``pgstate`` on PostgreSQL).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ from typing import Protocol
 
 from rollbackd.engine import Check, MonitorState
 from rollbackd.records import IncidentDraft, IncidentRecord
+from rollbackd.rolloutlog import GateChecks, RolloutLog
+from rollbackd.rollouts import RolloutState
 from rollbackd.state import Store
 from rollbackd.waitlog import WaitLog
 
@@ -99,6 +101,33 @@ class StateStore(Protocol):
     async def release(self, incident_id: str, waiting: str) -> bool:
         """Let a plan waiting for ``waiting`` run; False if it did not wait for that."""
 
+    async def rollout(self, name: str) -> RolloutState | None:
+        """The saved state of rollout ``name``, or None if it never ran."""
+
+    async def save_rollout(self, name: str, state: RolloutState, now: float) -> None:
+        """Write the state of rollout ``name`` (fenced: only the leader writes)."""
+
+    async def replace_rollout(
+        self,
+        name: str,
+        expected: RolloutState,
+        state: RolloutState,
+        now: float,
+        draft: IncidentDraft | None = None,
+    ) -> str | bool:
+        """Write ``state`` only if the saved state is still ``expected``, opening ``draft``.
+
+        The new incident's id (with a draft), True (without), or False when the saved state
+        changed meanwhile. A promotion's draft becomes ``promoting`` in the same transaction
+        (see ``RolloutLog.replace_if``); fenced like ``commit_check``.
+        """
+
+    async def gate_checks(self, monitor: str, after: int) -> GateChecks:
+        """Ok and breaching checks of ``monitor`` with an id after ``after``; a running incident."""
+
+    async def newest_check(self) -> int:
+        """The id of the newest check of any monitor (0 when there is none)."""
+
     async def flush(self) -> None:
         """Write the quiet checks held for the group commit (every second)."""
 
@@ -122,6 +151,7 @@ class SqliteState:
         self.store = store
         """The synchronous store (tests and tools read it directly)."""
         self._waits = WaitLog(store)
+        self._rollouts = RolloutLog(store)
 
     @classmethod
     def open(cls, state_dir: Path) -> SqliteState:
@@ -202,6 +232,28 @@ class SqliteState:
 
     async def release(self, incident_id: str, waiting: str) -> bool:
         return self._waits.release(incident_id, waiting)
+
+    async def rollout(self, name: str) -> RolloutState | None:
+        return self._rollouts.load(name)
+
+    async def save_rollout(self, name: str, state: RolloutState, now: float) -> None:
+        self._rollouts.save(name, state, now)
+
+    async def replace_rollout(
+        self,
+        name: str,
+        expected: RolloutState,
+        state: RolloutState,
+        now: float,
+        draft: IncidentDraft | None = None,
+    ) -> str | bool:
+        return self._rollouts.replace_if(name, expected, state, now, draft)
+
+    async def gate_checks(self, monitor: str, after: int) -> GateChecks:
+        return self._rollouts.gate_checks(monitor, after)
+
+    async def newest_check(self) -> int:
+        return self._rollouts.newest_check()
 
     async def flush(self) -> None:
         self.store.flush()

@@ -19,7 +19,7 @@ import pytest
 
 from rollbackd import assemble
 from rollbackd.assemble import load
-from rollbackd.config import cross_check, from_dict
+from rollbackd.config import from_dict
 from rollbackd.daemon import Daemon
 from rollbackd.engine import Check, Event, MonitorState, Outcome, Phase
 from rollbackd.errors import ConfigError, DeposedError, StateError
@@ -32,7 +32,6 @@ from tests import helpers
 from tests.helpers import config_file, to_toml
 from tests.pg import PASSWORD, ROLE, Postgres, running
 from tests.servers import free_port
-from tests.test_rollouts import document as rollout_document
 
 pytestmark = pytest.mark.slow
 
@@ -503,13 +502,3 @@ def test_status_table_shows_the_role_and_peers() -> None:
         text
     )
     assert "role=" not in status_table({**document, "peers": []})
-
-
-def test_rollouts_are_refused_with_postgresql_state() -> None:
-    """Rollouts keep their log in the SQLite store only: with shared state, one clear problem."""
-    raw = rollout_document()
-    raw["daemon"] = {"state": "postgresql://db/rbd", "state_user": "rollbackd"}
-    found = list(cross_check(from_dict(raw)))
-    assert any(p.startswith("rollouts: not supported with daemon.state") for p in found), found
-    del raw["daemon"]
-    assert not any(p.startswith("rollouts:") for p in cross_check(from_dict(raw)))
