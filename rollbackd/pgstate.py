@@ -9,9 +9,7 @@ of a plan step reads the generation in its own transaction (``FOR SHARE``) and i
 
 from __future__ import annotations
 
-import json
 import re
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,7 +21,7 @@ import psycopg
 import psycopg_pool
 import structlog
 
-from rollbackd import rolloutlog
+from rollbackd import rolloutlog, schema
 from rollbackd.codec import decode_results, encode_results
 from rollbackd.config import DaemonConfig
 from rollbackd.engine import Check, Event, MonitorState, Outcome
@@ -31,7 +29,17 @@ from rollbackd.errors import DeposedError, NoIncidentError, StateError
 from rollbackd.records import IncidentDraft, IncidentRecord, StepRecord, StepStatus
 from rollbackd.rolloutlog import GateChecks, changed, state_of, values_of
 from rollbackd.rollouts import RolloutState
-from rollbackd.schema import MIGRATIONS, SCHEMA_VERSION, state_from_row, state_row, step_from_row
+from rollbackd.schema import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    incident_from_row,
+    incident_ids,
+    incident_row,
+    pending_steps,
+    state_from_row,
+    state_row,
+    step_from_row,
+)
 from rollbackd.state import GROUP_COMMIT_SECONDS, _durable, _Quiet
 from rollbackd.stores import SHOWN_INCIDENTS
 
@@ -99,6 +107,8 @@ SAVE_STATE = (
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS.split(", ")[1:])
 )
 STATE = f"SELECT {_COLUMNS} FROM monitors WHERE name = %s"  # noqa: S608
+INSERT_INCIDENT = translate(schema.INSERT_INCIDENT)
+INSERT_STEP = translate(schema.INSERT_STEP)
 INSERT_CHECK = "INSERT INTO checks (monitor, at, outcome, results) VALUES (%s, %s, %s, %s)"
 TRIM_CHECKS = (
     "DELETE FROM checks WHERE monitor = %s AND id <= (SELECT id FROM checks "
@@ -475,22 +485,7 @@ class PgState:
                 await cur.execute(STEPS, (list(steps),))
                 for s in await cur.fetchall():
                     steps[s[0]].append(step_from_row(*s))
-        return [
-            IncidentRecord(
-                id=row[0],
-                monitor=row[1],
-                event=Event(row[2]),
-                reason=row[3],
-                mode=row[4],
-                opened_at=row[5],
-                finished_at=row[6],
-                details=json.loads(row[7]),
-                steps=tuple(steps[row[0]]),
-                waiting=row[8],
-                approved_at=row[9],
-            )
-            for row in rows
-        ]
+        return [incident_from_row(row, steps[row[0]]) for row in rows]
 
     # --- waiting plans ------------------------------------------------------------------
 
@@ -666,34 +661,13 @@ class PgState:
 
 
 async def insert_incident(cur: Cursor, draft: IncidentDraft) -> str:
-    """Insert an incident and its pending steps; its new id (``schema.new_id``'s form)."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(draft.opened_at))
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", draft.monitor).strip("-")[:40] or "monitor"
-    size = 2
-    while True:
-        incident_id = f"{stamp}-{slug}-{secrets.token_hex(size)}"
+    """Insert an incident and its pending steps; its new id (``schema.incident_ids``' form)."""
+    for incident_id in incident_ids(draft.monitor, draft.opened_at):
         await cur.execute("SELECT 1 FROM incidents WHERE id = %s", (incident_id,))
         if await cur.fetchone() is None:
             break
-        size += 1
-    await cur.execute(
-        "INSERT INTO incidents (id, monitor, event, reason, mode, opened_at, details, waiting) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-        (
-            incident_id,
-            draft.monitor,
-            draft.event,
-            draft.reason,
-            draft.mode,
-            draft.opened_at,
-            json.dumps(draft.details, separators=(",", ":"), default=str),
-            draft.waiting,
-        ),
-    )
-    await cur.executemany(
-        "INSERT INTO steps (incident_id, step, action, status) VALUES (%s, %s, %s, %s)",
-        [(incident_id, i, action, StepStatus.PENDING) for i, action in enumerate(draft.actions)],
-    )
+    await cur.execute(INSERT_INCIDENT, incident_row(incident_id, draft))
+    await cur.executemany(INSERT_STEP, pending_steps(incident_id, draft))
     return incident_id
 
 

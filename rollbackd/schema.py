@@ -5,18 +5,20 @@ A database from a newer rollbackd, or one that is not a rollbackd store, is refu
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from rollbackd.codec import compact
-from rollbackd.engine import MonitorState, Outcome, Phase
+from rollbackd.engine import Event, MonitorState, Outcome, Phase
 from rollbackd.errors import StateError
-from rollbackd.records import IncidentDraft, StepRecord, StepStatus
+from rollbackd.records import IncidentDraft, IncidentRecord, StepRecord, StepStatus
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: the first schema. Check results are compact JSON rows (see codec.encode_results).
@@ -252,37 +254,68 @@ def insert_checks(
     conn.execute(TRIM_CHECKS, (monitor, monitor, max(history, 1)))
 
 
+INSERT_INCIDENT = (
+    "INSERT INTO incidents (id, monitor, event, reason, mode, opened_at, details, waiting) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+INSERT_STEP = "INSERT INTO steps (incident_id, step, action, status) VALUES (?, ?, ?, ?)"
+
+
 def insert_incident(conn: sqlite3.Connection, draft: IncidentDraft) -> str:
     """Insert an incident and its pending steps; return its new id."""
-    incident_id = new_id(conn, draft.monitor, draft.opened_at)
-    conn.execute(
-        "INSERT INTO incidents (id, monitor, event, reason, mode, opened_at, details, waiting) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            incident_id,
-            draft.monitor,
-            draft.event,
-            draft.reason,
-            draft.mode,
-            draft.opened_at,
-            json.dumps(draft.details, separators=(",", ":"), default=str),
-            draft.waiting,
-        ),
+    incident_id = next(
+        candidate
+        for candidate in incident_ids(draft.monitor, draft.opened_at)
+        if conn.execute("SELECT 1 FROM incidents WHERE id = ?", (candidate,)).fetchone() is None
     )
-    conn.executemany(
-        "INSERT INTO steps (incident_id, step, action, status) VALUES (?, ?, ?, ?)",
-        [(incident_id, i, action, StepStatus.PENDING) for i, action in enumerate(draft.actions)],
-    )
+    conn.execute(INSERT_INCIDENT, incident_row(incident_id, draft))
+    conn.executemany(INSERT_STEP, pending_steps(incident_id, draft))
     return incident_id
 
 
-def new_id(conn: sqlite3.Connection, monitor: str, opened_at: float) -> str:
-    """``20261125T122301Z-payments-3f9a``: readable, sortable by time, unique in this store."""
+def incident_ids(monitor: str, opened_at: float) -> Iterator[str]:
+    """Candidate ids, the first one unused in the store wins: ``20261125T122301Z-payments-3f9a``.
+
+    Readable and sortable by time; each candidate carries more random digits than the last.
+    """
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(opened_at))
     slug = _SLUG.sub("-", monitor).strip("-")[:40] or "monitor"
-    size = 2
-    while True:
-        candidate = f"{stamp}-{slug}-{secrets.token_hex(size)}"
-        if conn.execute("SELECT 1 FROM incidents WHERE id = ?", (candidate,)).fetchone() is None:
-            return candidate
-        size += 1
+    for size in itertools.count(2):
+        yield f"{stamp}-{slug}-{secrets.token_hex(size)}"
+
+
+def incident_row(incident_id: str, draft: IncidentDraft) -> tuple[Any, ...]:
+    """The ``INSERT_INCIDENT`` values of ``draft``."""
+    details = json.dumps(draft.details, separators=(",", ":"), default=str)
+    return (
+        incident_id,
+        draft.monitor,
+        draft.event,
+        draft.reason,
+        draft.mode,
+        draft.opened_at,
+        details,
+        draft.waiting,
+    )
+
+
+def pending_steps(incident_id: str, draft: IncidentDraft) -> list[tuple[Any, ...]]:
+    """The ``INSERT_STEP`` values of ``draft``'s plan, every step pending."""
+    return [(incident_id, i, action, StepStatus.PENDING) for i, action in enumerate(draft.actions)]
+
+
+def incident_from_row(row: Sequence[Any], steps: Sequence[StepRecord]) -> IncidentRecord:
+    """An incident from an ``INCIDENT`` row and its steps."""
+    return IncidentRecord(
+        id=row[0],
+        monitor=row[1],
+        event=Event(row[2]),
+        reason=row[3],
+        mode=row[4],
+        opened_at=row[5],
+        finished_at=row[6],
+        details=json.loads(row[7]),
+        steps=tuple(steps),
+        waiting=row[8],
+        approved_at=row[9],
+    )

@@ -6,7 +6,6 @@ committed state; a database the code cannot read is an error, never a silent res
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
@@ -19,7 +18,7 @@ from typing import Any
 
 from rollbackd import statedir
 from rollbackd.codec import decode_results, encode_results
-from rollbackd.engine import Check, Event, MonitorState, Outcome
+from rollbackd.engine import Check, MonitorState, Outcome
 from rollbackd.errors import NoIncidentError, StateError
 from rollbackd.records import IncidentDraft, IncidentRecord, StepRecord, StepStatus
 from rollbackd.schema import (
@@ -30,6 +29,7 @@ from rollbackd.schema import (
     STEPS,
     TRIM_CHECKS,
     connect,
+    incident_from_row,
     insert_checks,
     insert_incident,
     state_from_row,
@@ -368,22 +368,7 @@ class Store:
             steps: dict[str, list[StepRecord]] = {row[0]: [] for row in rows}
             for incident_id, found in steps.items():
                 found.extend(step_from_row(*s) for s in conn.execute(STEPS, (incident_id,)))
-        return [
-            IncidentRecord(
-                id=row[0],
-                monitor=row[1],
-                event=Event(row[2]),
-                reason=row[3],
-                mode=row[4],
-                opened_at=row[5],
-                finished_at=row[6],
-                details=json.loads(row[7]),
-                steps=tuple(steps[row[0]]),
-                waiting=row[8],
-                approved_at=row[9],
-            )
-            for row in rows
-        ]
+        return [incident_from_row(row, steps[row[0]]) for row in rows]
 
 
 def _write_quiet(conn: sqlite3.Connection, quiet: dict[str, _Quiet]) -> None:
