@@ -402,16 +402,14 @@ def _write_quiet(conn: sqlite3.Connection, quiet: dict[str, _Quiet]) -> None:
     rows = [row for waiting in quiet.values() for row in waiting.rows]
     conn.executemany(INSERT_CHECK, rows)
     conn.executemany(TRIM_CHECKS, [(m, m, max(w.history, 1)) for m, w in quiet.items()])
-    touched = conn.executemany(
-        _TOUCH_STATE,
-        [
-            (s.checks, s.last_check_at, s.last_outcome and s.last_outcome.value, m)
-            for m, w in quiet.items()
-            if (s := w.state) is not None
-        ],
-    )
+    touched = conn.executemany(_TOUCH_STATE, [_touch_row(m, w.state) for m, w in quiet.items()])
     if touched.rowcount != len(quiet):
         conn.executemany(SAVE_STATE, [state_row(m, w.state) for m, w in quiet.items()])
+
+
+def _touch_row(monitor: str, state: MonitorState) -> tuple[Any, ...]:
+    outcome = state.last_outcome
+    return state.checks, state.last_check_at, None if outcome is None else outcome.value, monitor
 
 
 def _identity(path: Path) -> tuple[int, int]:

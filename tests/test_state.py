@@ -449,7 +449,8 @@ def test_a_group_commit_saves_the_same_state_as_a_whole_save(tmp_path: Path) -> 
     state = feed(store, "payments", state, "o", T0 + 20)
     store.flush()
     assert store.monitor_state("payments") == state
-    assert state.checks == 5 and state.last_outcome is Outcome.OK
+    assert state.checks == 5
+    assert state.last_outcome is Outcome.OK
     store.close()
 
 
