@@ -371,14 +371,30 @@ class Store:
         return [incident_from_row(row, steps[row[0]]) for row in rows]
 
 
+_TOUCH_STATE = "UPDATE monitors SET checks = ?, last_check_at = ?, last_outcome = ? WHERE name = ?"
+"""A quiet check's state change: only the columns outside ``_durable`` differ from the row."""
+
+
 def _write_quiet(conn: sqlite3.Connection, quiet: dict[str, _Quiet]) -> None:
-    """Write the held quiet checks and each monitor's latest state (a few statements for all)."""
+    """Write the held quiet checks and each monitor's latest state (a few statements for all).
+
+    A monitor's checks are held only once its row is saved with the same ``_durable`` part,
+    so updating the three other columns writes the same row as ``SAVE_STATE`` (about half
+    its cost: no delete and re-insert); should a row be missing, all are saved whole.
+    """
     if not quiet:
         return
     rows = [row for waiting in quiet.values() for row in waiting.rows]
     conn.executemany(INSERT_CHECK, rows)
     conn.executemany(TRIM_CHECKS, [(m, m, max(w.history, 1)) for m, w in quiet.items()])
-    conn.executemany(SAVE_STATE, [state_row(m, w.state) for m, w in quiet.items()])
+    touched = conn.executemany(_TOUCH_STATE, [_touch_row(m, w.state) for m, w in quiet.items()])
+    if touched.rowcount != len(quiet):
+        conn.executemany(SAVE_STATE, [state_row(m, w.state) for m, w in quiet.items()])
+
+
+def _touch_row(monitor: str, state: MonitorState) -> tuple[Any, ...]:
+    outcome = state.last_outcome
+    return state.checks, state.last_check_at, None if outcome is None else outcome.value, monitor
 
 
 def _identity(path: Path) -> tuple[int, int]:

@@ -433,6 +433,27 @@ def test_quiet_checks_reach_disk_on_flush_and_close(tmp_path: Path) -> None:
         assert restored.checks == 5
 
 
+def test_a_group_commit_saves_the_same_state_as_a_whole_save(tmp_path: Path) -> None:
+    """Quiet checks update only their columns: the row equals a whole save, even if it went."""
+    store = Store.open(tmp_path)
+    state = feed(store, "payments", MonitorState(), "bo", T0)  # a breach, then a reset: saved
+    state = feed(store, "payments", state, "oo", T0 + 10)  # quiet: held
+    store.flush()
+    assert store.monitor_state("payments") == state
+    db = sqlite3.connect(tmp_path / "state.db")
+    try:  # a row gone under the store (never by the daemon): the group commit saves it whole
+        db.execute("DELETE FROM monitors WHERE name = 'payments'")
+        db.commit()
+    finally:
+        db.close()
+    state = feed(store, "payments", state, "o", T0 + 20)
+    store.flush()
+    assert store.monitor_state("payments") == state
+    assert state.checks == 5
+    assert state.last_outcome is Outcome.OK
+    store.close()
+
+
 def test_a_schema_1_store_migrates_with_its_latch_and_plan(tmp_path: Path) -> None:
     """A 0.1.0 store (schema 1) opens with its counters and its unfinished plan intact."""
     from rollbackd.schema import MIGRATIONS  # noqa: PLC0415
