@@ -40,7 +40,7 @@ from rollbackd.schema import (
     state_row,
     step_from_row,
 )
-from rollbackd.state import GROUP_COMMIT_SECONDS, _durable, _Quiet
+from rollbackd.state import QuietChecks, _durable
 from rollbackd.stores import SHOWN_INCIDENTS
 
 log = structlog.get_logger("rollbackd.pgstate")
@@ -188,11 +188,9 @@ class PgState:
         """Use ``PgState.open``."""
         self._pool = pool
         self.target = target
-        self._clock = clock
         self.generation: int | None = None
         """The generation this daemon leads with; None while it is a standby."""
-        self._quiet: dict[str, _Quiet] = {}
-        self._quiet_since: float | None = None
+        self._quiet = QuietChecks(clock)
         self._saved: dict[str, MonitorState] = {}
         self._shown: tuple[list[IncidentRecord], list[IncidentRecord]] = ([], [])
         self._released: list[tuple[str, float]] = []
@@ -250,7 +248,7 @@ class PgState:
         self.generation = generation
         self._saved.clear()  # a new leader starts from the committed states
         if generation is None:
-            self._quiet, self._quiet_since = {}, None  # never written after losing the lead
+            self._quiet.written()  # never written after losing the lead
 
     @asynccontextmanager
     async def _tx(self, what: str, *, fenced: bool = False) -> AsyncIterator[Cursor]:
@@ -278,10 +276,10 @@ class PgState:
         except psycopg.Error as exc:
             raise StateError(f"state database {self.where}: {what} failed: {exc}") from exc
         if fenced:
-            self._quiet, self._quiet_since = {}, None
+            self._quiet.written()
 
     async def _write_quiet(self, cur: Cursor) -> None:
-        quiet = self._quiet
+        quiet = self._quiet.waiting
         if not quiet:
             return
         rows = [row for waiting in quiet.values() for row in waiting.rows]
@@ -345,20 +343,8 @@ class PgState:
     async def _hold(
         self, row: tuple[str, float, str, str], state: MonitorState, history: int
     ) -> None:
-        monitor = row[0]
-        waiting = self._quiet.get(monitor)
-        if waiting is None:
-            self._quiet[monitor] = _Quiet([row], state, history)
-        else:
-            waiting.rows.append(row)
-            if len(waiting.rows) > history:
-                del waiting.rows[: len(waiting.rows) - history]
-            waiting.state, waiting.history = state, history
-        self._saved[monitor] = state
-        now = self._clock()
-        if self._quiet_since is None:
-            self._quiet_since = now
-        elif now - self._quiet_since >= GROUP_COMMIT_SECONDS:
+        self._saved[row[0]] = state
+        if self._quiet.hold(row, state, history):
             await self.flush()
 
     async def save_state(

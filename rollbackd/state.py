@@ -53,6 +53,47 @@ class _Quiet:
     history: int
 
 
+class QuietChecks:
+    """Quiet checks waiting for the next group commit: per monitor its rows and latest state.
+
+    A monitor keeps at most its ``history`` newest rows (the store keeps no more), so the
+    group stays bounded while the store cannot be written. Both stores use it.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.waiting: dict[str, _Quiet] = {}
+        self._since: float | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.waiting)
+
+    def get(self, monitor: str) -> _Quiet | None:
+        """What ``monitor`` has waiting, if anything."""
+        return self.waiting.get(monitor)
+
+    def hold(self, row: tuple[str, float, str, str], state: MonitorState, history: int) -> bool:
+        """Keep a quiet check (``row``) and its state; True once the group is due."""
+        monitor = row[0]
+        waiting = self.waiting.get(monitor)
+        if waiting is None:
+            self.waiting[monitor] = _Quiet([row], state, history)
+        else:
+            waiting.rows.append(row)
+            if len(waiting.rows) > history:
+                del waiting.rows[: len(waiting.rows) - history]
+            waiting.state, waiting.history = state, history
+        now = self._clock()
+        if self._since is None:
+            self._since = now
+            return False
+        return now - self._since >= GROUP_COMMIT_SECONDS
+
+    def written(self) -> None:
+        """The group is written (or must never be): start the next one."""
+        self.waiting, self._since = {}, None
+
+
 _durable = attrgetter(
     *(
         f.name
@@ -85,11 +126,9 @@ class Store:
         """
         self._conn = conn
         self.path = path
-        self._clock = clock
         self._identity = _identity(path)
         self._lock = threading.RLock()
-        self._quiet: dict[str, _Quiet] = {}
-        self._quiet_since: float | None = None
+        self._quiet = QuietChecks(clock)
         self._saved: dict[str, MonitorState] = {}
 
     @classmethod
@@ -134,7 +173,7 @@ class Store:
             try:
                 conn.execute("BEGIN IMMEDIATE" if write or quiet else "BEGIN")
                 try:
-                    _write_quiet(conn, quiet)  # reads see them; writes come after them
+                    _write_quiet(conn, quiet.waiting)  # reads see them; writes come after
                     yield conn
                 except BaseException:
                     conn.execute("ROLLBACK")
@@ -142,7 +181,7 @@ class Store:
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise StateError(f"state database {self.path}: {what} failed: {exc}") from exc
-            self._quiet, self._quiet_since = {}, None
+            quiet.written()
 
     def transaction(
         self, what: str, *, write: bool = False
@@ -212,20 +251,8 @@ class Store:
 
     def _hold(self, row: tuple[str, float, str, str], state: MonitorState, history: int) -> None:
         """Keep a quiet check for the next group commit; write the group when it is due."""
-        monitor = row[0]
-        waiting = self._quiet.get(monitor)
-        if waiting is None:
-            self._quiet[monitor] = _Quiet([row], state, history)
-        else:
-            waiting.rows.append(row)
-            if len(waiting.rows) > history:  # the store keeps no more: bounded while unwritable
-                del waiting.rows[: len(waiting.rows) - history]
-            waiting.state, waiting.history = state, history
-        self._saved[monitor] = state
-        now = self._clock()
-        if self._quiet_since is None:
-            self._quiet_since = now
-        elif now - self._quiet_since >= GROUP_COMMIT_SECONDS:
+        self._saved[row[0]] = state
+        if self._quiet.hold(row, state, history):
             self.flush()
 
     def recent_checks(self, monitor: str, limit: int) -> list[Check]:
