@@ -130,10 +130,14 @@ class Receiver:
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[Postgres]:
-    """One PostgreSQL for the module; every statement that changes data is logged."""
+    """One PostgreSQL for the module; every statement is logged with its transaction.
+
+    The prefix names the session and virtual transaction (``%c/%v``), so a test can tell which
+    transaction a write belongs to and when that transaction checked the generation.
+    """
     with running() as server:
-        server.sql("ALTER SYSTEM SET log_statement = 'mod'")
-        server.sql("ALTER SYSTEM SET log_line_prefix = '%m [%a] '")
+        server.sql("ALTER SYSTEM SET log_statement = 'all'")
+        server.sql("ALTER SYSTEM SET log_line_prefix = '%m [%a] <%c/%v> '")
         server.sql("SELECT pg_reload_conf()")
         yield server
 
@@ -269,6 +273,33 @@ def other(node: str) -> str:
 WRITE = re.compile(r"LOG:  (statement|execute [^:]*): (INSERT|UPDATE|DELETE)\b")
 
 
+TRANSACTION = re.compile(r"<([0-9a-f.]+/[0-9/]+)>")
+"""A log line's session and virtual transaction id (the ``log_line_prefix`` above)."""
+
+
+def fenced_after(lines: list[str], node: str, moment: int) -> list[str]:
+    """``node``'s writes in transactions that checked the generation after line ``moment``.
+
+    Statements are logged when they start, so a write of the old leader may follow the new
+    leader's ``UPDATE leadership`` in the log and still be fenced correctly: its transaction
+    read the generation ``FOR SHARE`` before that UPDATE (which then waited for it to commit).
+    A transaction whose generation check came after the takeover must write nothing.
+    """
+    fenced: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        found = TRANSACTION.search(line)
+        if found and "FROM leadership" in line and "FOR SHARE" in line:
+            fenced.setdefault(found.group(1), i)
+    late = []
+    for i, line in enumerate(lines):
+        found = TRANSACTION.search(line)
+        if i > moment and line in writes([line], node):
+            checked = fenced.get(found.group(1)) if found else None
+            if checked is None or checked > moment:
+                late.append(line)
+    return late
+
+
 def writes(lines: list[str], node: str) -> list[str]:
     """The data-changing statements ``node``'s store connections ran (peers beats left out)."""
     return [
@@ -359,7 +390,8 @@ def test_lock_connection_terminated_old_leader_stops_and_never_writes_again(
         if f"[rollbackd-lock:{follower}]" in line and "UPDATE leadership SET generation" in line
     )
     assert writes(lines[:takeover], leader), "the log shows the old leader's writes before"
-    late = writes(lines[takeover:], leader)
+    assert TRANSACTION.search(lines[takeover]), "each log line names its transaction"
+    late = fenced_after(lines, leader, takeover)
     assert late == [], late
 
 
@@ -454,3 +486,18 @@ def test_paused_leader_is_evicted_and_never_writes_after(
     assert writes(lines[:takeover], leader)
     assert writes(lines[takeover:], leader) == []
     assert b"leader_evicted" in pair.daemons[follower].log_bytes()
+
+
+def test_fenced_after_tells_a_late_write_from_a_fenced_one_logged_late() -> None:
+    """The log reading of the test above: what counts as a write after the takeover."""
+    fence = "execute <unnamed>: SELECT generation FROM leadership WHERE id = 1 FOR SHARE"
+    insert = "execute <unnamed>: INSERT INTO checks (monitor) VALUES ($1)"
+    lines = [
+        f"t0 [rollbackd:a] <aa.1/3/7> LOG:  {fence}",  # fenced before the takeover
+        "t1 [rollbackd-lock:b] <bb.2/4/9> LOG:  statement: UPDATE leadership SET generation = 2",
+        f"t2 [rollbackd:a] <aa.1/3/7> LOG:  {insert}",  # logged late, fenced in time: fine
+        f"t3 [rollbackd:a] <aa.1/3/8> LOG:  {fence}",  # fenced after: must not write
+        f"t4 [rollbackd:a] <aa.1/3/8> LOG:  {insert}",
+        f"t5 [rollbackd:a] <aa.1/3/10> LOG:  {insert}",  # never fenced at all
+    ]
+    assert fenced_after(lines, "a", 1) == [lines[4], lines[5]]
