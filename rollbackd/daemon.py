@@ -552,6 +552,7 @@ class Daemon:
             for warning in exposure_warnings(new.config):
                 log.warning("api_exposed", warning=warning)
             self.metrics.retain(self.monitors)
+            self.ramp.poke()  # rollouts added, changed or removed: the ramp looks now
             self.metrics.retain_rollouts(new.config.rollouts)
             daemon = new.config.daemon
             self.metrics.info(__version__, daemon.mode, daemon.environment)

@@ -88,9 +88,11 @@ class Ramp:
             await self.tick()
             self._poked.clear()
             # While a percentage is being set, look often: its hold starts when it is done.
+            # With no rollout configured, sleep until poked (a reload that adds one pokes).
             wait = PROMOTING_TICK_SECONDS if self._promoting else TICK_SECONDS
+            idle = not self._config().rollouts and not self._seen
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
+                async with asyncio.timeout(None if idle else wait):
                     await self._poked.wait()
 
     def poke(self, monitor: str | None = None) -> None:

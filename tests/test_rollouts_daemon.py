@@ -368,6 +368,34 @@ async def test_a_reload_keeps_the_hold(tmp_path: Path) -> None:
     assert promotions_in(tmp_path) == 1
 
 
+async def test_a_reload_that_adds_a_rollout_starts_it(tmp_path: Path) -> None:
+    """A daemon with no rollout idles its ramp; the reload that adds one starts it at once."""
+    env = tmp_path / "traffic.env"
+    full = config(tmp_path, route_percent(env), hold="24h")
+    for monitor in full["monitors"].values():  # no gate check after the first pokes the ramp
+        monitor["interval"] = "1h"
+    bare = {key: value for key, value in full.items() if key != "rollouts"}
+    path = config_file(tmp_path, bare)
+    daemon = Daemon(
+        assemble.load(path, registries=REGISTRIES),
+        path,
+        registry=CollectorRegistry(),
+        registries=REGISTRIES,
+    )
+    serving = asyncio.create_task(daemon.serve())
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 10)
+        await asyncio.sleep(1.5)  # longer than a tick: nothing to ramp, nothing happens
+        assert daemon.status()["rollouts"] == {}
+        config_file(tmp_path, full)
+        assert await daemon.reload()
+        await wait_until(lambda: env.exists() and traffic(env) == "5", 5, "the first step set")
+        await wait_until(lambda: rollout(daemon)["hold_remaining_s"] is not None, 5, "holding")
+    finally:
+        daemon.stop()
+        assert await asyncio.wait_for(serving, 30) == 0
+
+
 def promotions_in(state_dir: Path) -> int:
     """Promotion incidents in the state store of ``state_dir``."""
     with Store.open(state_dir) as store:
