@@ -280,6 +280,8 @@ TRANSACTION = re.compile(r"<([0-9a-f.]+/[0-9/]+)>")
 def fenced_after(lines: list[str], node: str, moment: int) -> list[str]:
     """``node``'s writes in transactions that checked the generation after line ``moment``.
 
+    ``moment`` is the takeover's COMMIT (``committed``).
+
     Statements are logged when they start, so a write of the old leader may follow the new
     leader's ``UPDATE leadership`` in the log and still be fenced correctly: its transaction
     read the generation ``FOR SHARE`` before that UPDATE (which then waited for it to commit).
@@ -298,6 +300,22 @@ def fenced_after(lines: list[str], node: str, moment: int) -> list[str]:
             if checked is None or checked > moment:
                 late.append(line)
     return late
+
+
+def committed(lines: list[str], update: int) -> int:
+    """The line of the COMMIT of the transaction whose statement is line ``update``.
+
+    The new generation is in place from there: until then the takeover's UPDATE may still
+    wait for the old leader's transactions that read the generation ``FOR SHARE`` (and new
+    ones can still take that share lock while it waits), which commit before it.
+    """
+    found = TRANSACTION.search(lines[update])
+    assert found, "each log line names its transaction"
+    return next(
+        i
+        for i in range(update + 1, len(lines))
+        if f"<{found.group(1)}>" in lines[i] and "COMMIT" in lines[i]
+    )
 
 
 def writes(lines: list[str], node: str) -> list[str]:
@@ -391,7 +409,7 @@ def test_lock_connection_terminated_old_leader_stops_and_never_writes_again(
     )
     assert writes(lines[:takeover], leader), "the log shows the old leader's writes before"
     assert TRANSACTION.search(lines[takeover]), "each log line names its transaction"
-    late = fenced_after(lines, leader, takeover)
+    late = fenced_after(lines, leader, committed(lines, takeover))
     assert late == [], late
 
 
@@ -484,20 +502,24 @@ def test_paused_leader_is_evicted_and_never_writes_after(
         if f"[rollbackd-lock:{follower}]" in line and "UPDATE leadership SET generation" in line
     )
     assert writes(lines[:takeover], leader)
-    assert fenced_after(lines, leader, takeover) == []
+    assert fenced_after(lines, leader, committed(lines, takeover)) == []
     assert b"leader_evicted" in pair.daemons[follower].log_bytes()
 
 
 def test_fenced_after_tells_a_late_write_from_a_fenced_one_logged_late() -> None:
-    """The log reading of the test above: what counts as a write after the takeover."""
+    """The log reading of the tests above: what counts as a write after the takeover."""
     fence = "execute <unnamed>: SELECT generation FROM leadership WHERE id = 1 FOR SHARE"
     insert = "execute <unnamed>: INSERT INTO checks (monitor) VALUES ($1)"
     lines = [
         f"t0 [rollbackd:a] <aa.1/3/7> LOG:  {fence}",  # fenced before the takeover
         "t1 [rollbackd-lock:b] <bb.2/4/9> LOG:  statement: UPDATE leadership SET generation = 2",
-        f"t2 [rollbackd:a] <aa.1/3/7> LOG:  {insert}",  # logged late, fenced in time: fine
-        f"t3 [rollbackd:a] <aa.1/3/8> LOG:  {fence}",  # fenced after: must not write
-        f"t4 [rollbackd:a] <aa.1/3/8> LOG:  {insert}",
-        f"t5 [rollbackd:a] <aa.1/3/10> LOG:  {insert}",  # never fenced at all
+        f"t2 [rollbackd:a] <aa.1/3/8> LOG:  {fence}",  # shares the row while the UPDATE waits
+        "t3 [rollbackd-lock:b] <bb.2/4/9> LOG:  statement: COMMIT",
+        f"t4 [rollbackd:a] <aa.1/3/7> LOG:  {insert}",  # logged late, fenced in time: fine
+        f"t5 [rollbackd:a] <aa.1/3/8> LOG:  {insert}",  # fine too: it commits before t3's
+        f"t6 [rollbackd:a] <aa.1/3/11> LOG:  {fence}",  # fenced after the commit: no write
+        f"t7 [rollbackd:a] <aa.1/3/11> LOG:  {insert}",
+        f"t8 [rollbackd:a] <aa.1/3/12> LOG:  {insert}",  # never fenced at all
     ]
-    assert fenced_after(lines, "a", 1) == [lines[4], lines[5]]
+    assert committed(lines, 1) == 3
+    assert fenced_after(lines, "a", committed(lines, 1)) == [lines[7], lines[8]]
