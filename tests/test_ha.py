@@ -376,10 +376,13 @@ def test_lock_connection_terminated_old_leader_stops_and_never_writes_again(
     rolls back, each effect once.
     """
     pair = Pair(tmp_path, pg, receiver, group, healthy=12.0, interval="1s")
+    earlier = len(pg.log_lines())  # the module's server logged the tests before this one
     pair.start("a", "b")
     leader = pair.leader()
     follower = other(leader)
-    wait_for(lambda: writes(pg.log_lines(), leader), 10, 0.1, what="the leader's first commit")
+    wait_for(
+        lambda: writes(pg.log_lines()[earlier:], leader), 10, 0.1, what="the leader's first commit"
+    )
     (pid,) = pair.sql(
         f"SELECT pid FROM pg_stat_activity WHERE application_name = 'rollbackd-lock:{leader}'"
     )[0]
@@ -401,7 +404,7 @@ def test_lock_connection_terminated_old_leader_stops_and_never_writes_again(
     ((incident, _),) = pair.rollbacks()
     assert_exactly_once(receiver, incident)
     time.sleep(1.5)  # a late write of the old leader would be in the log by now
-    lines = pg.log_lines()
+    lines = pg.log_lines()[earlier:]
     takeover = next(
         i
         for i, line in enumerate(lines)
@@ -478,6 +481,7 @@ def test_paused_leader_is_evicted_and_never_writes_after(
     write or a call: each effect once.
     """
     pair = Pair(tmp_path, pg, receiver, group, healthy=6.0)
+    earlier = len(pg.log_lines())  # the module's server logged the tests before this one
     pair.start("a", "b")
     leader = pair.leader()
     follower = other(leader)
@@ -495,7 +499,7 @@ def test_paused_leader_is_evicted_and_never_writes_after(
     time.sleep(2.0)  # anything the old leader still tried is in the log and the receiver now
     ((incident, _),) = pair.rollbacks()
     assert_exactly_once(receiver, incident)
-    lines = pg.log_lines()
+    lines = pg.log_lines()[earlier:]
     takeover = max(
         i
         for i, line in enumerate(lines)
