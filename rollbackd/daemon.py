@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -116,6 +115,8 @@ class Daemon:
         self._reload_waiting = False
         self._commits = health.GroupCommit(lambda: self.state)
         self._api: ApiServer | None = None
+        self._anchor: float | None = None
+        """Loop-clock time the checks' and chores' beats count from (the first schedule's)."""
         self._closers: set[asyncio.Task[Any]] = set()
         """Background work stop waits for: parts closing after their plans, reloads."""
 
@@ -176,7 +177,7 @@ class Daemon:
                 async with asyncio.TaskGroup() as group:
                     chores = [
                         group.create_task(health.watchdog(self.health)),
-                        group.create_task(self._commits.run()),
+                        group.create_task(self._commits.run(self._anchor)),
                         group.create_task(self.ramp.run()),
                     ]
                     electing = None
@@ -283,7 +284,7 @@ class Daemon:
         self,
         assembly: Assembly,
         running: Parts | None = None,
-        next_runs: Mapping[str, dt.datetime] | None = None,
+        next_runs: Mapping[str, float] | None = None,
         backlogs: Mapping[str, Backlog] | None = None,
     ) -> None:
         """Start the parts of ``assembly`` and their schedule.
@@ -294,8 +295,10 @@ class Daemon:
         for name, runner in self.monitors.items():
             await runner.load()
             self.metrics.track(name, runner.config, runner.state)
-        self._schedule = Schedule(self.monitors, backlogs=backlogs)
+        self._schedule = Schedule(self.monitors, backlogs=backlogs, anchor=self._anchor)
         self._schedule.start(next_runs or {})
+        if self._anchor is None:  # the first schedule's start: every later beat counts from it
+            self._anchor = self._schedule.anchor
 
     def _monitor(
         self, name: str, config: MonitorConfig, sources: Mapping[str, Source]
@@ -541,7 +544,7 @@ class Daemon:
                 await self._start_parts(new, old, next_runs, backlogs)
             except RollbackdError as exc:  # e.g. a plugin that cannot be built: keep the old
                 log.error("reload_failed", error=str(exc), kept=self.config.sha256)
-                self._schedule = Schedule(self.monitors, backlogs=backlogs)
+                self._schedule = Schedule(self.monitors, backlogs=backlogs, anchor=self._anchor)
                 self._schedule.start(next_runs)
                 notify.ready(f"reload failed; watching {len(self.monitors)} monitors")
                 return False

@@ -14,6 +14,7 @@ import structlog
 from rollbackd import notify
 from rollbackd.errors import StateError
 from rollbackd.monitor import MonitorRunner
+from rollbackd.schedule import next_beat, sleep_until
 from rollbackd.state import GROUP_COMMIT_SECONDS
 from rollbackd.stores import StateStore
 
@@ -48,10 +49,16 @@ class GroupCommit:
         self._store = store
         self.trouble = ""
 
-    async def run(self) -> None:
-        """Flush forever (until cancelled); log the first failure and the recovery."""
+    async def run(self, anchor: float | None = None) -> None:
+        """Flush forever (until cancelled); log the first failure and the recovery.
+
+        On the beats of the checks' schedule from ``anchor`` (loop clock): monitors checked
+        every second wake the process once a second for their checks and this flush together.
+        """
+        loop = asyncio.get_running_loop()
+        anchor = loop.time() if anchor is None else anchor
         while True:
-            await asyncio.sleep(GROUP_COMMIT_SECONDS)
+            await sleep_until(next_beat(anchor, GROUP_COMMIT_SECONDS, loop.time(), after=True))
             try:
                 await self._store().flush()
             except StateError as exc:

@@ -1,20 +1,23 @@
-"""When checks run: each monitor on its interval (APScheduler), push monitors also on arrival.
+"""When checks run: each monitor on its interval, push monitors also on arrival.
 
-A monitor's check never overlaps itself (its runner's lock); a crash costs one check, never
-the daemon. A push monitor's arrivals wait in its own bounded queue, judged one by one in
-order by one consumer task per monitor, owned by the schedule. A reload hands the queues
-over to the next schedule, so an arrival during a reload is judged by the new config.
+Intervals are kept on the event loop's monotonic clock, on one grid of beats from an anchor
+(the daemon's start), so a wall-clock step (NTP, a VM resumed) neither stalls nor bunches
+checks, and every chore on the same grid (the group commit) wakes the process together
+with the checks. A monitor's check never overlaps itself (its runner's lock); a crash costs
+one check, never the daemon. A push monitor's arrivals wait in its own bounded queue,
+judged one by one in order by one consumer task per monitor, owned by the schedule. A
+reload hands the queues over to the next schedule, so an arrival during a reload is judged
+by the new config.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from rollbackd.errors import RollbackdError
 from rollbackd.monitor import MonitorRunner
@@ -27,6 +30,74 @@ BACKLOG = 10_000
 
 STOP_DRAIN_SECONDS = 2.0
 """How long a stop keeps judging arrivals already queued before dropping the rest."""
+
+
+def next_beat(anchor: float, period: float, now: float, *, after: bool = False) -> float:
+    """The first beat ``anchor + k * period`` (k = 0, 1, ...) at ``now`` or later.
+
+    With ``after``, strictly later. Computed as ``anchor + k * period`` with an integer ``k``,
+    so timers on the same grid get bit-identical deadlines and run in one loop wakeup.
+    """
+    if now < anchor:
+        return anchor
+    k = math.ceil((now - anchor) / period)
+    if anchor + k * period < now or (after and anchor + k * period <= now):
+        k += 1
+    return anchor + k * period
+
+
+async def sleep_until(when: float) -> None:
+    """Sleep until the event loop's clock reads ``when`` (exactly that deadline, no drift)."""
+    loop = asyncio.get_running_loop()
+    woken: asyncio.Future[None] = loop.create_future()
+    handle = loop.call_at(when, _wake, woken)
+    try:
+        await woken
+    finally:
+        handle.cancel()
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Beat:
+    """One group of monitors sharing an interval: ``fire(names)`` at ``origin + n * interval``.
+
+    A late wakeup (a blocked loop) runs the group once and goes on at the next beat still
+    ahead: missed beats are skipped, never run in a burst.
+    """
+
+    def __init__(
+        self,
+        origin: float,
+        n: int,
+        interval: float,
+        names: tuple[str, ...],
+        fire: Callable[[tuple[str, ...]], None],
+    ) -> None:
+        self.origin, self.n, self.interval, self.names = origin, n, interval, names
+        self._fire = fire
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_at(self.when, self._run)
+
+    @property
+    def when(self) -> float:
+        """The next beat, on the loop's clock."""
+        return self.origin + self.n * self.interval
+
+    def _run(self) -> None:
+        now = self._loop.time()
+        try:
+            self._fire(self.names)
+        finally:
+            self.n = max(self.n + 1, math.floor((now - self.origin) / self.interval) + 1)
+            self._handle = self._loop.call_at(self.when, self._run)
+
+    def cancel(self) -> None:
+        """No more beats."""
+        self._handle.cancel()
 
 
 class Backlog:
@@ -95,11 +166,19 @@ class Schedule:
         clock: Callable[[], float] = time.monotonic,
         backlog: int = BACKLOG,
         backlogs: Mapping[str, Backlog] | None = None,
+        anchor: float | None = None,
     ) -> None:
-        """``backlogs``: the queues a previous schedule handed over (``stop(handover=True)``)."""
+        """``backlogs``: the queues a previous schedule handed over (``stop(handover=True)``).
+
+        ``anchor``: the loop-clock time the beats are counted from (the first schedule's
+        start, kept across reloads); by default the moment ``start()`` runs.
+        """
         self.monitors = monitors
         self._clock = clock
-        self._scheduler: AsyncIOScheduler | None = None
+        self._anchor = anchor
+        self.anchor = 0.0
+        """The anchor in use (once started): the daemon keeps it for the next schedule."""
+        self._beats: list[_Beat] = []
         self._last_tick: dict[str, float] = {}
         self._ticks: dict[str, asyncio.Task[None]] = {}
         """Each monitor's check in flight, if any."""
@@ -119,49 +198,38 @@ class Schedule:
         self._stopped = False
         self._handing_over = False
 
-    def start(self, next_runs: Mapping[str, dt.datetime] | None = None) -> None:
-        """Schedule the monitors' checks: the first at ``next_runs[name]`` (else now).
+    def start(self, next_runs: Mapping[str, float] | None = None) -> None:
+        """Schedule the monitors' checks: the first at ``next_runs[name]`` (loop clock), else now.
 
-        One scheduler job per distinct (interval, first run) runs its monitors' checks, each
-        in a task of its own: a slow monitor delays no other, and a monitor whose previous
-        check still runs skips the tick (never overlaps itself). A reload passes the old
-        schedule's next runs, so a reload adds no check.
+        One timer per distinct (interval, first run) runs its monitors' checks, each in a
+        task of its own: a slow monitor delays no other, and a monitor whose previous check
+        still runs skips the beat (never overlaps itself). A reload passes the old schedule's
+        next runs, so a reload adds no check and keeps the beats on the anchor's grid.
         """
-        self._scheduler = AsyncIOScheduler(timezone=dt.UTC)
-        now = dt.datetime.now(dt.UTC)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        anchor = self.anchor = now if self._anchor is None else self._anchor
         next_runs = next_runs or {}
-        groups: dict[tuple[float, dt.datetime], list[str]] = {}
+        groups: dict[tuple[float, float, int], list[str]] = {}
         for name, runner in self.monitors.items():
             self._last_tick[name] = self._clock()
+            interval = runner.config.interval
             first = next_runs.get(name, now)
-            groups.setdefault((runner.config.interval, first), []).append(name)
-        for n, ((interval, first), names) in enumerate(sorted(groups.items())):
-            self._scheduler.add_job(
-                self._tick_all,
-                "interval",
-                seconds=interval,
-                args=[tuple(names)],
-                id=f"every-{interval:g}s-{n}",
-                max_instances=1,
-                coalesce=True,
-                misfire_grace_time=max(1, int(interval)),
-                next_run_time=first,
-            )
-        self._scheduler.start()
-        loop = asyncio.get_running_loop()
+            steps = (first - anchor) / interval
+            if steps >= 0 and abs(anchor + round(steps) * interval - first) < 1e-9:
+                key = (interval, anchor, round(steps))  # on the grid: keep it exact
+            else:
+                key = (interval, first, 0)
+            groups.setdefault(key, []).append(name)
+        for (interval, origin, n), names in sorted(groups.items()):
+            self._beats.append(_Beat(origin, n, interval, tuple(names), self._tick_all))
         for name, backlog in self.backlogs.items():
             consumer = self._consume(self.monitors[name], backlog)
             self._consumers[name] = loop.create_task(consumer, name=f"arrivals-{name}")
 
-    def next_runs(self) -> dict[str, dt.datetime]:
-        """When each monitor's next check is due (a reload starts the new schedule there)."""
-        if self._scheduler is None:
-            return {}
-        found = {}
-        for job in self._scheduler.get_jobs():
-            if job.next_run_time is not None:
-                found.update(dict.fromkeys(job.args[0], job.next_run_time))
-        return found
+    def next_runs(self) -> dict[str, float]:
+        """When each monitor's next check is due, on the loop's clock (a reload's start)."""
+        return {name: beat.when for beat in self._beats for name in beat.names}
 
     def arrival(self, arrival: Arrival) -> None:
         """A push source received a value for a push monitor: queue it to be judged in order.
@@ -183,9 +251,9 @@ class Schedule:
         """
         self._stopped = True
         self._handing_over = handover
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
-            self._scheduler = None
+        beats, self._beats = self._beats, []
+        for beat in beats:
+            beat.cancel()
         if self._ticks:  # checks in flight finish and commit
             await asyncio.wait(list(self._ticks.values()))
         if handover:
@@ -231,9 +299,9 @@ class Schedule:
                 return f"monitor {name} has not been checked for {late:.0f}s"
         return None
 
-    async def _tick_all(self, names: tuple[str, ...]) -> None:
+    def _tick_all(self, names: tuple[str, ...]) -> None:
         """The interval's tick for a group of monitors: each one's check in its own task."""
-        loop = asyncio.get_running_loop()
+        create_task = asyncio.get_running_loop().create_task
         now = self._clock()
         for name in names:
             runner = self.monitors.get(name)
@@ -241,7 +309,7 @@ class Schedule:
             if runner is None or (ticking is not None and not ticking.done()) or self._stopped:
                 continue  # still checking since the last tick: this tick is skipped
             self._last_tick[name] = now
-            self._ticks[name] = loop.create_task(self._tick_one(name, runner))
+            self._ticks[name] = create_task(self._tick_one(name, runner))
 
     async def _tick_one(self, name: str, runner: MonitorRunner) -> None:
         """One monitor's check, in its own task; then ``_ticks`` forgets the task.

@@ -171,12 +171,12 @@ def test_stdlib_libraries_at_warning() -> None:
     """Library logging below warning is dropped; warnings come out as JSON, redacted, named."""
     out = io.StringIO()
     logs.configure("json", "debug", stream=out)
-    library = logging.getLogger("apscheduler.scheduler")
-    library.info("Added job")
-    library.warning("Run time of job missed; Authorization: Bearer s3cr3t")
+    library = logging.getLogger("aiomqtt.client")
+    library.info("Subscribed")
+    library.warning("Reconnecting; Authorization: Bearer s3cr3t")
     (line,) = _lines(out)
     assert line["level"] == "warning"
-    assert line["logger"] == "apscheduler.scheduler"
+    assert line["logger"] == "aiomqtt.client"
     assert "s3cr3t" not in line["event"]
 
 
