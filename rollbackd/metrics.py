@@ -5,15 +5,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from rollbackd.config import MonitorConfig
 from rollbackd.engine import Check, Event, MonitorState, Outcome, Phase, Transition
 from rollbackd.limits import APPROVAL, COOLDOWN
-from rollbackd.readings import labels_text
+from rollbackd.readings import Labels, labels_text
 from rollbackd.rollouts import RolloutState
 from rollbackd.verdicts import Verdict
 
@@ -35,19 +45,12 @@ class Metrics:
         self.registry = registry
         self._mode = "dry-run"
         self._monitors: set[str] = set()
-        self._series: dict[str, dict[tuple[str, str], Gauge]] = {}
-        """Per monitor, the exported rule-value children by (rule, series)."""
-        self._per_monitor: dict[str, tuple[dict[Outcome, Counter], Histogram]] = {}
-        """Per monitor, the children of checks_total by outcome and of the duration histogram."""
+        self.checks = _Checks()
+        """Checks by outcome, their durations and the rules' values: kept per check."""
+        registry.register(self.checks)
         self._rule_sources: dict[str, dict[str, str]] = {}
         self._shown: dict[str, tuple[int, int, Phase, int]] = {}
         """Per monitor, the counters and phase last exported: unchanged ones are not set again."""
-        self.checks = Counter(
-            "rollbackd_checks_total",
-            "Monitor checks, by outcome (ok, breach, inconclusive).",
-            ["monitor", "outcome"],
-            registry=registry,
-        )
         self.consecutive_failures = Gauge(
             "rollbackd_consecutive_failures",
             "Consecutive failing checks of a monitor (rolls back at rollback_after).",
@@ -72,12 +75,6 @@ class Metrics:
             ["monitor", "state"],
             registry=registry,
         )
-        self.rule_value = Gauge(
-            "rollbackd_rule_value",
-            "Latest value of each series of each rule (series = its label set).",
-            ["monitor", "rule", "series"],
-            registry=registry,
-        )
         self.rollbacks = Counter(
             "rollbackd_rollbacks_total",
             "Rollbacks triggered, by mode (dry-run records them without acting).",
@@ -100,13 +97,6 @@ class Metrics:
             "rollbackd_source_errors_total",
             "Rule reads that failed at their source (counted as inconclusive, never as ok).",
             ["source"],
-            registry=registry,
-        )
-        self.check_duration = Histogram(
-            "rollbackd_check_duration_seconds",
-            "Time to read and evaluate one monitor check.",
-            ["monitor"],
-            buckets=DURATION_BUCKETS,
             registry=registry,
         )
         self.action_duration_histogram = Histogram(
@@ -165,9 +155,7 @@ class Metrics:
         """Start exporting a monitor: zeroed counters, its state, which source each rule reads."""
         self._rule_sources[monitor] = {rule.name: rule.source for rule in config.rules}
         self._export_thresholds(monitor, config)
-        for outcome in Outcome:
-            self.checks.labels(monitor, outcome.value)
-        self.check_duration.labels(monitor)
+        self.checks.track(monitor)
         self.monitor_state(monitor, state)
 
     def retain(self, monitors: Iterable[str]) -> None:
@@ -176,17 +164,12 @@ class Metrics:
             self._monitors.discard(monitor)
             self._rule_sources.pop(monitor, None)
             self._export_thresholds(monitor, None)
-            for rule, series in self._series.pop(monitor, {}):
-                self.rule_value.remove(monitor, rule, series)
-            self._per_monitor.pop(monitor, None)
+            self.checks.forget(monitor)
             for phase in Phase:
                 _remove(self.state, monitor, phase.value)
             _remove(self.consecutive_failures, monitor)
             _remove(self.consecutive_errors, monitor)
             _remove(self.shadow_failures, monitor)
-            for outcome in Outcome:
-                _remove(self.checks, monitor, outcome.value)
-            _remove(self.check_duration, monitor)
             self._shown.pop(monitor, None)
 
     def _export_thresholds(self, monitor: str, config: MonitorConfig | None) -> None:
@@ -227,15 +210,10 @@ class Metrics:
     ) -> None:
         """Record one committed check: outcome, counters, rule values, decisions, duration."""
         monitor = check.monitor
-        children = self._per_monitor.get(monitor)
-        if children is None:  # label lookups cost a lock and a tuple: once per monitor
-            checks = {o: self.checks.labels(monitor, o.value) for o in Outcome}
-            children = self._per_monitor[monitor] = (checks, self.check_duration.labels(monitor))
-        children[0][check.outcome].inc()
-        children[1].observe(max(seconds, 0.0))
+        self.checks.observe(check, seconds)
         self.monitor_state(monitor, transition.state)
-        self._rule_values(check)
-        self._source_errors(check)
+        if check.outcome is not Outcome.OK or check.shadow_outcome not in (None, Outcome.OK):
+            self._source_errors(check)  # an ok outcome has no error among its results
         for event in transition.events:
             if event is Event.ROLLBACK:
                 self.rollbacks.labels(monitor, mode or self._mode).inc()
@@ -268,26 +246,6 @@ class Metrics:
         """Count failed reads of a source that ``observe_check`` cannot see."""
         self.source_errors.labels(source).inc(count)
 
-    def _rule_values(self, check: Check) -> None:
-        monitor = check.monitor
-        before = self._series.get(monitor, {})
-        current: dict[tuple[str, str], Gauge] = {}
-        per_rule: dict[str, int] = {}
-        for result in check.results:
-            if result.value is None:
-                continue
-            if per_rule.get(result.rule, 0) >= MAX_SERIES_PER_RULE:
-                continue
-            per_rule[result.rule] = per_rule.get(result.rule, 0) + 1
-            key = (result.rule, labels_text(result.labels))
-            child = before.get(key) or self.rule_value.labels(monitor, *key)
-            child.set(result.value)
-            current[key] = child
-        # A series that vanished (or has no value now) must not linger at its old value.
-        for rule, series in before.keys() - current.keys():
-            self.rule_value.remove(monitor, rule, series)
-        self._series[monitor] = current
-
     def _source_errors(self, check: Check) -> None:
         sources: Mapping[str, str] = self._rule_sources.get(check.monitor, {})
         for result in check.results:
@@ -300,3 +258,116 @@ def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
         metric.remove(*labels)
     except KeyError:  # never created: nothing to remove
         return
+
+
+_OUTCOMES = {outcome: i for i, outcome in enumerate(Outcome)}
+_LE: tuple[str, ...] = tuple(
+    floatToGoString(bound)  # type: ignore[no-untyped-call]
+    for bound in (*DURATION_BUCKETS, float("inf"))
+)
+"""The duration buckets' ``le`` labels, spelled as prometheus_client spells them."""
+
+
+class _MonitorChecks:
+    """One monitor's checks as plain numbers: counts by outcome, durations, latest values."""
+
+    __slots__ = ("buckets", "created", "outcomes", "seconds", "values")
+
+    def __init__(self) -> None:
+        self.created = time.time()
+        self.outcomes = [0] * len(_OUTCOMES)
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
+        self.seconds = 0.0
+        self.values: dict[tuple[str, Labels], float] = {}
+
+
+class _Checks:
+    """``rollbackd_checks_total``, ``rollbackd_check_duration_seconds``, ``rollbackd_rule_value``.
+
+    Kept as plain numbers per monitor and turned into samples when scraped: a check costs a
+    few additions, no lock and no child lookup. Scrapes render on a worker thread; they read
+    snapshots (``list`` of a dict is atomic under the GIL) of numbers only the loop writes.
+    """
+
+    def __init__(self) -> None:
+        self._monitors: dict[str, _MonitorChecks] = {}
+
+    def track(self, monitor: str) -> None:
+        """Export ``monitor`` (zeroed) from now on; kept as it is when already tracked."""
+        if monitor not in self._monitors:
+            self._monitors[monitor] = _MonitorChecks()
+
+    def forget(self, monitor: str) -> None:
+        """Drop every series of ``monitor``."""
+        self._monitors.pop(monitor, None)
+
+    def observe(self, check: Check, seconds: float) -> None:
+        """Count one check, its duration and the values of its rules' series.
+
+        A series that vanished (or has no value now) does not linger at its old value; past
+        ``MAX_SERIES_PER_RULE`` series of one rule, the rest are left out (cardinality).
+        """
+        found = self._monitors.get(check.monitor)
+        if found is None:
+            found = self._monitors[check.monitor] = _MonitorChecks()
+        found.outcomes[_OUTCOMES[check.outcome]] += 1
+        seconds = max(seconds, 0.0)
+        found.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        found.seconds += seconds
+        values: dict[tuple[str, Labels], float] = {}
+        per_rule: dict[str, int] = {}
+        for result in check.results:
+            if result.value is None:
+                continue
+            rule = result.rule
+            seen = per_rule.get(rule, 0)
+            if seen < MAX_SERIES_PER_RULE:
+                per_rule[rule] = seen + 1
+                values[rule, result.labels] = result.value
+        found.values = values
+
+    def describe(self) -> list[Metric]:
+        """The families (for the registry's name check), without samples."""
+        return list(self._families()[:3])
+
+    def collect(self) -> Iterator[Metric]:
+        """The three families with every tracked monitor's samples."""
+        checks, durations, values = self._families()
+        for monitor, found in list(self._monitors.items()):
+            created = found.created
+            for outcome, index in _OUTCOMES.items():
+                checks.add_metric([monitor, outcome.value], found.outcomes[index], created=created)
+            counts, total = list(found.buckets), 0
+            cumulative = []
+            for bound, count in zip(_LE, counts, strict=True):
+                total += count
+                cumulative.append((bound, float(total)))
+            durations.add_metric([monitor], cumulative, found.seconds)
+            durations.samples.append(
+                Sample(durations.name + "_created", {"monitor": monitor}, created)
+            )
+            for (rule, labels), value in list(found.values.items()):
+                values.add_metric([monitor, rule, labels_text(labels)], value)
+        yield checks
+        yield durations
+        yield values
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, HistogramMetricFamily, GaugeMetricFamily]:
+        return (
+            CounterMetricFamily(
+                "rollbackd_checks_total",
+                "Monitor checks, by outcome (ok, breach, inconclusive).",
+                labels=["monitor", "outcome"],
+            ),
+            HistogramMetricFamily(
+                "rollbackd_check_duration_seconds",
+                "Time to read and evaluate one monitor check.",
+                labels=["monitor"],
+            ),
+            GaugeMetricFamily(
+                "rollbackd_rule_value",
+                "Latest value of each series of each rule (series = its label set).",
+                labels=["monitor", "rule", "series"],
+            ),
+        )

@@ -69,6 +69,7 @@ class Ramp:
         self._plans = plans
         self._store = store
         self._config = config
+        self._gated: tuple[object, frozenset[str]] = (None, frozenset())
         self._monitors = monitors
         self._on_change = on_change
         self.clock = clock or steady()
@@ -97,8 +98,15 @@ class Ramp:
 
     def poke(self, monitor: str | None = None) -> None:
         """Tick soon: after an operator's request, or after a check of ``monitor`` if a gate."""
-        if monitor is None or any(monitor in r.gates for r in self._config().rollouts.values()):
+        if monitor is None or monitor in self._gating():
             self._poked.set()
+
+    def _gating(self) -> frozenset[str]:
+        """The monitors some rollout gates on (worked out once per configuration)."""
+        rollouts = self._config().rollouts
+        if rollouts is not self._gated[0]:
+            self._gated = (rollouts, frozenset(g for r in rollouts.values() for g in r.gates))
+        return self._gated[1]
 
     async def tick(self) -> None:
         """Decide and act for every configured rollout once (read them only as a standby)."""
