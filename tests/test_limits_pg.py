@@ -17,7 +17,7 @@ import pytest
 
 from rollbackd.daemon import Daemon
 from rollbackd.engine import Event
-from rollbackd.records import IncidentRecord
+from rollbackd.records import IncidentDraft, IncidentRecord
 from tests.helpers import wait_until
 from tests.pg import PASSWORD, ROLE, Postgres, running
 from tests.test_daemon import SCRIPT, from_dict
@@ -80,7 +80,10 @@ async def opened(daemon: Daemon, count: int, timeout: float = 10.0) -> list[Inci
 async def test_six_monitors_breaching_on_one_tick_run_exactly_the_limit(
     pg: Postgres, tmp_path: Path
 ) -> None:
-    """6 monitors roll back on the same tick under max_rollbacks 2: 2 plans run, 4 wait."""
+    """6 monitors roll back on the same tick under max_rollbacks 2: 2 plans run, 4 wait.
+
+    An approval (it counts too) waits for a rollback's gate and commit in progress.
+    """
     raw = on_pg(tmp_path, pg, max_rollbacks={"count": LIMIT, "per": "1h"})
 
     async def body(daemon: Daemon) -> None:
@@ -101,5 +104,14 @@ async def test_six_monitors_breaching_on_one_tick_run_exactly_the_limit(
         )
         assert sorted(e[2] for e in EFFECTS if e[0] == "rollback") == sorted(i.id for i in ran)
         assert await daemon.state.rollbacks_released(0.0, "armed") == LIMIT
+
+        late = IncidentDraft("m0", Event.ROLLBACK, "test", "armed", time.time(), ("act",), {})
+        async with daemon.waiting.gate(late) as gated:
+            assert gated.waiting == "approval"
+            approving = asyncio.create_task(daemon.approve(held[0].id))
+            await asyncio.sleep(0.2)  # not a synchronisation: it must still be waiting
+            assert not approving.done()
+        assert (await approving)["waited"] == "approval"
+        assert await daemon.state.rollbacks_released(0.0, "armed") == LIMIT + 1
 
     await serve(from_dict(raw), body)
