@@ -109,6 +109,7 @@ class Daemon:
             config=lambda: self.config,
             monitors=lambda: {name: runner.state for name, runner in self.monitors.items()},
             on_change=self.metrics.rollout,
+            counted=self.waiting.counted,
         )
         """The progressive rollouts ([rollouts.NAME]): ticked while serving."""
         self._reloading = asyncio.Lock()

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -50,8 +51,9 @@ class MonitorRunner:
     observer: CheckObserver | None = None
     redactor: Redactor = field(default_factory=Redactor)
     """Secrets out of the reasons sources give (they reach the store, /status and logs)."""
-    plan_gate: Callable[[IncidentDraft], Awaitable[IncidentDraft]] | None = None
-    """Gives the draft as it must open (a rollback whose plan waits: ``limits.hold``)."""
+    plan_gate: Callable[[IncidentDraft], AbstractAsyncContextManager[IncidentDraft]] | None = None
+    """Gives the draft as it must open (a rollback whose plan waits: ``limits.hold``), held
+    until the check's commit ends (``waiting.Waiting.gate``)."""
     state: MonitorState = field(init=False)
     last_check: Check | None = field(init=False, default=None)
     policy: Policy = field(init=False)
@@ -340,9 +342,10 @@ class MonitorRunner:
             mode=self.mode,
             now=now,
         )
-        if draft is not None and self.plan_gate is not None:
-            draft = await self.plan_gate(draft)
-        return await self._store.commit_check(check, transition.state, self.history, draft)
+        if draft is None or self.plan_gate is None:
+            return await self._store.commit_check(check, transition.state, self.history, draft)
+        async with self.plan_gate(draft) as gated:  # the count it read is the one it extends
+            return await self._store.commit_check(check, transition.state, self.history, gated)
 
     def _log(self, check: Check, transition: Transition, incident: str | None) -> None:
         state = transition.state

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -64,14 +65,19 @@ class Ramp:
         monitors: Callable[[], Mapping[str, MonitorState]],
         on_change: Callable[[str, RolloutState], None] | None = None,
         clock: Callable[[], float] | None = None,
+        counted: Callable[[], AbstractAsyncContextManager[object]] = contextlib.nullcontext,
     ) -> None:
-        """``store``, ``config`` and ``monitors`` (live gate states) are asked each time."""
+        """``store``, ``config`` and ``monitors`` (live gate states) are asked each time.
+
+        ``counted()`` is held while an abort opens its rollback (``waiting.Waiting.counted``).
+        """
         self._plans = plans
         self._store = store
         self._config = config
         self._gated: tuple[object, frozenset[str]] = (None, frozenset())
         self._monitors = monitors
         self._on_change = on_change
+        self._counted = counted
         self.clock = clock or steady()
         """Settable: tests step it to pass day-long holds at once."""
         self._poked = asyncio.Event()
@@ -325,7 +331,9 @@ class Ramp:
                     new = getattr(rollouts, operation)(state)
             except rollouts.RefusedError as exc:
                 raise RolloutRefusedError(name, operation, str(exc)) from exc
-            opened = await store.replace_rollout(name, state, new, self.clock(), draft)
+            counted = self._counted() if draft is not None else contextlib.nullcontext()
+            async with counted:  # an abort's rollback counts in max_rollbacks
+                opened = await store.replace_rollout(name, state, new, self.clock(), draft)
             if opened is False:
                 raise RolloutRefusedError(name, operation, "it changed meanwhile; try again")
             self._remember(name, new)  # an abort's rollback is no promotion: no ``promoting``

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
@@ -43,24 +44,45 @@ class Waiting:
         self._on_count = on_count
         self._clock = clock
         self._releases = Releases(self._release, clock=clock)
+        self._deciding = asyncio.Lock()
+        """Held from a rollback's gate to its commit, and by what else counts (``counted``)."""
 
-    async def gate(self, draft: IncidentDraft) -> IncidentDraft:
-        """A check's draft as it must open (a monitor's ``plan_gate``).
+    @asynccontextmanager
+    async def gate(self, draft: IncidentDraft) -> AsyncIterator[IncidentDraft]:
+        """A check's draft as it must open, held until its commit ends (a monitor's ``plan_gate``).
 
-        Called between the check and its commit. On SQLite nothing in between yields to the
-        event loop, so the count it reads is the one the commit extends; on PostgreSQL
-        (one leader, checks of other monitors may commit in between) it can be one short.
+        A rollback's count and its commit are one step of this daemon: of the monitors that
+        roll back at once, each gate reads the count the commits before it extended. The
+        leader is the only committer (a deposed one's writes are refused by their fence), so
+        a lock in this process is enough on PostgreSQL too. Other drafts take no lock.
         """
+        if draft.event is not Event.ROLLBACK:
+            yield draft
+            return
+        async with self._deciding:
+            yield await self._held(draft)
+
+    @asynccontextmanager
+    async def counted(self) -> AsyncIterator[None]:
+        """Hold off the rollbacks' gates while a rollback they count opens or is approved.
+
+        An approval, or an operator's rollout abort: neither waits, both count in
+        ``max_rollbacks``; so neither lands between another rollback's gate and its commit.
+        """
+        async with self._deciding:
+            yield
+
+    async def _held(self, draft: IncidentDraft) -> IncidentDraft:
+        """The rollback's draft as ``limits.hold`` decides on the store's counts."""
         store = self._store()
         try:
             known = limits.Limits.of(self._config().daemon)
             released = rearmed = None
-            if draft.event is Event.ROLLBACK:
-                if known.max_rollbacks is not None:
-                    since = draft.opened_at - known.max_rollbacks.per
-                    released = await store.rollbacks_released(since, draft.mode)
-                if known.rearm_cooldown is not None:
-                    rearmed = await store.rearmed_at(draft.monitor)
+            if known.max_rollbacks is not None:
+                since = draft.opened_at - known.max_rollbacks.per
+                released = await store.rollbacks_released(since, draft.mode)
+            if known.rearm_cooldown is not None:
+                rearmed = await store.rearmed_at(draft.monitor)
             return limits.hold(
                 draft,
                 known,
@@ -103,7 +125,8 @@ class Waiting:
 
         UnknownIncidentError, or IncidentNotWaitingError when it does not wait.
         """
-        waited = await self._plans.approve(self._store(), incident, self._clock())
+        async with self.counted():
+            waited = await self._plans.approve(self._store(), incident, self._clock())
         self._releases.cancel(incident)
         await self.count()
         return {"incident": incident, "waited": waited, "plan": "started"}

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,10 @@ from rollbackd.waitlog import WaitLog
 from tests.helpers import daemon_table, payment_error_rate, wait_until
 from tests.test_config import MINIMAL, load, problems_of, write
 from tests.test_daemon import REGISTRIES, SCRIPT, from_dict, running
+from tests.test_rollouts_daemon import VALUES as GATES
+from tests.test_rollouts_daemon import config as rollouts_config
+from tests.test_rollouts_daemon import rollout, route_percent
+from tests.test_rollouts_daemon import serve as serve_rollouts
 
 
 class EffectOptions(Frozen):
@@ -452,3 +456,28 @@ def test_limits_load_and_the_environment_overrides_them(
     (problem,) = problems_of(write(tmp_path, text))
     assert "daemon.max_rollbacks: give a table" in problem
     assert problem.endswith("(from $ROLLBACKD_MAX_ROLLBACKS)")
+
+
+async def test_a_rollout_abort_waits_for_a_rollback_being_gated(tmp_path: Path) -> None:
+    """An abort's rollback counts in max_rollbacks: it opens only once a gate has committed."""
+    raw = rollouts_config(tmp_path, route_percent(tmp_path / "traffic.env"), hold="24h")
+    raw["daemon"]["max_rollbacks"] = {"count": 1, "per": "1h"}
+    GATES.clear()  # healthy gates: the only rollbacks are the test's and the abort's
+
+    async def body(daemon: Daemon) -> None:
+        await wait_until(lambda: rollout(daemon)["hold_remaining_s"] is not None, what="holding")
+        due = IncidentDraft(
+            "payments", Event.ROLLBACK, "test", "armed", time.time(), ("route-legacy",), {}
+        )
+        async with daemon.waiting.gate(due) as gated:
+            assert gated.waiting is None  # the first of one per hour
+            aborting = asyncio.create_task(daemon.rollout("boop", "abort"))
+            await asyncio.sleep(0.2)  # not a synchronisation: it must still be waiting
+            assert not aborting.done()
+            await daemon.state.open_incident(gated)
+        assert "incident" in await aborting
+        async with daemon.waiting.gate(replace(due, opened_at=time.time())) as late:
+            assert late.waiting == "approval"
+            assert late.details["wait"]["released"] == 2
+
+    await serve_rollouts(raw, body)
