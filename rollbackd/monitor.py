@@ -69,6 +69,7 @@ class MonitorRunner:
     _reads: list[tuple[str, RuleConfig]] = field(init=False, default_factory=list)
     _shadow: frozenset[str] = field(init=False, default=frozenset())
     _local: bool = field(init=False, default=False)
+    _volumes: bool = field(init=False, default=False)
     _debug: bool = field(init=False, default=False)
     _lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _store: StateStore = field(init=False)
@@ -86,6 +87,7 @@ class MonitorRunner:
         self._reads = [(rule.name, rule) for rule in rules] + [
             (read.name, read) for rule in rules if (read := rule.volume_read()) is not None
         ]
+        self._volumes = len(self._reads) > len(rules)
         shadowed = self.config.shadow
         self._shadow = frozenset(rule.name for rule in rules if shadowed or rule.shadow)
         self.state = MonitorState()
@@ -285,11 +287,13 @@ class MonitorRunner:
     async def _commit(
         self, readings: Mapping[str, Sequence[Reading]], now: float, started: float
     ) -> Check:
-        volumes = {
-            key.removeprefix(VOLUME): series
-            for key, series in readings.items()
-            if key.startswith(VOLUME)
-        }
+        volumes = None
+        if self._volumes:  # some rule has a volume guard
+            volumes = {
+                key.removeprefix(VOLUME): series
+                for key, series in readings.items()
+                if key.startswith(VOLUME)
+            }
         check = engine.judge_rules(
             self.name, self.config.rules, readings, now, volumes=volumes, shadow=self._shadow
         )

@@ -130,6 +130,9 @@ class Store:
         self._lock = threading.RLock()
         self._quiet = QuietChecks(clock)
         self._saved: dict[str, MonitorState] = {}
+        self._stored: dict[str, int] = {}
+        """Per monitor, how many checks the database holds, once counted: a group commit then
+        deletes just the oldest past ``history`` instead of seeking the cut."""
 
     @classmethod
     def open(cls, state_dir: Path, *, clock: Callable[[], float] = time.monotonic) -> Store:
@@ -173,7 +176,7 @@ class Store:
             try:
                 conn.execute("BEGIN IMMEDIATE" if write or quiet else "BEGIN")
                 try:
-                    _write_quiet(conn, quiet.waiting)  # reads see them; writes come after
+                    stored = _write_quiet(conn, quiet.waiting, self._stored)  # reads see them
                     yield conn
                 except BaseException:
                     conn.execute("ROLLBACK")
@@ -181,6 +184,7 @@ class Store:
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise StateError(f"state database {self.path}: {what} failed: {exc}") from exc
+            self._stored.update(stored)
             quiet.written()
 
     def transaction(
@@ -247,6 +251,7 @@ class Store:
                     state = replace(state, incident_id=incident_id)
                 conn.execute(SAVE_STATE, state_row(monitor, state))
             self._saved[monitor] = state
+            self._stored.pop(monitor, None)  # counted again at its next group commit
         return incident_id
 
     def _hold(self, row: tuple[str, float, str, str], state: MonitorState, history: int) -> None:
@@ -398,25 +403,54 @@ class Store:
         return [incident_from_row(row, steps[row[0]]) for row in rows]
 
 
+TRIM_OLDEST = (
+    "DELETE FROM checks WHERE id IN (SELECT id FROM checks WHERE monitor = ? ORDER BY id LIMIT ?)"
+)
+"""Delete a monitor's oldest checks: parameters (monitor, how many)."""
+COUNT_CHECKS = "SELECT count(*) FROM checks WHERE monitor = ?"
+
 _TOUCH_STATE = "UPDATE monitors SET checks = ?, last_check_at = ?, last_outcome = ? WHERE name = ?"
 """A quiet check's state change: only the columns outside ``_durable`` differ from the row."""
 
 
-def _write_quiet(conn: sqlite3.Connection, quiet: dict[str, _Quiet]) -> None:
+def _write_quiet(
+    conn: sqlite3.Connection, quiet: dict[str, _Quiet], stored: dict[str, int]
+) -> dict[str, int]:
     """Write the held quiet checks and each monitor's latest state (a few statements for all).
 
     A monitor's checks are held only once its row is saved with the same ``_durable`` part,
     so updating the three other columns writes the same row as ``SAVE_STATE`` (about half
     its cost: no delete and re-insert); should a row be missing, all are saved whole.
+    ``stored``: the checks each monitor has in the database, where known. A known count
+    trims by deleting the oldest rows past ``history``; an unknown one seeks the cut and is
+    counted. Returns the counts after this write (to keep once it commits).
     """
     if not quiet:
-        return
+        return {}
     rows = [row for waiting in quiet.values() for row in waiting.rows]
     conn.executemany(INSERT_CHECK, rows)
-    conn.executemany(TRIM_CHECKS, [(m, m, max(w.history, 1)) for m, w in quiet.items()])
+    counts: dict[str, int] = {}
+    oldest: list[tuple[str, int]] = []
+    unknown: list[str] = []
+    for monitor, waiting in quiet.items():
+        keep = max(waiting.history, 1)
+        known = stored.get(monitor)
+        if known is None:
+            unknown.append(monitor)
+            continue
+        total = known + len(waiting.rows)
+        if total > keep:
+            oldest.append((monitor, total - keep))
+        counts[monitor] = min(total, keep)
+    if oldest:
+        conn.executemany(TRIM_OLDEST, oldest)
+    for monitor in unknown:
+        conn.execute(TRIM_CHECKS, (monitor, monitor, max(quiet[monitor].history, 1)))
+        counts[monitor] = conn.execute(COUNT_CHECKS, (monitor,)).fetchone()[0]
     touched = conn.executemany(_TOUCH_STATE, [_touch_row(m, w.state) for m, w in quiet.items()])
     if touched.rowcount != len(quiet):
         conn.executemany(SAVE_STATE, [state_row(m, w.state) for m, w in quiet.items()])
+    return counts
 
 
 def _touch_row(monitor: str, state: MonitorState) -> tuple[Any, ...]:

@@ -487,3 +487,45 @@ def test_a_schema_1_store_migrates_with_its_latch_and_plan(tmp_path: Path) -> No
         assert (step.status, step.attempts, step.interruptions) == ("running", 1, 0)
         assert store.step_interrupted("inc-1", 0) == 1
     assert (tmp_path / "state.marker").exists()
+
+
+def test_group_commits_keep_exactly_the_newest_history(tmp_path: Path) -> None:
+    """Quiet checks trimmed by count keep exactly the newest ``history``.
+
+    Across flushes, a deciding commit in between, a shrunk and a grown history, a reopening.
+    """
+
+    def quiet(store: Store, monitor: str, at: float, n: int, history: int) -> None:
+        for i in range(n):
+            c = check(monitor, at + i, 0.5)
+            store.commit_check(c, advance(state[monitor], c, POLICY).state, history)
+            state[monitor] = advance(state[monitor], c, POLICY).state
+        store.flush()
+
+    def kept(store: Store, monitor: str) -> list[float]:
+        return [c.at for c in store.recent_checks(monitor, 1000)]
+
+    state = {"a": MonitorState(), "b": MonitorState()}
+    store = Store.open(tmp_path)
+    quiet(store, "a", 0, 7, 5)  # the first group: the count is unknown, found and kept
+    quiet(store, "b", 0, 2, 5)
+    assert kept(store, "a") == [2, 3, 4, 5, 6]
+    quiet(store, "a", 100, 3, 5)  # known count: the 3 oldest go
+    assert kept(store, "a") == [5, 6, 100, 101, 102]
+    c = check("a", 200, 2.5)  # a breach: its own transaction, with the exact trim
+    state["a"] = advance(state["a"], c, POLICY).state
+    store.commit_check(c, state["a"], 5)
+    assert kept(store, "a") == [6, 100, 101, 102, 200]
+    state["a"] = MonitorState()  # a reset: saved whole, then quiet again
+    quiet(store, "a", 300, 4, 5)
+    assert kept(store, "a") == [200, 300, 301, 302, 303]
+    quiet(store, "a", 400, 1, 2)  # history shrunk by a reload
+    assert kept(store, "a") == [303, 400]
+    quiet(store, "a", 500, 2, 4)  # and grown again: nothing more goes until it is full
+    assert kept(store, "a") == [303, 400, 500, 501]
+    assert kept(store, "b") == [0, 1]
+    store.close()
+    with Store.open(tmp_path) as reopened:
+        state["a"] = reopened.monitor_state("a") or MonitorState()
+        quiet(reopened, "a", 600, 1, 4)
+        assert kept(reopened, "a") == [400, 500, 501, 600]
