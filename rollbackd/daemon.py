@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +33,7 @@ from rollbackd.metrics import Metrics
 from rollbackd.monitor import MonitorRunner
 from rollbackd.parts import Parts
 from rollbackd.plan import PlanRunner
-from rollbackd.ramp import Ramp
+from rollbackd.ramp import Ramp, steady
 from rollbackd.records import IncidentDraft, IncidentRecord
 from rollbackd.redact import Redactor
 from rollbackd.schedule import Backlog, Schedule
@@ -71,9 +70,16 @@ class Daemon:
         *,
         registry: CollectorRegistry | None = None,
         registries: Registries | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         redactor: Redactor | None = None,
     ) -> None:
+        """Build the daemon of ``assembly`` (``serve()`` runs it).
+
+        ``clock`` dates checks, incidents and plans: by default the wall clock as of now,
+        moving with the monotonic clock (``steady``), so counting windows, cooldowns and rate
+        limits stay right when the system clock is stepped while the daemon runs.
+        """
+        clock = clock or steady()
         self.assembly = assembly
         self.redactor = redactor or Redactor()
         """Every secret of every config this daemon ran, kept out of what it writes and shows."""

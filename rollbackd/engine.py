@@ -391,11 +391,15 @@ def _blind(
 
 
 def _window(times: tuple[float, ...], now: float, policy: Policy) -> tuple[float, ...]:
-    """Keep the failure times inside the window ending at ``now`` (none without a limit)."""
+    """Keep the failure times inside the window ending at ``now`` (none without a limit).
+
+    A time after ``now`` means the clock was set back since (a restart on a stepped clock):
+    it counts as ``now``, so it leaves the window one window later, not a step later.
+    """
     if policy.failure_limit is None:
         return ()
     start = now - policy.failure_window
-    return tuple(t for t in times if t > start)[-policy.failure_limit :]
+    return tuple(min(t, now) for t in times if t > start)[-policy.failure_limit :]
 
 
 _EVIDENCE = 3

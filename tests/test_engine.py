@@ -627,3 +627,18 @@ def test_the_healthy_fast_path_builds_the_same_state() -> None:
         assert fast == built
         assert hash(fast) == hash(built)
         assert repr(fast) == repr(built)
+
+
+def test_failures_from_a_clock_set_back_leave_the_window_one_window_later() -> None:
+    """Failure times after ``now`` (the clock was set back an hour) count as now, not an hour.
+
+    Two failures dated an hour ahead, then the clock reads an hour less: they count once
+    (as now) and are gone one window later, so a third failure 11 s on does not roll back.
+    """
+    pol = policy(rollback_after=99, failure_limit=3, failure_window=10.0)
+    state = MonitorState(failure_times=(3600.0, 3601.0))
+    transition = advance(state, Check("m", 0.0, O, ()), pol)
+    assert transition.state.failure_times == (0.0, 0.0)
+    transition = advance(transition.state, Check("m", 11.0, B, ()), pol)
+    assert transition.events == ()
+    assert transition.state.failure_times == (11.0,)
