@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import socket
 import tempfile
@@ -29,7 +28,7 @@ from rollbackd.records import IncidentDraft
 from rollbackd.schema import MIGRATIONS, SCHEMA_VERSION
 from rollbackd.status import table as status_table
 from tests import helpers
-from tests.helpers import config_file, to_toml
+from tests.helpers import config_file
 from tests.pg import PASSWORD, ROLE, Postgres, daemon_of, lead, running
 from tests.servers import free_port
 
@@ -358,10 +357,10 @@ def test_unreadable_state_password_is_a_config_error(
 
 def load_text(raw: dict[str, Any], tmp_path: Path) -> Any:
     """Assemble a ``[daemon]`` and ``[ha]`` config, written to a file and loaded as ``run`` does."""
-    text = to_toml({"daemon": raw.get("daemon", {"state_dir": str(tmp_path)})})
+    document = {"daemon": raw.get("daemon", {"state_dir": str(tmp_path)})}
     if "ha" in raw:
-        text += "[ha]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in raw["ha"].items())
-    return load(config_file(tmp_path, text))
+        document["ha"] = raw["ha"]
+    return load(config_file(tmp_path, document))
 
 
 async def test_sqlite_state_is_always_the_leader(tmp_path: Path) -> None:
