@@ -15,151 +15,78 @@ Run: ``.venv/bin/python -m bench.ha [--quick]``.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from bench.common import parse_args, summary, table, write_result
 from rollbackd.api import read_control_token
 from rollbackd.client import post_rearm
-from rollbackd.config import from_dict
 from rollbackd.engine import Check, MonitorState, Outcome
 from rollbackd.pgstate import PgState
 from rollbackd.stores import SqliteState, StateStore
-from tests.pg import PASSWORD, ROLE, Postgres, running
-from tests.servers import Rollbackd, free_port, http_get, wait_for
+from tests.helpers import Receiver, alive, payment_error_rate, role_of
+from tests.pg import PASSWORD, PASSWORD_ENV, Postgres, daemon_of, ha_node, lead, running
+from tests.servers import wait_for
 
 HISTORY = 50
 
-CONFIG = """
-[daemon]
-mode = "armed"
-environment = "bench"
-state_dir = "{state}"
-listen = "127.0.0.1:{port}"
-state = "{url}"
-state_user = "rollbackd"
-state_password = {{ env = "RBD_BENCH_PG_PASSWORD" }}
 
-[ha]
-takeover_after = "{takeover_after}s"
-node = "{node}"
-
-[sources.boop]
-type = "synthetic"
-seed = 3
-noise = 0
-phases = [{{ kind = "outage" }}]
-
-[monitors.payments]
-interval = "200ms"
-rollback_after = 3
-on_rollback = ["stop-traffic"]
-
-[[monitors.payments.rules]]
-name = "payment-error-rate"
-source = "boop"
-query = "payment_error_rate"
-above = 0.1
-
-[actions.stop-traffic]
-type = "flag.http"
-url = "{hook}/flag"
-timeout = "60s"
-"""
-
-
-class Holder:
-    """Holds the first request of each Idempotency-Key unanswered; notes when each arrives."""
-
-    def __init__(self) -> None:
-        self.arrivals: dict[str, list[float]] = {}
-        self.release = threading.Event()
-        holder = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                key = self.headers.get("Idempotency-Key") or ""
-                seen = holder.arrivals.setdefault(key, [])
-                seen.append(time.monotonic())
-                if len(seen) == 1:
-                    holder.release.wait(60)  # the leader is killed while this waits
-                try:
-                    self.send_response(200)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                except OSError:
-                    pass
-
-            def log_message(self, *args: Any) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def role(daemon: Rollbackd) -> str | None:
-    code, body = http_get(f"http://127.0.0.1:{daemon.port}/status")
-    if code != 200:
-        return None
-    return str(json.loads(body)["role"])
+def scenario(hook: str) -> dict[str, Any]:
+    """An outage from the start, rolled back by one ``flag.http`` step to ``hook`` (60 s budget)."""
+    payments = {
+        "interval": "200ms",
+        "rollback_after": 3,
+        "on_rollback": ["stop-traffic"],
+        "rules": [payment_error_rate("boop", "payment_error_rate", unit=None)],
+    }
+    return {
+        "sources": {
+            "boop": {"type": "synthetic", "seed": 3, "noise": 0, "phases": [{"kind": "outage"}]}
+        },
+        "monitors": {"payments": payments},
+        "actions": {"stop-traffic": {"type": "flag.http", "url": f"{hook}/flag", "timeout": "60s"}},
+    }
 
 
 def takeover_trials(pg: Postgres, workdir: Path, trials: int, takeover_after: float) -> list[float]:
     """SIGKILL the leader with a step in flight ``trials`` times; seconds until the rerun."""
-    os.environ["RBD_BENCH_PG_PASSWORD"] = PASSWORD
-    holder = Holder()
-    database = pg.database()
-    daemons: dict[str, Rollbackd] = {}
-    for node in ("a", "b"):
-        home = workdir / f"{node}-{takeover_after:g}"
-        home.mkdir()
-        port = free_port()
-        config = home / "rollbackd.toml"
-        config.write_text(
-            CONFIG.format(
-                state=home / "state",
-                port=port,
-                url=pg.url(database),
-                node=node,
-                hook=holder.url,
-                takeover_after=takeover_after,
-            )
+    os.environ[PASSWORD_ENV] = PASSWORD
+    # holds the first request of each Idempotency-Key unanswered: the leader is killed meanwhile
+    holder = Receiver(hold=lambda key: True, delay=60.0)
+    url = pg.url(pg.database())
+    daemons = {
+        node: ha_node(
+            workdir / f"{node}-{takeover_after:g}",
+            url,
+            node,
+            scenario(holder.url),
+            takeover_after=f"{takeover_after}s",
+            environment="bench",
         )
-        daemons[node] = Rollbackd(config, port, home)
+        for node in ("a", "b")
+    }
     times: list[float] = []
     try:
         for daemon in daemons.values():
             daemon.start()
         for trial in range(trials):
             leader = wait_for(
-                lambda: next((n for n, d in daemons.items() if role(d) == "leader"), None),
+                lambda: next((n for n, d in daemons.items() if role_of(d) == "leader"), None),
                 30,
                 0.05,
                 what="a leader",
             )
             standby = "b" if leader == "a" else "a"
-            wait_for(lambda s=standby: role(daemons[s]) == "standby", 30, 0.05, what="standby")
+            wait_for(lambda s=standby: role_of(daemons[s]) == "standby", 30, 0.05, what="standby")
             if trial:
                 token = read_control_token(daemons[leader].workdir / "state")
                 asyncio.run(post_rearm(f"127.0.0.1:{daemons[leader].port}", token, "payments"))
             key = wait_for(
-                lambda: next((k for k, v in holder.arrivals.items() if len(v) == 1), None),
+                lambda: next((k for k, n in holder.effects().items() if n == 1), None),
                 30,
                 0.01,
                 what="the step in flight",
@@ -168,14 +95,14 @@ def takeover_trials(pg: Postgres, workdir: Path, trials: int, takeover_after: fl
             time.sleep(random.uniform(0.0, takeover_after / 2))
             daemons[leader].kill()
             killed = time.monotonic()
-            wait_for(lambda k=key: len(holder.arrivals[k]) >= 2, 60, 0.005, what="the rerun")
-            times.append(holder.arrivals[key][1] - killed)
+            wait_for(lambda k=key: len(holder.arrivals(k)) >= 2, 60, 0.005, what="the rerun")
+            times.append(holder.arrivals(key)[1] - killed)
             print(f"  trial {trial + 1}: takeover {times[-1]:.3f} s (leader {leader})")
             daemons[leader].start()  # back as the standby
     finally:
         holder.stop()
         for daemon in daemons.values():
-            if daemon.process is not None and daemon.process.poll() is None:
+            if alive(daemon):
                 daemon.stop()
     return times
 
@@ -199,22 +126,9 @@ async def check_cost(store: StateStore, seconds: float, deciding: bool) -> dict[
 
 
 async def costs(pg: Postgres, workdir: Path, seconds: float) -> list[dict[str, Any]]:
-    os.environ["RBD_BENCH_PG_PASSWORD"] = PASSWORD
-    daemon = from_dict(
-        {
-            "daemon": {
-                "state": pg.url(pg.database()),
-                "state_user": ROLE,
-                "state_password": {"env": "RBD_BENCH_PG_PASSWORD"},
-            }
-        }
-    ).daemon
-    pgstore = await PgState.open(daemon, "bench")
-    async with pgstore._tx("bench takeover") as cur:
-        await cur.execute("UPDATE leadership SET generation = generation + 1 RETURNING generation")
-        row = await cur.fetchone()
-    assert row is not None
-    pgstore.lead(int(row[0]))
+    os.environ[PASSWORD_ENV] = PASSWORD
+    pgstore = await PgState.open(daemon_of(pg.url(pg.database())), "bench")
+    await lead(pgstore)
     sqlite = SqliteState.open(workdir / "sqlite")
     rows = []
     try:

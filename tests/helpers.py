@@ -1,24 +1,34 @@
 """What several test files build the same way: action contexts, async waits, config files.
 
-The real servers live in ``tests/servers.py``; this module starts nothing.
+Also what the tests of the daemon as a process share: reading its /status, POSTing with its
+control token, killing what a test left running, and an HTTP receiver counting the plan's
+requests per ``Idempotency-Key``. The real servers live in ``tests/servers.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, NamedTuple, Self
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from rollbackd.actions import ActionContext, Event, Incident
+from rollbackd.api import read_control_token
 from rollbackd.assemble import Assembly, Registries
 from rollbackd.daemon import Daemon
 from rollbackd.sources import Source
+from tests.servers import Rollbackd, http_get
 
 
 def context(
@@ -104,6 +114,10 @@ def route_legacy(env_file: Path) -> dict[str, Any]:
     }
 
 
+SINGLE_TABLES = ("daemon", "ha")
+"""The config's tables that are one table (``[ha]``), not named ones (``[sources.NAME]``)."""
+
+
 def to_toml(raw: Mapping[str, Any]) -> str:
     """A tiny TOML writer for config documents: tables, ``rules`` arrays, inline tables."""
     lines: list[str] = []
@@ -131,8 +145,8 @@ def to_toml(raw: Mapping[str, Any]) -> str:
             lines.extend(f"{k} = {value(v)}" for k, v in rule.items())
 
     for section, data in raw.items():
-        if section == "daemon":
-            table("daemon", data)
+        if section in SINGLE_TABLES:
+            table(section, data)
         else:
             for name, sub in data.items():
                 table(f"{section}.{json.dumps(name)}", sub)
@@ -161,3 +175,189 @@ async def running(
     finally:
         daemon.stop()
         assert await asyncio.wait_for(serving, 30) == 0
+
+
+def rollout_tables(
+    env_file: Path, hook_url: str, steps: list[int], holds: list[str]
+) -> dict[str, Any]:
+    """Sources, monitors, actions and rollouts of a ramp: rollout ``boop`` over ``steps`` %.
+
+    Two synthetic, always healthy gates (authentication, payments) checked every 100 ms;
+    ``route-percent`` writes each step's percent into ``env_file`` (``route-legacy`` 0 on a
+    rollback) and ``team``, the webhook at ``hook_url``, announces each promotion.
+    """
+    healthy = {"type": "synthetic", "seed": 1, "noise": 0, "phases": [{"kind": "healthy"}]}
+    monitors = {
+        gate: {
+            "interval": "100ms",
+            "on_rollback": ["route-legacy"],
+            "rules": [{"name": f"{gate}-errors", "source": "boop", "query": metric, "above": 1.0}],
+        }
+        for gate, metric in (
+            ("authentication", "auth_error_rate"),
+            ("payments", "payment_error_rate"),
+        )
+    }
+    return {
+        "sources": {"boop": healthy},
+        "monitors": monitors,
+        "actions": {
+            "route-legacy": route_legacy(env_file),
+            "route-percent": {**route_legacy(env_file), "value": "{percent}"},
+            "team": {"type": "alert.webhook", "url": hook_url},
+        },
+        "rollouts": {
+            "boop": {
+                "steps": steps,
+                "holds": holds,
+                "gates": ["authentication", "payments"],
+                "min_checks": 2,
+                "set": "route-percent",
+                "on_promote": ["team"],
+            }
+        },
+    }
+
+
+# --- the daemon as a process (tests.servers.Rollbackd) ---------------------------------------
+
+
+def alive(daemon: Rollbackd) -> bool:
+    """The daemon's process runs."""
+    return daemon.process is not None and daemon.process.poll() is None
+
+
+@contextmanager
+def killed_after() -> Iterator[list[Rollbackd]]:
+    """A list for the daemons a test starts; each one still running at the end is SIGKILLed."""
+    daemons: list[Rollbackd] = []
+    try:
+        yield daemons
+    finally:
+        for daemon in daemons:
+            if alive(daemon):
+                daemon.kill()
+
+
+def status_of(daemon: Rollbackd) -> dict[str, Any] | None:
+    """The daemon's /status (None when it does not answer 200: not up, or not yet)."""
+    code, body = http_get(f"http://127.0.0.1:{daemon.port}/status")
+    if code != 200:
+        return None
+    document: dict[str, Any] = json.loads(body)
+    return document
+
+
+def role_of(daemon: Rollbackd) -> str | None:
+    """``leader`` / ``standby`` from the daemon's /status (None when it does not answer)."""
+    status = status_of(daemon)
+    return None if status is None else str(status["role"])
+
+
+def post_control(daemon: Rollbackd, path: str) -> tuple[int, str]:
+    """POST ``path`` with the daemon's control token (from its ``state`` dir); status, body."""
+    token = read_control_token(daemon.workdir / "state")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{daemon.port}{path}",
+        method="POST",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode()
+
+
+# --- the services a plan calls --------------------------------------------------------------
+
+
+class Call(NamedTuple):
+    """One request the receiver got: its path (no slashes around), key, ``time.monotonic()``."""
+
+    path: str
+    key: str
+    at: float
+
+
+class Receiver:
+    """An HTTP service on 127.0.0.1 (flag service, router, team webhook) noting every POST.
+
+    Each request is recorded with its path and ``Idempotency-Key`` (which rollbackd's
+    ``alert.webhook`` also puts in its body) and answered 200 ``{}``. The first request
+    whose key ``hold`` accepts is held unanswered for ``delay`` seconds (until :meth:`stop`
+    at the latest), ``arrived`` set when it comes: a daemon can be killed with it in flight.
+    Serves in a thread from construction; :meth:`stop` (or leaving ``with``) ends it.
+    """
+
+    def __init__(self, hold: Callable[[str], bool] | None = None, delay: float = 0.0) -> None:
+        self.requests: list[Call] = []
+        self.arrived = threading.Event()
+        self.released = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                key = self.headers.get("Idempotency-Key") or ""
+                first = key not in receiver.calls
+                receiver.requests.append(Call(self.path.strip("/"), key, time.monotonic()))
+                if first and hold is not None and hold(key):
+                    receiver.arrived.set()
+                    receiver.released.wait(delay)
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                except OSError:
+                    pass  # the daemon that asked was killed meanwhile
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def calls(self) -> list[str]:
+        """The keys of the requests, in order of arrival."""
+        return [call.key for call in self.requests]
+
+    def paths(self) -> list[str]:
+        """The paths requested, in order."""
+        return [call.path for call in self.requests]
+
+    def effects(self) -> dict[str, int]:
+        """Requests per Idempotency-Key."""
+        counts: dict[str, int] = {}
+        for call in self.requests:
+            counts[call.key] = counts.get(call.key, 0) + 1
+        return counts
+
+    def arrivals(self, key: str) -> list[float]:
+        """When each request with ``key`` came (``time.monotonic()``), in order."""
+        return [call.at for call in self.requests if call.key == key]
+
+    def stop(self) -> None:
+        """Answer a held request, shut the server down, wait for its threads."""
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.stop()

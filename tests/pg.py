@@ -4,6 +4,9 @@ It listens on 127.0.0.1 on a free port (password auth, scram) and on a Unix sock
 directory (trust, for the test's administrator). initdb refuses to run as root: as root, the
 server runs as a throwaway unprivileged user (useradd), removed afterwards. Debian's
 ``postgresql`` package provides the binaries (``scripts/setup --test`` installs it).
+
+Also the configs on it: the ``[daemon]`` keys of a store on PostgreSQL, a node of an HA group
+as a daemon process, and a takeover (:func:`lead`) for tests that drive a ``PgState`` directly.
 """
 
 from __future__ import annotations
@@ -22,10 +25,15 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.servers import free_port
+from rollbackd.config import DaemonConfig, from_dict
+from rollbackd.pgstate import PgState
+from tests.helpers import config_file, daemon_table
+from tests.servers import Rollbackd, free_port
 
 ROLE = "rollbackd"
 PASSWORD = "pg-" + secrets.token_hex(12)
+PASSWORD_ENV = "RBD_TEST_PG_PASSWORD"
+"""Where the configs below say the role's password is: set it to ``PASSWORD`` (monkeypatch)."""
 
 
 def bin_dir() -> Path | None:
@@ -148,3 +156,48 @@ def running() -> Iterator[Postgres]:
         shutil.rmtree(top, ignore_errors=True)
         if user is not None:
             subprocess.run(["userdel", user], check=False, capture_output=True)
+
+
+def state_keys(url: str) -> dict[str, Any]:
+    """The ``[daemon]`` keys of a store on ``url``, as the rollbackd role (password from env)."""
+    return {"state": url, "state_user": ROLE, "state_password": {"env": PASSWORD_ENV}}
+
+
+def daemon_of(url: str, **more: Any) -> DaemonConfig:
+    """A ``[daemon]`` table on ``url`` as the rollbackd role (and ``more`` keys), parsed."""
+    return from_dict({"daemon": {**state_keys(url), **more}}).daemon
+
+
+async def lead(store: PgState) -> int:
+    """Take the lead as a takeover does: raise the generation, act with it; the generation."""
+    async with store._tx("test takeover") as cur:
+        await cur.execute("UPDATE leadership SET generation = generation + 1 RETURNING generation")
+        row = await cur.fetchone()
+    assert row is not None
+    store.lead(int(row[0]))
+    return int(row[0])
+
+
+def ha_node(
+    home: Path,
+    url: str,
+    node: str,
+    tables: dict[str, Any],
+    *,
+    takeover_after: str = "1s",
+    environment: str = "test",
+) -> Rollbackd:
+    """Node ``node`` of an HA group on ``url``: a daemon process in ``home`` (made), not started.
+
+    Its config (``home/rollbackd.toml``): armed, listening on a free port, state on ``url``
+    (:func:`state_keys`), ``[ha]`` with ``takeover_after``; ``tables`` adds the sources,
+    monitors, actions (and rollouts).
+    """
+    home.mkdir()
+    port = free_port()
+    daemon = {
+        **daemon_table(home / "state", environment=environment, listen=f"127.0.0.1:{port}"),
+        **state_keys(url),
+    }
+    ha = {"takeover_after": takeover_after, "node": node}
+    return Rollbackd(config_file(home, {"daemon": daemon, "ha": ha, **tables}), port, home)

@@ -8,124 +8,66 @@ outage), long enough to kill a leader in the middle of it.
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from rollbackd.api import read_control_token
-from tests.pg import PASSWORD, Postgres, running
-from tests.servers import Rollbackd, free_port, http_get, wait_for
+from tests.helpers import (
+    Receiver,
+    alive,
+    killed_after,
+    payment_error_rate,
+    post_control,
+    role_of,
+    status_of,
+)
+from tests.pg import PASSWORD, PASSWORD_ENV, Postgres, ha_node, running
+from tests.servers import Rollbackd, http_get, wait_for
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """
-[daemon]
-mode = "armed"
-environment = "test"
-state_dir = "{state}"
-listen = "127.0.0.1:{port}"
-state = "{url}"
-state_user = "rollbackd"
-state_password = {{ env = "RBD_TEST_PG_PASSWORD" }}
 
-[ha]
-takeover_after = "1s"
-node = "{node}"
+def scenario(start: float, healthy: float, interval: str, hook: str) -> dict[str, Any]:
+    """The pair's sources, monitors and actions: healthy for ``healthy`` s from ``start``.
 
-[sources.boop]
-type = "synthetic"
-seed = 3
-noise = 0
-start = {start}
-phases = [{{ kind = "healthy", duration = "{healthy}s" }}, {{ kind = "outage" }}]
+    Then an outage, rolled back by a plan of four steps: the flag off, a ``wait`` until
+    in-flight transactions drain, the route to legacy, a page; its HTTP steps go to ``hook``.
+    """
+    phases = [{"kind": "healthy", "duration": f"{healthy}s"}, {"kind": "outage"}]
+    payments = {
+        "interval": interval,
+        "rollback_after": 3,
+        "on_rollback": ["stop-traffic", "drain", "route-legacy", "page"],
+        "rules": [payment_error_rate("boop", "payment_error_rate", unit=None)],
+    }
+    return {
+        "sources": {
+            "boop": {"type": "synthetic", "seed": 3, "noise": 0, "start": start, "phases": phases}
+        },
+        "monitors": {"payments": payments},
+        "actions": {
+            "stop-traffic": {"type": "flag.http", "url": f"{hook}/flag"},
+            "drain": {
+                "type": "wait",
+                "source": "boop",
+                "query": "inflight_transactions",
+                "poll": "200ms",
+                "timeout": "40s",
+            },
+            "route-legacy": {"type": "route.http", "url": f"{hook}/route"},
+            "page": {"type": "alert.webhook", "url": f"{hook}/alert"},
+        },
+    }
 
-[monitors.payments]
-interval = "{interval}"
-rollback_after = 3
-on_rollback = ["stop-traffic", "drain", "route-legacy", "page"]
-
-[[monitors.payments.rules]]
-name = "payment-error-rate"
-source = "boop"
-query = "payment_error_rate"
-above = 0.1
-
-[actions.stop-traffic]
-type = "flag.http"
-url = "{hook}/flag"
-
-[actions.drain]
-type = "wait"
-source = "boop"
-query = "inflight_transactions"
-poll = "200ms"
-timeout = "40s"
-
-[actions.route-legacy]
-type = "route.http"
-url = "{hook}/route"
-
-[actions.page]
-type = "alert.webhook"
-url = "{hook}/alert"
-"""
 
 STEPS = {"flag": 0, "route": 2, "alert": 3}
 """The receiver's paths and the plan step each one is."""
-
-
-class Receiver:
-    """An HTTP service recording every request: path, Idempotency-Key, time."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, str, float]] = []
-        received = self.requests
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                self.rfile.read(length)
-                key = self.headers.get("Idempotency-Key") or ""
-                received.append((self.path.strip("/"), key, time.time()))
-                self.send_response(200)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args: Any) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def paths(self) -> list[str]:
-        """The paths requested, in order."""
-        return [path for path, _, _ in self.requests]
-
-    def effects(self) -> dict[str, int]:
-        """Requests per Idempotency-Key."""
-        counts: dict[str, int] = {}
-        for _, key, _ in self.requests:
-            counts[key] = counts.get(key, 0) + 1
-        return counts
-
-    def stop(self) -> None:
-        """Shut the server down and join its thread."""
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 @pytest.fixture(scope="module")
@@ -155,12 +97,9 @@ def group(
     tmp_path: Path, pg: Postgres, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[list[Rollbackd]]:
     """Daemons a test starts; each is killed afterwards if still running."""
-    monkeypatch.setenv("RBD_TEST_PG_PASSWORD", PASSWORD)
-    started: list[Rollbackd] = []
-    yield started
-    for daemon in started:
-        if daemon.process is not None and daemon.process.poll() is None:
-            daemon.kill()
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    with killed_after() as started:
+        yield started
 
 
 class Pair:
@@ -180,25 +119,9 @@ class Pair:
         self.start_at = time.time()
         self.outage_at = self.start_at + healthy
         self.daemons: dict[str, Rollbackd] = {}
+        tables = scenario(self.start_at, healthy, interval, receiver.url)
         for node in ("a", "b"):
-            workdir = tmp_path / node
-            workdir.mkdir()
-            port = free_port()
-            config = workdir / "rollbackd.toml"
-            config.write_text(
-                CONFIG.format(
-                    state=workdir / "state",
-                    port=port,
-                    url=pg.url(self.database),
-                    node=node,
-                    start=self.start_at,
-                    healthy=healthy,
-                    interval=interval,
-                    hook=receiver.url,
-                ),
-                encoding="utf-8",
-            )
-            daemon = Rollbackd(config, port, workdir)
+            daemon = ha_node(tmp_path / node, pg.url(self.database), node, tables)
             started.append(daemon)
             self.daemons[node] = daemon
 
@@ -209,16 +132,11 @@ class Pair:
 
     def status(self, node: str) -> dict[str, Any] | None:
         """GET /status of ``node`` (None if it does not answer)."""
-        code, body = http_get(f"http://127.0.0.1:{self.daemons[node].port}/status")
-        if code != 200:
-            return None
-        document: dict[str, Any] = json.loads(body)
-        return document
+        return status_of(self.daemons[node])
 
     def role(self, node: str) -> str | None:
         """``leader`` / ``standby`` of a running daemon."""
-        status = self.status(node)
-        return None if status is None else str(status["role"])
+        return role_of(self.daemons[node])
 
     def leader(self, timeout: float = 10.0) -> str:
         """Wait until exactly one running daemon leads; its node."""
@@ -243,26 +161,6 @@ class Pair:
         """One rollback incident, its plan finished."""
         found = self.rollbacks()
         return len(found) == 1 and found[0][1] is not None
-
-
-def post(daemon: Rollbackd, path: str) -> tuple[int, str]:
-    """POST with the daemon's control token; ``(status, body)``."""
-    token = read_control_token(daemon.workdir / "state")
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{daemon.port}{path}",
-        method="POST",
-        headers={"Authorization": f"Bearer {token}"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return int(response.status), response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-def alive(daemon: Rollbackd) -> bool:
-    """The daemon's process runs."""
-    return daemon.process is not None and daemon.process.poll() is None
 
 
 def other(node: str) -> str:
@@ -397,7 +295,7 @@ def test_lock_connection_terminated_old_leader_stops_and_never_writes_again(
     assert {p["node"] for p in status["peers"]} == {"a", "b"}
     metrics = http_get(f"http://127.0.0.1:{pair.daemons[leader].port}/metrics")[1].decode()
     assert re.search(r"^rollbackd_leader 0\.0$", metrics, re.MULTILINE)
-    code, body = post(pair.daemons[leader], "/rearm/payments")
+    code, body = post_control(pair.daemons[leader], "/rearm/payments")
     assert code == 503
     assert "is a standby" in body
     wait_for(pair.finished, 40, 0.2, what="the rollback by the new leader")

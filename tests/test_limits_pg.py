@@ -19,7 +19,7 @@ from rollbackd.daemon import Daemon
 from rollbackd.engine import Event
 from rollbackd.records import IncidentDraft, IncidentRecord
 from tests.helpers import wait_until
-from tests.pg import PASSWORD, ROLE, Postgres, running
+from tests.pg import PASSWORD, PASSWORD_ENV, Postgres, running, state_keys
 from tests.test_daemon import SCRIPT, from_dict
 from tests.test_daemon import running as serve
 from tests.test_limits import EFFECTS, config
@@ -40,7 +40,7 @@ def pg() -> Iterator[Postgres]:
 @pytest.fixture(autouse=True)
 def healthy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The role's password where the config says; a healthy source and no effects."""
-    monkeypatch.setenv("RBD_TEST_PG_PASSWORD", PASSWORD)
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
     SCRIPT.value, SCRIPT.failing, SCRIPT.reads = 0.1, None, 0
     EFFECTS.clear()
     yield
@@ -52,11 +52,7 @@ def on_pg(tmp_path: Path, pg: Postgres, **daemon: Any) -> dict[str, Any]:
     raw = config(tmp_path / "state", MONITORS, **daemon)
     for monitor in raw["monitors"].values():
         monitor["interval"] = "100ms"
-    raw["daemon"].update(
-        state=pg.url(pg.database()),
-        state_user=ROLE,
-        state_password={"env": "RBD_TEST_PG_PASSWORD"},
-    )
+    raw["daemon"].update(state_keys(pg.url(pg.database())))
     raw["ha"] = {"takeover_after": "400ms", "node": "solo"}
     return raw
 

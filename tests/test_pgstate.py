@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import socket
 import tempfile
@@ -29,8 +28,8 @@ from rollbackd.records import IncidentDraft
 from rollbackd.schema import MIGRATIONS, SCHEMA_VERSION
 from rollbackd.status import table as status_table
 from tests import helpers
-from tests.helpers import config_file, to_toml
-from tests.pg import PASSWORD, ROLE, Postgres, running
+from tests.helpers import config_file
+from tests.pg import PASSWORD, ROLE, Postgres, daemon_of, lead, running
 from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
@@ -43,19 +42,6 @@ def pg() -> Iterator[Postgres]:
         yield server
 
 
-def daemon_of(url: str, **more: Any) -> Any:
-    """A ``[daemon]`` table on ``url`` as the rollbackd role."""
-    raw = {
-        "daemon": {
-            "state": url,
-            "state_user": ROLE,
-            "state_password": {"env": "RBD_TEST_PG_PASSWORD"},
-            **more,
-        }
-    }
-    return from_dict(raw).daemon
-
-
 @pytest.fixture(autouse=True)
 def password(monkeypatch: pytest.MonkeyPatch) -> None:
     """The role's password, where the config's secret reference says."""
@@ -65,16 +51,6 @@ def password(monkeypatch: pytest.MonkeyPatch) -> None:
 async def opened(pg: Postgres, database: str | None = None) -> PgState:
     """A PgState on a fresh (or the given) database."""
     return await PgState.open(daemon_of(pg.url(database or pg.database())))
-
-
-async def lead(store: PgState) -> int:
-    """Take the lead as a takeover does: raise the generation, act with it."""
-    async with store._tx("test takeover") as cur:
-        await cur.execute("UPDATE leadership SET generation = generation + 1 RETURNING generation")
-        row = await cur.fetchone()
-    assert row is not None
-    store.lead(int(row[0]))
-    return int(row[0])
 
 
 def draft(monitor: str = "payments", actions: tuple[str, ...] = ("a", "b")) -> IncidentDraft:
@@ -381,10 +357,10 @@ def test_unreadable_state_password_is_a_config_error(
 
 def load_text(raw: dict[str, Any], tmp_path: Path) -> Any:
     """Assemble a ``[daemon]`` and ``[ha]`` config, written to a file and loaded as ``run`` does."""
-    text = to_toml({"daemon": raw.get("daemon", {"state_dir": str(tmp_path)})})
+    document = {"daemon": raw.get("daemon", {"state_dir": str(tmp_path)})}
     if "ha" in raw:
-        text += "[ha]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in raw["ha"].items())
-    return load(config_file(tmp_path, text))
+        document["ha"] = raw["ha"]
+    return load(config_file(tmp_path, document))
 
 
 async def test_sqlite_state_is_always_the_leader(tmp_path: Path) -> None:

@@ -2,34 +2,27 @@
 
 Real processes on a real PostgreSQL (``tests/pg.py``); the set action writes a real route
 file shared by both nodes, and ``on_promote`` calls a webhook receiver that records each
-idempotency key (``tests/test_rollouts_restart.Hooks``).
+idempotency key (``tests.helpers.Receiver``).
 """
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from rollbackd.api import read_control_token
 from rollbackd.engine import Check, Event, MonitorState, Outcome
 from rollbackd.errors import DeposedError
 from rollbackd.pgstate import PgState
 from rollbackd.records import IncidentDraft
 from rollbackd.rollouts import Phase, RolloutState
 from rollbackd.stores import SqliteState, StateStore
-from tests.helpers import daemon_table, route_legacy, to_toml
-from tests.pg import PASSWORD, Postgres, running
-from tests.servers import Rollbackd, free_port, http_get, wait_for
-from tests.test_pgstate import daemon_of, lead
-from tests.test_rollouts_restart import Hooks
+from tests.helpers import Receiver, killed_after, post_control, role_of, rollout_tables, status_of
+from tests.pg import PASSWORD, PASSWORD_ENV, Postgres, daemon_of, ha_node, lead, running
+from tests.servers import Rollbackd, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -44,110 +37,51 @@ def pg() -> Iterator[Postgres]:
 @pytest.fixture
 def started(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Rollbackd]]:
     """Daemons a test starts; each is killed afterwards if still running."""
-    monkeypatch.setenv("RBD_TEST_PG_PASSWORD", PASSWORD)
-    daemons: list[Rollbackd] = []
-    yield daemons
-    for daemon in daemons:
-        if alive(daemon):
-            daemon.kill()
-
-
-def hooks_server(slow: str = "", delay: float = 0.0) -> Hooks:
-    """The team's webhook, serving in a thread (``stop`` it)."""
-    server = Hooks(slow=slow, delay=delay)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    with killed_after() as daemons:
+        yield daemons
 
 
 @pytest.fixture
-def hooks() -> Iterator[Hooks]:
+def hooks() -> Iterator[Receiver]:
     """A webhook answering at once."""
-    server = hooks_server()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-def alive(daemon: Rollbackd) -> bool:
-    """The daemon's process runs."""
-    return daemon.process is not None and daemon.process.poll() is None
+    with Receiver() as server:
+        yield server
 
 
 def node(
     tmp_path: Path,
     name: str,
     url: str,
-    hooks: Hooks,
+    hooks: Receiver,
     *,
     holds: list[str],
     started: list[Rollbackd],
 ) -> Rollbackd:
     """A daemon ``name`` on the shared store: two healthy gates, 5 -> 25 -> 50 %."""
-    workdir = tmp_path / name
-    workdir.mkdir()
-    port = free_port()
     env = tmp_path / "traffic.env"  # one route file: the nodes steer the same traffic
-    healthy = {"type": "synthetic", "seed": 1, "noise": 0, "phases": [{"kind": "healthy"}]}
-    monitors = {
-        gate: {
-            "interval": "100ms",
-            "on_rollback": ["route-legacy"],
-            "rules": [{"name": f"{gate}-errors", "source": "boop", "query": metric, "above": 1.0}],
-        }
-        for gate, metric in (
-            ("authentication", "auth_error_rate"),
-            ("payments", "payment_error_rate"),
-        )
-    }
-    document = {
-        "daemon": {
-            **daemon_table(workdir / "state", environment="test", listen=f"127.0.0.1:{port}"),
-            "state": url,
-            "state_user": "rollbackd",
-            "state_password": {"env": "RBD_TEST_PG_PASSWORD"},
-        },
-        "sources": {"boop": healthy},
-        "monitors": monitors,
-        "actions": {
-            "route-legacy": route_legacy(env),
-            "route-percent": {**route_legacy(env), "value": "{percent}"},
-            "team": {
-                "type": "alert.webhook",
-                "url": f"http://127.0.0.1:{hooks.server_address[1]}/",
-            },
-        },
-        "rollouts": {
-            "boop": {
-                "steps": [5, 25, 50][: len(holds)],
-                "holds": holds,
-                "gates": ["authentication", "payments"],
-                "min_checks": 2,
-                "set": "route-percent",
-                "on_promote": ["team"],
-            }
-        },
-    }
-    config = workdir / "rollbackd.toml"
-    ha = f'[ha]\ntakeover_after = "1s"\nnode = "{name}"\n'  # to_toml writes named tables
-    config.write_text(to_toml(document) + ha, encoding="utf-8")
-    daemon = Rollbackd(config, port, workdir)
+    steps = [5, 25, 50][: len(holds)]
+    daemon = ha_node(tmp_path / name, url, name, rollout_tables(env, f"{hooks.url}/", steps, holds))
     started.append(daemon)
     return daemon
 
 
+def leading_pair(
+    tmp_path: Path, url: str, hooks: Receiver, *, holds: list[str], started: list[Rollbackd]
+) -> tuple[Rollbackd, Rollbackd]:
+    """Nodes ``a`` and ``b`` on ``url``: ``a`` started and waited for as the leader, then ``b``."""
+    a = node(tmp_path, "a", url, hooks, holds=holds, started=started)
+    b = node(tmp_path, "b", url, hooks, holds=holds, started=started)
+    a.start()
+    wait_for(lambda: role_of(a) == "leader", 10, 0.1, what="a leading")
+    b.start()
+    return a, b
+
+
 def boop(daemon: Rollbackd) -> dict[str, Any] | None:
     """``rollouts.boop`` of the daemon's /status (None when it does not answer)."""
-    code, body = http_get(f"http://127.0.0.1:{daemon.port}/status")
-    if code != 200:
-        return None
-    found: dict[str, Any] = json.loads(body)["rollouts"]["boop"]
-    return found
-
-
-def role(daemon: Rollbackd) -> str | None:
-    """``leader`` / ``standby`` (None when it does not answer)."""
-    code, body = http_get(f"http://127.0.0.1:{daemon.port}/status")
-    return str(json.loads(body)["role"]) if code == 200 else None
+    status = status_of(daemon)
+    return None if status is None else dict(status["rollouts"]["boop"])
 
 
 def holding(daemon: Rollbackd, percent: int) -> dict[str, Any] | None:
@@ -155,22 +89,6 @@ def holding(daemon: Rollbackd, percent: int) -> dict[str, Any] | None:
     found = boop(daemon)
     ok = found and found["percent"] == percent and found["hold_remaining_s"] is not None
     return found if ok else None
-
-
-def post(daemon: Rollbackd, path: str) -> tuple[int, str]:
-    """POST with the daemon's control token; ``(status, body)``."""
-    token = read_control_token(daemon.workdir / "state")
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{daemon.port}{path}",
-        method="POST",
-        headers={"Authorization": f"Bearer {token}"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return int(response.status), response.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read().decode()
 
 
 def promotions(pg: Postgres, database: str) -> list[tuple[Any, ...]]:
@@ -189,7 +107,7 @@ def percent_in(tmp_path: Path) -> str:
 
 
 def test_a_rollout_ramps_on_postgresql_state(
-    tmp_path: Path, pg: Postgres, hooks: Hooks, started: list[Rollbackd]
+    tmp_path: Path, pg: Postgres, hooks: Receiver, started: list[Rollbackd]
 ) -> None:
     """One daemon on PostgreSQL: 5 -> 25 -> 50 %, each promotion once; pause is fenced too."""
     database = pg.database()
@@ -198,9 +116,9 @@ def test_a_rollout_ramps_on_postgresql_state(
     )
     daemon.start()
     wait_for(lambda: holding(daemon, 25), 20, 0.1, what="holding at 25 %")
-    assert post(daemon, "/rollouts/boop/pause")[0] == 200
+    assert post_control(daemon, "/rollouts/boop/pause")[0] == 200
     assert pg.sql("SELECT phase FROM rollouts WHERE name = 'boop'", database) == [("paused",)]
-    assert post(daemon, "/rollouts/boop/resume")[0] == 200
+    assert post_control(daemon, "/rollouts/boop/resume")[0] == 200
     wait_for(lambda: (b := boop(daemon)) and b["state"] == "complete", 20, 0.1, what="complete")
     assert daemon.stop() == 0
     assert percent_in(tmp_path) == "BOOP_TRAFFIC_PERCENT=50"
@@ -215,25 +133,20 @@ def test_a_rollout_ramps_on_postgresql_state(
 
 
 def test_leader_killed_mid_hold_standby_resumes_the_hold_and_promotes_once(
-    tmp_path: Path, pg: Postgres, hooks: Hooks, started: list[Rollbackd]
+    tmp_path: Path, pg: Postgres, hooks: Receiver, started: list[Rollbackd]
 ) -> None:
     """SIGKILL the leader 2 s into an 8 s hold: the standby holds what was left, then promotes.
 
     Before, the standby shows the rollout from the store and refuses operations (503).
     """
-    url = pg.url(pg.database())
     holds = ["300ms", "8s", "300ms"]
-    a = node(tmp_path, "a", url, hooks, holds=holds, started=started)
-    b = node(tmp_path, "b", url, hooks, holds=holds, started=started)
-    a.start()
-    wait_for(lambda: role(a) == "leader", 10, 0.1, what="a leading")
-    b.start()
-    assert role(b) == "standby"
+    a, b = leading_pair(tmp_path, pg.url(pg.database()), hooks, holds=holds, started=started)
+    assert role_of(b) == "standby"
     wait_for(lambda: holding(a, 25), 20, 0.1, what="a holding at 25 %")
     seen = wait_for(lambda: holding(b, 25), 5, 0.1, what="the standby showing the hold")
     assert seen["state"] == "holding"
     assert seen["step"] == 1
-    code, body = post(b, "/rollouts/boop/promote")
+    code, body = post_control(b, "/rollouts/boop/promote")
     assert code == 503, body
     assert "standby" in body
     time.sleep(2.0)
@@ -241,7 +154,7 @@ def test_leader_killed_mid_hold_standby_resumes_the_hold_and_promotes_once(
     assert before is not None
     a.kill()
     killed = time.monotonic()
-    wait_for(lambda: role(b) == "leader", 5, 0.05, what="b taking over")
+    wait_for(lambda: role_of(b) == "leader", 5, 0.05, what="b taking over")
     after = holding(b, 25)
     elapsed = time.monotonic() - killed
     assert after is not None, boop(b)
@@ -263,25 +176,16 @@ def test_leader_killed_mid_promotion_new_leader_finishes_it(
 
     With the same key; it sets nothing twice and opens no second promotion.
     """
-    hooks = hooks_server(slow="boop:2", delay=3.0)
-    try:
+    with Receiver(hold=lambda key: key == "boop:2", delay=3.0) as hooks:
         database = pg.database()
-        url = pg.url(database)
         holds = ["300ms", "300ms", "300ms"]
-        a = node(tmp_path, "a", url, hooks, holds=holds, started=started)
-        b = node(tmp_path, "b", url, hooks, holds=holds, started=started)
-        a.start()
-        wait_for(lambda: role(a) == "leader", 10, 0.1, what="a leading")
-        b.start()
+        a, b = leading_pair(tmp_path, pg.url(database), hooks, holds=holds, started=started)
         assert hooks.arrived.wait(20), "the 50 % announcement never arrived"
         a.kill()
-        wait_for(lambda: role(b) == "leader", 5, 0.05, what="b taking over")
+        wait_for(lambda: role_of(b) == "leader", 5, 0.05, what="b taking over")
         wait_for(lambda: (s := boop(b)) and s["state"] == "complete", 20, 0.1, what="complete")
         assert b.stop() == 0
         calls = list(hooks.calls)
-    finally:
-        hooks.shutdown()
-        hooks.server_close()
     assert percent_in(tmp_path) == "BOOP_TRAFFIC_PERCENT=50"
     # The interrupted announcement is attempted again with its own key; the rest once.
     assert calls == ["boop:0", "boop:1", "boop:2", "boop:2"]
@@ -355,7 +259,7 @@ async def test_the_rollout_store_answers_alike_on_sqlite_and_postgresql(
         await exercise(sqlite)
     finally:
         await sqlite.close()
-    monkeypatch.setenv("RBD_TEST_PG_PASSWORD", PASSWORD)
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
     store = await PgState.open(daemon_of(pg.url(pg.database())))
     try:
         await lead(store)
@@ -371,7 +275,7 @@ async def test_a_deposed_leader_changes_no_rollout(
 
     Neither the state nor a promotion's incident is written; a standby's reads still work.
     """
-    monkeypatch.setenv("RBD_TEST_PG_PASSWORD", PASSWORD)
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
     database = pg.database()
     old = await PgState.open(daemon_of(pg.url(database)))
     new = await PgState.open(daemon_of(pg.url(database)))

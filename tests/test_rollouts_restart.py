@@ -5,116 +5,41 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import config_file, daemon_table, route_legacy
+from tests.helpers import Receiver, alive, config_file, daemon_table, rollout_tables
 from tests.servers import Rollbackd, free_port, wait_for
 from tests.test_cli import rollbackd
 
 pytestmark = pytest.mark.slow
 
 
-class Hooks(ThreadingHTTPServer):
-    """The team's webhook on 127.0.0.1: records each call's idempotency key.
-
-    The first call with key ``slow`` is answered only after ``delay`` seconds (the daemon is
-    killed meanwhile).
-    """
-
-    def __init__(self, slow: str, delay: float) -> None:
-        self.calls: list[str] = []
-        self.slow, self.delay = slow, delay
-        self.arrived = threading.Event()
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: Hooks
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length", 0))
-        document = json.loads(self.rfile.read(length))
-        key = document["idempotency_key"]
-        first = key not in self.server.calls
-        self.server.calls.append(key)
-        if key == self.server.slow and first:
-            self.server.arrived.set()
-            time.sleep(self.server.delay)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *args: Any) -> None:
-        """Quiet."""
-
-
 @pytest.fixture
-def hooks() -> Iterator[Hooks]:
-    """The webhook server, stopped after the test."""
-    server = Hooks(slow="boop:2", delay=3.0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+def hooks() -> Iterator[Receiver]:
+    """The team's webhook; the first announcement of 50 % is answered only after 3 s."""
+    with Receiver(hold=lambda key: key == "boop:2", delay=3.0) as server:
+        yield server
 
 
 def write_config(
     tmp_path: Path,
     port: int,
-    hooks_port: int,
+    hook: str,
     holds: tuple[str, ...] = ("300ms", "4s", "300ms", "300ms"),
 ) -> Path:
     """Two synthetic, always healthy gates; 5 -> 25 -> 50 -> 100 with a 4 s hold at 25 %."""
-    env = tmp_path / "traffic.env"
-    healthy = {"type": "synthetic", "seed": 1, "noise": 0, "phases": [{"kind": "healthy"}]}
-    monitors = {
-        name: {
-            "interval": "100ms",
-            "on_rollback": ["route-legacy"],
-            "rules": [{"name": f"{name}-errors", "source": "boop", "query": metric, "above": 1.0}],
-        }
-        for name, metric in (
-            ("authentication", "auth_error_rate"),
-            ("payments", "payment_error_rate"),
-        )
-    }
-    return config_file(
-        tmp_path,
-        {
-            "daemon": daemon_table(
-                tmp_path / "state", environment="test", listen=f"127.0.0.1:{port}"
-            ),
-            "sources": {"boop": healthy},
-            "monitors": monitors,
-            "actions": {
-                "route-legacy": route_legacy(env),
-                "route-percent": {**route_legacy(env), "value": "{percent}"},
-                "team": {"type": "alert.webhook", "url": f"http://127.0.0.1:{hooks_port}/hooks"},
-            },
-            "rollouts": {
-                "boop": {
-                    "steps": [5, 25, 50, 100],
-                    "holds": list(holds),
-                    "gates": ["authentication", "payments"],
-                    "min_checks": 2,
-                    "set": "route-percent",
-                    "on_promote": ["team"],
-                }
-            },
-        },
+    daemon = daemon_table(tmp_path / "state", environment="test", listen=f"127.0.0.1:{port}")
+    tables = rollout_tables(
+        tmp_path / "traffic.env", f"{hook}/hooks", [5, 25, 50, 100], list(holds)
     )
+    return config_file(tmp_path, {"daemon": daemon, **tables})
 
 
 def boop(daemon: Rollbackd) -> dict[str, Any]:
@@ -124,7 +49,7 @@ def boop(daemon: Rollbackd) -> dict[str, Any]:
 
 
 def test_sigkill_mid_hold_and_mid_promotion_resumes_without_repeating(
-    tmp_path: Path, hooks: Hooks
+    tmp_path: Path, hooks: Receiver
 ) -> None:
     """Killed mid-hold and mid-promotion, the daemon resumes both and sets nothing twice.
 
@@ -132,7 +57,7 @@ def test_sigkill_mid_hold_and_mid_promotion_resumes_without_repeating(
     announcing 50 %, it finishes that promotion (same key) and sets nothing twice.
     """
     port = free_port()
-    daemon = Rollbackd(write_config(tmp_path, port, hooks.server_address[1]), port, tmp_path)
+    daemon = Rollbackd(write_config(tmp_path, port, hooks.url), port, tmp_path)
     try:
         daemon.start()
         wait_for(lambda: boop(daemon)["percent"] == 25 and boop(daemon)["hold_remaining_s"], 20)
@@ -154,7 +79,7 @@ def test_sigkill_mid_hold_and_mid_promotion_resumes_without_repeating(
         wait_for(lambda: boop(daemon)["state"] == "complete", 20, what="complete")
         assert daemon.stop() == 0
     finally:
-        if daemon.process is not None and daemon.process.poll() is None:
+        if alive(daemon):
             daemon.kill()
 
     assert (tmp_path / "traffic.env").read_text().strip().endswith("BOOP_TRAFFIC_PERCENT=100")
@@ -178,12 +103,10 @@ def test_sigkill_mid_hold_and_mid_promotion_resumes_without_repeating(
     ]
 
 
-def test_rollout_cli_steers_a_running_daemon(tmp_path: Path, hooks: Hooks) -> None:
+def test_rollout_cli_steers_a_running_daemon(tmp_path: Path, hooks: Receiver) -> None:
     """Rollout status / pause / resume / promote --yes / abort / restart, token-guarded HTTP."""
     port = free_port()
-    config = write_config(
-        tmp_path, port, hooks.server_address[1], holds=("300ms", "24h", "1s", "1s")
-    )
+    config = write_config(tmp_path, port, hooks.url, holds=("300ms", "24h", "1s", "1s"))
     daemon = Rollbackd(config, port, tmp_path)
     daemon.start()
     try:
