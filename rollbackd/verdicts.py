@@ -5,6 +5,7 @@ Pure, like the engine that decides on the verdicts: no I/O, no clock.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -124,8 +125,7 @@ def evaluate_rule(
     above = direction == "above"
     direction_word: str = direction
     not_word = "not " + direction
-    sfx = f" {unit}" if unit else ""
-    limit = f"threshold {format_value(threshold)}{sfx}"
+    sfx, limit = _limit_text(threshold, unit)
     if not readings:
         return [_no_data(rule, (), "the source returned no series", at)]
     results: list[RuleResult] = []
@@ -160,6 +160,16 @@ def evaluate_rule(
             why = reading.reason or ("value is NaN" if value is not None else "no value")
             append(_no_data(rule, reading.labels, why, reading.at))
     return results
+
+
+@functools.lru_cache(maxsize=1024)
+def _limit_text(threshold: float, unit: str) -> tuple[str, str]:
+    """``(" %", "threshold 1.0 %")``: a rule's unit suffix and threshold, as reasons show them.
+
+    The same for every check of a rule, so worked out once (about 1 us a check).
+    """
+    sfx = f" {unit}" if unit else ""
+    return sfx, f"threshold {format_value(threshold)}{sfx}"
 
 
 def matching(labels: Labels) -> Labels:
