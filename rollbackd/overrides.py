@@ -27,9 +27,8 @@ def overridden(
 ) -> dict[str, Any]:
     """``given`` (keys in any case) with ``prefix + KEY`` variables of ``environ`` over it."""
     values = _by_field_name(model, given)
-    found = {
-        name.lower(): value for name, value in (os.environ if environ is None else environ).items()
-    }
+    environ = os.environ if environ is None else environ
+    found = {name.lower(): value for name, value in environ.items()}  # the last of a case wins
     for name, field in model.model_fields.items():
         text = found.get(f"{prefix}{name}".lower())
         if text is None:
