@@ -29,10 +29,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from rollbackd.errors import ConfigError
 from rollbackd.options import CaFile, Frozen, SecretRef, bounded
+from rollbackd.overrides import overridden
 from rollbackd.problems import dotted, lines
 from rollbackd.rollouts import Spec
 from rollbackd.windows import Freeze, Window, parse_instant, parse_window
@@ -60,12 +60,10 @@ class RateLimit(Frozen):
     per: RateWindow
 
 
-class DaemonConfig(BaseSettings):
+class DaemonConfig(BaseModel):
     """``[daemon]``; every key can be overridden by ``ROLLBACKD_<KEY>`` in the environment."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="ROLLBACKD_", extra="forbid", frozen=True, case_sensitive=False
-    )
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     mode: Literal["dry-run", "armed"] = "dry-run"
     environment: str = "production"
@@ -93,17 +91,12 @@ class DaemonConfig(BaseSettings):
     state_ca_file: CaFile | None = None
     """CA bundle verifying the server (``sslmode=verify-full``/``verify-ca``)."""
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """The environment overrides the TOML file (which arrives as init arguments)."""
-        return (env_settings, init_settings)
+    def __init__(self, **values: Any) -> None:
+        """The TOML table's keys (any case) with ``ROLLBACKD_<KEY>`` variables over them.
+
+        pydantic runs this for ``model_validate`` too; ``model_construct`` reads nothing.
+        """
+        super().__init__(**overridden(type(self), values, "ROLLBACKD_"))
 
     @property
     def is_production(self) -> bool:

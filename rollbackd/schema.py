@@ -157,6 +157,12 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+CACHE_KIB = 256
+"""SQLite's page cache (its default is 2,000 KiB), all of it RSS once filled: the pages a group
+commit touches fit; the rest of the history (~1 MiB for 100 monitors' last 50 checks) is read
+back from the OS's file cache when /status or the page asks, at no measurable cost per check."""
+
+
 def configure(conn: sqlite3.Connection, path: Path) -> None:
     """WAL with synchronous=FULL: a committed check survives a power cut, readers never block."""
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -164,6 +170,7 @@ def configure(conn: sqlite3.Connection, path: Path) -> None:
         raise StateError(f"state database {path}: cannot use WAL journaling (got {mode})")
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")  # negative: KiB, not pages
 
 
 def migrate(conn: sqlite3.Connection, path: Path) -> None:

@@ -82,13 +82,15 @@ def test_config_and_options_know_no_plugin() -> None:
     """config.py and options.py (what plugins import) import no plugin and nothing above.
 
     config.py reads rollout windows with ``windows`` (which imports nothing) and builds the
-    pure ``rollouts.Spec``.
+    pure ``rollouts.Spec``; ``overrides`` (the environment over [daemon]) imports nothing.
     """
     assert graph()["rollbackd.options"] == {"rollbackd.errors"}
     assert graph()["rollbackd.problems"] == set()
+    assert graph()["rollbackd.overrides"] == set()
     assert graph()["rollbackd.config"] == {
         "rollbackd.errors",
         "rollbackd.options",
+        "rollbackd.overrides",
         "rollbackd.problems",
         "rollbackd.rollouts",
         "rollbackd.windows",
