@@ -265,7 +265,10 @@ class MonitorRunner:
     async def _read_all(self, now: float) -> dict[str, Sequence[Reading]]:
         """Every rule's readings by rule name, and each volume guard's under ``VOLUME + name``."""
         reads = self._reads
-        if len(reads) == 1 or self._local:  # one read, or reads that do no I/O: no tasks
+        if len(reads) == 1:  # one read: no task, no comprehension
+            key, rule = reads[0]
+            return {key: await self._read(rule, now)}
+        if self._local:  # reads that do no I/O: no tasks
             return {key: await self._read(rule, now) for key, rule in reads}
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(self._read(rule, now)) for _, rule in reads]
@@ -281,6 +284,8 @@ class MonitorRunner:
             log.exception("source_read_crashed", monitor=self.name, rule=rule.name)
             why = f"reading failed: {type(exc).__name__}: {str(exc)[:200]}"
             readings = [error_reading(why, now)]
+        if not any(r.reason for r in readings):  # values only: nothing to redact
+            return readings
         text = self.redactor.text
         return [replace(r, reason=text(r.reason)) if r.reason else r for r in readings]
 
@@ -333,10 +338,11 @@ class MonitorRunner:
 
     async def _decide(self, check: Check, transition: Transition, now: float) -> str | None:
         """Commit the check with its state and any incident it opens; the incident id."""
-        previous: list[Check] = []
-        if transition.events:  # the streak behind the decision goes into the incident
-            streak = max(self.config.rollback_after, self.config.blind_after) - 1
-            previous = await self._store.recent_checks(self.name, streak) if streak else []
+        if not transition.events:  # no incident to open: the check and its state alone
+            return await self._store.commit_check(check, transition.state, self.history)
+        # the streak behind the decision goes into the incident
+        streak = max(self.config.rollback_after, self.config.blind_after) - 1
+        previous = await self._store.recent_checks(self.name, streak) if streak else []
         draft = incidents.for_transition(
             self.name,
             self.config,
