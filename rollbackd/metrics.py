@@ -328,7 +328,7 @@ class _Checks:
 
     def describe(self) -> list[Metric]:
         """The families (for the registry's name check), without samples."""
-        return list(self._families()[:3])
+        return list(self._families())
 
     def collect(self) -> Iterator[Metric]:
         """The three families with every tracked monitor's samples."""

@@ -175,9 +175,9 @@ class Schedule:
         """
         self.monitors = monitors
         self._clock = clock
-        self._anchor = anchor
-        self.anchor = 0.0
-        """The anchor in use (once started): the daemon keeps it for the next schedule."""
+        self.anchor = anchor
+        """The anchor in use (set by ``start()`` if not given): the daemon keeps it for the
+        next schedule."""
         self._beats: list[_Beat] = []
         self._last_tick: dict[str, float] = {}
         self._ticks: dict[str, asyncio.Task[None]] = {}
@@ -208,7 +208,9 @@ class Schedule:
         """
         loop = asyncio.get_running_loop()
         now = loop.time()
-        anchor = self.anchor = now if self._anchor is None else self._anchor
+        if self.anchor is None:
+            self.anchor = now
+        anchor = self.anchor
         next_runs = next_runs or {}
         groups: dict[tuple[float, float, int], list[str]] = {}
         for name, runner in self.monitors.items():
