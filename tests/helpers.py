@@ -13,8 +13,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -161,20 +161,32 @@ def config_file(directory: Path, config: str | Mapping[str, Any]) -> Path:
     return path
 
 
+@asynccontextmanager
+async def serving(
+    assembly: Assembly, config_path: Path | None = None, registries: Registries | None = None
+) -> AsyncIterator[Daemon]:
+    """An in-process daemon on ``assembly``, ready; stopped cleanly (exit 0) after the block.
+
+    With ``config_path``, ``daemon.reload()`` re-reads that file.
+    """
+    daemon = Daemon(assembly, config_path, registry=CollectorRegistry(), registries=registries)
+    task = asyncio.create_task(daemon.serve())
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 10)
+        yield daemon
+    finally:
+        daemon.stop()
+        assert await asyncio.wait_for(task, 30) == 0
+
+
 async def running(
     assembly: Assembly,
     body: Callable[[Daemon], Awaitable[None]],
     registries: Registries | None = None,
 ) -> None:
     """Serve an in-process daemon on ``assembly``, run ``body`` against it, stop it cleanly."""
-    daemon = Daemon(assembly, registry=CollectorRegistry(), registries=registries)
-    serving = asyncio.create_task(daemon.serve())
-    try:
-        await asyncio.wait_for(daemon.ready.wait(), 10)
+    async with serving(assembly, registries=registries) as daemon:
         await body(daemon)
-    finally:
-        daemon.stop()
-        assert await asyncio.wait_for(serving, 30) == 0
 
 
 def rollout_tables(

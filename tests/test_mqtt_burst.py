@@ -12,19 +12,17 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from rollbackd import assemble, readings
 from rollbackd.assemble import Registries
 from rollbackd.config import RuleConfig
-from rollbackd.daemon import Daemon
 from rollbackd.engine import Check
 from rollbackd.readings import Reading
 from rollbackd.schedule import Backlog
 from rollbackd.sources import Arrival, SourceType
 from rollbackd.sources.mqtt import MqttOptions, MqttSource
-from tests.helpers import daemon_table, wait_until
+from tests.helpers import daemon_table, serving, wait_until
 from tests.servers import Mosquitto
 
 SAMPLES = 100
@@ -130,11 +128,7 @@ async def test_a_burst_of_100_samples_is_100_checks_and_one_rollback_at_the_righ
     The second rule is read at its latest value by each check; with reads that await, the
     samples arrive while checks run.
     """
-    assembly = config(tmp_path, mosquitto.port, kind)
-    daemon = Daemon(assembly, registry=CollectorRegistry(), registries=REGISTRIES)
-    serving = asyncio.create_task(daemon.serve())
-    try:
-        await asyncio.wait_for(daemon.ready.wait(), 10)
+    async with serving(config(tmp_path, mosquitto.port, kind), registries=REGISTRIES) as daemon:
         source = daemon.sources["bus"]
         assert isinstance(source, MqttSource)
         await asyncio.wait_for(source.subscribed.wait(), 10)
@@ -161,9 +155,6 @@ async def test_a_burst_of_100_samples_is_100_checks_and_one_rollback_at_the_righ
             value(i) for i in range(TRIGGER - ROLLBACK_AFTER, TRIGGER + 1)
         ]
         assert str(monitor.state.phase) == "rolled_back"
-    finally:
-        daemon.stop()
-        assert await asyncio.wait_for(serving, 30) == 0
 
 
 def arrival(n: float) -> Arrival:
@@ -241,10 +232,7 @@ async def test_samples_arriving_during_reloads_are_each_one_check_in_order(
     """
     path = tmp_path / "rollbackd.toml"
     path.write_text(config_toml(tmp_path, mosquitto.port))
-    daemon = Daemon(assemble.load(path, registries=REGISTRIES), path, registries=REGISTRIES)
-    serving = asyncio.create_task(daemon.serve())
-    try:
-        await asyncio.wait_for(daemon.ready.wait(), 10)
+    async with serving(assemble.load(path, registries=REGISTRIES), path, REGISTRIES) as daemon:
         source = daemon.sources["bus"]
         assert isinstance(source, MqttSource)
         await asyncio.wait_for(source.subscribed.wait(), 10)
@@ -273,6 +261,3 @@ async def test_samples_arriving_during_reloads_are_each_one_check_in_order(
         rollbacks = [i for i in daemon.store.incidents() if i.event == "rollback"]
         assert len(rollbacks) == 1
         assert rollbacks[0].details["trigger"]["results"][0]["value"] == value(TRIGGER)
-    finally:
-        daemon.stop()
-        assert await asyncio.wait_for(serving, 30) == 0

@@ -12,7 +12,6 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from rollbackd import assemble, readings
 from rollbackd.actions.envfile import unquote
@@ -26,7 +25,7 @@ from rollbackd.rolloutlog import RolloutLog
 from rollbackd.sources import SourceType
 from rollbackd.state import Store
 from tests import helpers
-from tests.helpers import config_file, daemon_table, route_legacy, wait_until
+from tests.helpers import config_file, daemon_table, route_legacy, serving, wait_until
 from tests.test_daemon import ScriptedSource
 
 
@@ -341,15 +340,7 @@ async def test_a_reload_keeps_the_hold(tmp_path: Path) -> None:
     """SIGHUP's reload re-reads the file; the running hold keeps its start and its step."""
     env = tmp_path / "traffic.env"
     path = config_file(tmp_path, config(tmp_path, route_percent(env), hold="24h"))
-    daemon = Daemon(
-        assemble.load(path, registries=REGISTRIES),
-        path,
-        registry=CollectorRegistry(),
-        registries=REGISTRIES,
-    )
-    serving = asyncio.create_task(daemon.serve())
-    try:
-        await asyncio.wait_for(daemon.ready.wait(), 10)
+    async with serving(assemble.load(path, registries=REGISTRIES), path, REGISTRIES) as daemon:
         await wait_until(lambda: rollout(daemon)["hold_remaining_s"] is not None, 10, "holding")
         saved = daemon.ramp.status()["boop"]
         started = RolloutLog(daemon.store).load("boop")
@@ -362,9 +353,6 @@ async def test_a_reload_keeps_the_hold(tmp_path: Path) -> None:
         assert again.hold_started_at == started.hold_started_at
         assert (rollout(daemon)["step"], rollout(daemon)["percent"]) == (saved["step"], 5)
         assert rollout(daemon)["gates"]["payments"]["min_checks"] == 3
-    finally:
-        daemon.stop()
-        assert await asyncio.wait_for(serving, 30) == 0
     assert promotions_in(tmp_path) == 1
 
 
@@ -376,24 +364,13 @@ async def test_a_reload_that_adds_a_rollout_starts_it(tmp_path: Path) -> None:
         monitor["interval"] = "1h"
     bare = {key: value for key, value in full.items() if key != "rollouts"}
     path = config_file(tmp_path, bare)
-    daemon = Daemon(
-        assemble.load(path, registries=REGISTRIES),
-        path,
-        registry=CollectorRegistry(),
-        registries=REGISTRIES,
-    )
-    serving = asyncio.create_task(daemon.serve())
-    try:
-        await asyncio.wait_for(daemon.ready.wait(), 10)
+    async with serving(assemble.load(path, registries=REGISTRIES), path, REGISTRIES) as daemon:
         await asyncio.sleep(1.5)  # longer than a tick: nothing to ramp, nothing happens
         assert daemon.status()["rollouts"] == {}
         config_file(tmp_path, full)
         assert await daemon.reload()
         await wait_until(lambda: env.exists() and traffic(env) == "5", 5, "the first step set")
         await wait_until(lambda: rollout(daemon)["hold_remaining_s"] is not None, 5, "holding")
-    finally:
-        daemon.stop()
-        assert await asyncio.wait_for(serving, 30) == 0
 
 
 def promotions_in(state_dir: Path) -> int:
