@@ -28,8 +28,8 @@ class ScriptedOptions(Frozen):
 
 
 @dataclass
-class ScriptedSource:
-    """A poll source answering from ``VALUES`` and ``FAILING``."""
+class PolledStub:
+    """A poll source with nothing to subscribe to, connect or close: subclasses ``read``."""
 
     name: str
     push: bool = False
@@ -45,6 +45,11 @@ class ScriptedSource:
 
     async def aclose(self) -> None:
         """Nothing to close."""
+
+
+@dataclass
+class ScriptedSource(PolledStub):
+    """A poll source answering from ``VALUES`` and ``FAILING``."""
 
     async def read(self, rule: RuleConfig, now: float) -> Sequence[Reading]:
         """Answer from the script."""

@@ -40,6 +40,7 @@ from tests.helpers import (
     to_toml,
     wait_until,
 )
+from tests.scripted import PolledStub
 
 
 class ScriptedOptions(Frozen):
@@ -60,23 +61,8 @@ SCRIPT = Script()
 
 
 @dataclass
-class ScriptedSource:
+class ScriptedSource(PolledStub):
     """A poll source whose answer the test controls."""
-
-    name: str
-    push: bool = False
-
-    def watch(self, monitor: str, rule: RuleConfig) -> None:
-        """Nothing to subscribe to."""
-
-    def add_listener(self, listener: ArrivalListener) -> None:
-        """Polled source: nothing arrives by itself."""
-
-    async def start(self) -> None:
-        """Nothing to connect."""
-
-    async def aclose(self) -> None:
-        """Nothing to close."""
 
     async def read(self, rule: RuleConfig, now: float) -> Sequence[Reading]:
         """Answer from the script."""
