@@ -37,6 +37,7 @@ from rollbackd.verdicts import RuleResult, Verdict
 from tests import scripted
 from tests.helpers import daemon_table, payment_error_rate, running, wait_until
 from tests.servers import free_port
+from tests.test_api_render import Surface as ApiSurface
 
 TOKEN = "page-render-token-0123456789"
 EVIL = '<script>alert("x")</script>'
@@ -129,7 +130,7 @@ def _check(at: float, value: float, monitor: str = "authentication") -> Check:
 
 
 @dataclass
-class Surface:
+class Surface(ApiSurface):
     """A daemon stand-in with history and incidents (``page.Records``)."""
 
     document: dict[str, Any] = field(default_factory=hostile_status)
@@ -137,18 +138,6 @@ class Surface:
     checks: dict[str, list[Check]] = field(default_factory=dict)
     incidents: dict[str, dict[str, Any]] = field(default_factory=dict)
     history: int = 20
-
-    def health(self) -> tuple[bool, str]:
-        """Always healthy."""
-        return True, "ok"
-
-    def status(self) -> dict[str, Any]:
-        """The document as set."""
-        return self.document
-
-    async def rearm(self, monitor: str) -> dict[str, Any]:
-        """Not used here."""
-        return {"monitor": monitor}
 
     async def recent_checks(self, monitor: str) -> Sequence[Check]:
         """The checks as set."""
