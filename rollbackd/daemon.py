@@ -32,7 +32,7 @@ from rollbackd.inflight import PlanTasks
 from rollbackd.metrics import Metrics
 from rollbackd.monitor import MonitorRunner
 from rollbackd.parts import Parts
-from rollbackd.plan import PlanRunner
+from rollbackd.plan import SAMPLES, PlanRunner
 from rollbackd.ramp import Ramp, steady
 from rollbackd.records import IncidentDraft, IncidentRecord
 from rollbackd.redact import Redactor
@@ -381,6 +381,7 @@ class Daemon:
             on_duration=self.metrics.action_duration,
             on_failed_steps=self._alert_failed_steps,
             redactor=self.redactor,
+            samples=min(SAMPLES, self.config.daemon.history),
         )
 
     async def _alert_failed_steps(self, record: IncidentRecord) -> None:

@@ -341,7 +341,7 @@ class MonitorRunner:
         if not transition.events:  # no incident to open: the check and its state alone
             return await self._store.commit_check(check, transition.state, self.history)
         # the streak behind the decision goes into the incident
-        streak = max(self.config.rollback_after, self.config.blind_after) - 1
+        streak = min(max(self.config.rollback_after, self.config.blind_after) - 1, self.history)
         previous = await self._store.recent_checks(self.name, streak) if streak else []
         draft = incidents.for_transition(
             self.name,

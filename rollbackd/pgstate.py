@@ -558,12 +558,10 @@ class PgState:
             await cur.execute(SAVE_ROLLOUT, (name, *values_of(state, now)))
         return True if incident_id is None else incident_id
 
-    async def gate_checks(self, monitor: str, after: int) -> GateChecks:
+    async def gate_checks(self, monitor: str, after: int, within: int) -> GateChecks:
         async with self._tx("reading a gate's checks") as cur:
             await cur.execute(
-                "SELECT outcome, COUNT(*) FROM checks WHERE monitor = %s AND id > %s "
-                "GROUP BY outcome",
-                (monitor, after),
+                rolloutlog.GATE_CHECKS.replace("?", "%s"), (monitor, after, max(within, 1))
             )
             counts = {str(o): int(n) for o, n in await cur.fetchall()}
             await cur.execute(

@@ -36,6 +36,8 @@ log = structlog.get_logger("rollbackd.plan")
 
 DEFAULT = ActionConfig(type="")
 """Limits of a step whose action is not configured (it fails at once anyway)."""
+SAMPLES = 50
+"""Recent checks an incident record copies (fewer when ``daemon.history`` keeps fewer)."""
 MAX_INTERRUPTIONS = 5
 """A step the daemon died in this many times is failed: no endless crash loop."""
 DETAIL_CHARS = 2000
@@ -75,8 +77,8 @@ class PlanRunner:
     backoff_base: float = 0.5
     """First retry delay in seconds; it doubles per attempt (with jitter) up to ``backoff_cap``."""
     backoff_cap: float = 30.0
-    samples: int = 50
-    """Recent checks of the monitor copied into the incident record."""
+    samples: int = SAMPLES
+    """Recent checks of the monitor copied into the incident record (at most ``history``)."""
     clock: Callable[[], float] = time.time
     redactor: Redactor = field(default_factory=Redactor)
     """Secrets out of step details and incident records."""

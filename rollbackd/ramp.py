@@ -230,8 +230,10 @@ class Ramp:
         return self._gates_of(config, state, checks)
 
     async def _checks(self, config: RolloutConfig, state: RolloutState) -> dict[str, GateChecks]:
-        store = self._store()
-        return {gate: await store.gate_checks(gate, state.baseline) for gate in config.gates}
+        store, history = self._store(), self._config().daemon.history
+        return {
+            gate: await store.gate_checks(gate, state.baseline, history) for gate in config.gates
+        }
 
     def _remember(self, name: str, state: RolloutState) -> None:
         """``state`` is the rollout's now (its gates' checks as last read)."""

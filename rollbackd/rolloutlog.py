@@ -51,6 +51,13 @@ class GateChecks:
     open_incident: bool
 
 
+GATE_CHECKS = (
+    "SELECT outcome, COUNT(*) FROM (SELECT outcome FROM checks WHERE monitor = ? AND id > ? "
+    "ORDER BY id DESC LIMIT ?) AS newest GROUP BY outcome"
+)
+"""A gate's checks by outcome: parameters (monitor, baseline id, ``history``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class RolloutLog:
     """Rollout rows and their promotions in one store."""
@@ -93,16 +100,14 @@ class RolloutLog:
             _write(conn, name, state, now)
         return True if incident_id is None else incident_id
 
-    def gate_checks(self, monitor: str, after: int) -> GateChecks:
-        """Ok and breaching checks of ``monitor`` with an id after ``after``; a running incident."""
+    def gate_checks(self, monitor: str, after: int, within: int) -> GateChecks:
+        """Ok and breaching checks of ``monitor`` after ``after``; whether an incident runs.
+
+        Counted among its newest ``within`` (``history``: the database may hold a few more
+        until they are trimmed).
+        """
         with self.store.transaction("reading a gate's checks") as conn:
-            counts = dict(
-                conn.execute(
-                    "SELECT outcome, COUNT(*) FROM checks WHERE monitor = ? AND id > ? "
-                    "GROUP BY outcome",
-                    (monitor, after),
-                ).fetchall()
-            )
+            counts = dict(conn.execute(GATE_CHECKS, (monitor, after, max(within, 1))).fetchall())
             running = conn.execute(
                 "SELECT COUNT(*) FROM incidents WHERE monitor = ? AND finished_at IS NULL",
                 (monitor,),

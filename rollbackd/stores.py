@@ -38,7 +38,7 @@ class StateStore(Protocol):
         """The committed state of ``monitor``, or None if it never committed a check."""
 
     async def recent_checks(self, monitor: str, limit: int) -> list[Check]:
-        """The newest ``limit`` checks of ``monitor``, oldest first."""
+        """The newest ``limit`` checks of ``monitor``, oldest first (``limit`` <= ``history``)."""
 
     async def commit_check(
         self,
@@ -122,8 +122,12 @@ class StateStore(Protocol):
         (see ``RolloutLog.replace_if``); fenced like ``commit_check``.
         """
 
-    async def gate_checks(self, monitor: str, after: int) -> GateChecks:
-        """Ok and breaching checks of ``monitor`` with an id after ``after``; a running incident."""
+    async def gate_checks(self, monitor: str, after: int, within: int) -> GateChecks:
+        """A gate's ok and breaching checks since a hold began, and whether an incident runs.
+
+        Counted among ``monitor``'s newest ``within`` (``history``) checks with an id after
+        ``after`` (the hold's baseline).
+        """
 
     async def newest_check(self) -> int:
         """The id of the newest check of any monitor (0 when there is none)."""
@@ -249,8 +253,8 @@ class SqliteState:
     ) -> str | bool:
         return self._rollouts.replace_if(name, expected, state, now, draft)
 
-    async def gate_checks(self, monitor: str, after: int) -> GateChecks:
-        return self._rollouts.gate_checks(monitor, after)
+    async def gate_checks(self, monitor: str, after: int, within: int) -> GateChecks:
+        return self._rollouts.gate_checks(monitor, after, within)
 
     async def newest_check(self) -> int:
         return self._rollouts.newest_check()

@@ -140,6 +140,36 @@ def plan_done(daemon: Daemon) -> bool:
     return any(i.event == "rollback" and i.finished_at for i in daemon.store.incidents())
 
 
+async def test_a_short_history_bounds_what_an_incident_copies(tmp_path: Path) -> None:
+    """``history = 3``: the store trims in batches, yet the record copies exactly 3 checks.
+
+    Quiet checks leave up to ``TRIM_SLACK`` more rows on disk than ``history``; the checks an
+    incident copies from before it are the newest 3 (not ``blind_after`` - 1 = 5), and its
+    record's recent samples are the newest 3 (not 50).
+    """
+    prepare(tmp_path)
+    raw = config_dict(tmp_path, rollback_after=5, blind_after=6)
+    raw["daemon"]["history"] = 3
+    config = from_dict(raw)
+
+    async def body(daemon: Daemon) -> None:
+        monitor = daemon.monitors["payments"]
+        await wait_until(lambda: monitor.state.checks >= 50)  # a few group commits
+        SCRIPT.value = 2.5
+        await wait_until(lambda: plan_done(daemon))
+        (alert,) = [i for i in daemon.store.incidents() if i.event == "alert"]
+        before = [c["outcome"] for c in alert.details["checks"]]
+        assert before == ["ok", "ok", "ok", "breach"]  # the 3 kept before it, and its own
+        (incident,) = [i for i in daemon.store.incidents() if i.event == "rollback"]
+        streak = [c["outcome"] for c in incident.details["checks"]]
+        assert streak == ["breach"] * 4
+        record = json.loads((tmp_path / "incidents" / f"{incident.id}.json").read_text())
+        (samples,) = record["recent_samples"].values()
+        assert len(samples) == 3
+
+    await running(config, body)
+
+
 async def test_rollback_after_exactly_n_failing_checks(tmp_path: Path) -> None:
     """Healthy checks do nothing; three breaches in a row run the plan once and latch."""
     prepare(tmp_path)

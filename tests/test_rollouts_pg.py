@@ -231,9 +231,11 @@ async def exercise(store: StateStore) -> None:
     await store.flush()
     newest = await store.newest_check()
     assert newest > 0
-    found = await store.gate_checks("payments", 0)
+    found = await store.gate_checks("payments", 0, 10)
     assert (found.ok, found.breaches, found.open_incident) == (2, 1, False)
-    assert (await store.gate_checks("payments", newest)).ok == 0
+    newest_two = await store.gate_checks("payments", 0, 2)  # only the newest ``history`` count
+    assert (newest_two.ok, newest_two.breaches) == (1, 1)
+    assert (await store.gate_checks("payments", newest, 10)).ok == 0
     stale = RolloutState(step=0, percent=5)
     assert await store.replace_rollout("boop", stale, HOLDING, 160.0) is False
     moving = RolloutState(step=2, percent=25, baseline=newest, run=1)

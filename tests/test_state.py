@@ -21,7 +21,7 @@ from rollbackd.errors import StateError
 from rollbackd.readings import error, labels_of, no_data, ok
 from rollbackd.records import IncidentDraft
 from rollbackd.schema import SCHEMA_VERSION
-from rollbackd.state import Store
+from rollbackd.state import TRIM_SLACK, Store
 from rollbackd.verdicts import evaluate_rule
 
 POLICY = Policy(
@@ -312,7 +312,7 @@ CHILD = textwrap.dedent(
     from rollbackd.verdicts import evaluate_rule
     from rollbackd.readings import labels_of, ok
     from rollbackd.records import IncidentDraft
-    from rollbackd.state import Store
+    from rollbackd.state import TRIM_SLACK, Store
 
     store = Store.open(Path(sys.argv[1]))
     rule = RuleConfig(name="err", source="prom", query="q", above=1.0)
@@ -489,10 +489,11 @@ def test_a_schema_1_store_migrates_with_its_latch_and_plan(tmp_path: Path) -> No
     assert (tmp_path / "state.marker").exists()
 
 
-def test_group_commits_keep_exactly_the_newest_history(tmp_path: Path) -> None:
-    """Quiet checks trimmed by count keep exactly the newest ``history``.
+def test_group_commits_trim_history_in_batches(tmp_path: Path) -> None:
+    """Quiet checks are trimmed ``TRIM_SLACK`` + 1 at a time; a read of ``history`` is exact.
 
-    Across flushes, a deciding commit in between, a shrunk and a grown history, a reopening.
+    Across flushes, a deciding commit in between, a shrunk and a grown history, a reopening:
+    the database holds at least the newest ``history`` and at most ``TRIM_SLACK`` more.
     """
 
     def quiet(store: Store, monitor: str, at: float, n: int, history: int) -> None:
@@ -502,30 +503,42 @@ def test_group_commits_keep_exactly_the_newest_history(tmp_path: Path) -> None:
             state[monitor] = advance(state[monitor], c, POLICY).state
         store.flush()
 
-    def kept(store: Store, monitor: str) -> list[float]:
+    def stored(store: Store, monitor: str) -> list[float]:
         return [c.at for c in store.recent_checks(monitor, 1000)]
+
+    def kept(store: Store, monitor: str, history: int) -> list[float]:
+        return [c.at for c in store.recent_checks(monitor, history)]
 
     state = {"a": MonitorState(), "b": MonitorState()}
     store = Store.open(tmp_path)
-    quiet(store, "a", 0, 7, 5)  # the first group: the count is unknown, found and kept
+    quiet(store, "a", 0, 7, 5)  # the first group: the count is unknown, found, cut exactly
     quiet(store, "b", 0, 2, 5)
-    assert kept(store, "a") == [2, 3, 4, 5, 6]
-    quiet(store, "a", 100, 3, 5)  # known count: the 3 oldest go
-    assert kept(store, "a") == [5, 6, 100, 101, 102]
+    assert stored(store, "a") == [2, 3, 4, 5, 6]
+    quiet(store, "a", 100, 3, 5)  # known count, within the slack: nothing goes yet
+    assert stored(store, "a") == [2, 3, 4, 5, 6, 100, 101, 102]
+    assert kept(store, "a", 5) == [5, 6, 100, 101, 102]
+    quiet(store, "a", 110, 5, 5)
+    quiet(store, "a", 120, 1, 5)  # 14 stored: 5 + TRIM_SLACK, still kept
+    assert len(stored(store, "a")) == 5 + TRIM_SLACK
+    quiet(store, "a", 130, 1, 5)  # one past the slack: back to exactly the newest 5
+    assert stored(store, "a") == [112, 113, 114, 120, 130]
     c = check("a", 200, 2.5)  # a breach: its own transaction, with the exact trim
     state["a"] = advance(state["a"], c, POLICY).state
     store.commit_check(c, state["a"], 5)
-    assert kept(store, "a") == [6, 100, 101, 102, 200]
+    assert stored(store, "a") == [113, 114, 120, 130, 200]
     state["a"] = MonitorState()  # a reset: saved whole, then quiet again
     quiet(store, "a", 300, 4, 5)
-    assert kept(store, "a") == [200, 300, 301, 302, 303]
-    quiet(store, "a", 400, 1, 2)  # history shrunk by a reload
-    assert kept(store, "a") == [303, 400]
-    quiet(store, "a", 500, 2, 4)  # and grown again: nothing more goes until it is full
-    assert kept(store, "a") == [303, 400, 500, 501]
-    assert kept(store, "b") == [0, 1]
+    assert stored(store, "a") == [200, 300, 301, 302, 303]
+    quiet(store, "a", 400, 1, 2)  # history shrunk by a reload: reads of 2 are exact
+    assert kept(store, "a", 2) == [303, 400]
+    for at in (500, 510, 520):  # trimmed once 2 + TRIM_SLACK are exceeded
+        quiet(store, "a", at, 2, 2)
+    assert stored(store, "a") == [520, 521]
+    quiet(store, "a", 600, 2, 4)  # and grown again: nothing more goes until it is full
+    assert stored(store, "a") == [520, 521, 600, 601]
+    assert stored(store, "b") == [0, 1]
     store.close()
     with Store.open(tmp_path) as reopened:
         state["a"] = reopened.monitor_state("a") or MonitorState()
-        quiet(reopened, "a", 600, 1, 4)
-        assert kept(reopened, "a") == [400, 500, 501, 600]
+        quiet(reopened, "a", 700, 1, 3)  # a fresh count after reopening: cut exactly
+        assert stored(reopened, "a") == [600, 601, 700]
