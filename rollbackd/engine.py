@@ -5,11 +5,12 @@ No I/O, no clock, no asyncio: time arrives in the readings and checks, so tests 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Literal, Protocol
 
+from rollbackd.frozen import fast_init
 from rollbackd.readings import Reading, format_value
 from rollbackd.readings import error as error_reading
 from rollbackd.verdicts import RuleResult, RuleSpec, Verdict, evaluate_rule, matching
@@ -72,6 +73,7 @@ class LimitsSpec(Protocol):
         """Seconds over which ``failure_limit`` counts."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Check:
     """One monitor tick: its outcome and every rule result behind it."""
@@ -171,6 +173,7 @@ class Policy:
         )  # fmt: skip
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MonitorState:
     """Counters and latch of one monitor; ``advance`` makes the next one."""
@@ -197,6 +200,7 @@ class MonitorState:
     """The rollback is held by a failing dependency (``held_by``) and that was alerted."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Transition:
     """The next state, what to do about it, and why (short text for the log and incident)."""
@@ -216,12 +220,13 @@ def advance(
     hold lifts while the monitor is still at its limit. Shadow rules keep their own streak.
     """
     if check.outcome is Outcome.OK and state.phase is not Phase.ROLLED_BACK:
-        fresh = _healthy(
-            _window(state.failure_times, check.at, policy),
-            state.checks + 1,
-            check.at,
-            state.shadow_failures,
-            state.shadow_alerted,
+        fresh = MonitorState(
+            failure_times=_window(state.failure_times, check.at, policy),
+            checks=state.checks + 1,
+            last_check_at=check.at,
+            last_outcome=Outcome.OK,
+            shadow_failures=state.shadow_failures,
+            shadow_alerted=state.shadow_alerted,
         )
         real = Transition(fresh, (), "all rules within their thresholds")
     else:
@@ -235,50 +240,6 @@ def advance(
         else:
             real = _inconclusive(seen, check, policy, held)
     return real if check.shadow_outcome is None else _shadow(real, check, policy)
-
-
-def _healthy_factory() -> Callable[[tuple[float, ...], int, float, int, bool], MonitorState]:
-    """Build the state after an ok check by setting its slots directly.
-
-    ``_healthy(failure_times, checks, at, shadow_failures, shadow_alerted)`` equals
-    ``MonitorState(failure_times=..., checks=..., last_check_at=at, last_outcome=OK,
-    shadow_failures=..., shadow_alerted=...)``. Why: the generated frozen ``__init__`` of 13
-    fields costs ~3 us, a tenth of a quiet check's Python; the objects are identical.
-    """
-    setter = {n: getattr(MonitorState, n).__set__ for n in MonitorState.__dataclass_fields__}
-    order = (
-        "phase", "consecutive_failures", "consecutive_errors", "alerted", "blind_alerted",
-        "failure_times", "incident_id", "checks", "last_check_at", "last_outcome",
-        "shadow_failures", "shadow_alerted", "held_alerted",
-    )  # fmt: skip
-    if set(order) != set(setter):  # a new field must be set below too
-        raise RuntimeError(f"_healthy sets {sorted(order)}, MonitorState has {sorted(setter)}")
-    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12 = (setter[n] for n in order)
-    new, ok = object.__new__, Outcome.OK
-
-    def healthy(
-        times: tuple[float, ...], checks: int, at: float, shadow_failures: int, shadow: bool
-    ) -> MonitorState:
-        obj: MonitorState = new(MonitorState)
-        s0(obj, Phase.OK)
-        s1(obj, 0)
-        s2(obj, 0)
-        s3(obj, False)
-        s4(obj, False)
-        s5(obj, times)
-        s6(obj, None)
-        s7(obj, checks)
-        s8(obj, at)
-        s9(obj, ok)
-        s10(obj, shadow_failures)
-        s11(obj, shadow)
-        s12(obj, False)
-        return obj
-
-    return healthy
-
-
-_healthy = _healthy_factory()
 
 
 def _shadow(real: Transition, check: Check, policy: Policy) -> Transition:

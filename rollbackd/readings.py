@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from rollbackd.frozen import fast_init
+
 Labels = tuple[tuple[str, str], ...]
 
 
@@ -23,6 +25,7 @@ class ReadingStatus(StrEnum):
     ERROR = "error"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Reading:
     """One series' value as read from a source at ``at`` (unix seconds)."""

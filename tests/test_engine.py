@@ -607,28 +607,6 @@ def test_a_held_blind_rollback_runs_once_the_hold_lifts() -> None:
     ]
 
 
-def test_the_healthy_fast_path_builds_the_same_state() -> None:
-    """The ok path of advance (slots set directly) equals a MonitorState built the usual way."""
-    from rollbackd.engine import _healthy  # noqa: PLC0415
-
-    for times, checks, at, shadow, alerted in [
-        ((), 1, 5.0, 0, False),
-        ((1.0, 2.0), 7, 9.5, 3, True),
-    ]:
-        built = MonitorState(
-            failure_times=times,
-            checks=checks,
-            last_check_at=at,
-            last_outcome=Outcome.OK,
-            shadow_failures=shadow,
-            shadow_alerted=alerted,
-        )
-        fast = _healthy(times, checks, at, shadow, alerted)
-        assert fast == built
-        assert hash(fast) == hash(built)
-        assert repr(fast) == repr(built)
-
-
 def test_failures_from_a_clock_set_back_leave_the_window_one_window_later() -> None:
     """Failure times after ``now`` (the clock was set back an hour) count as now, not an hour.
 
