@@ -8,6 +8,7 @@ import math
 from rollbackd.codec import (
     check_from_json,
     check_to_json,
+    compact,
     decode_results,
     dumps,
     encode_results,
@@ -48,6 +49,23 @@ def test_compact_rows_round_trip() -> None:
         *evaluate_rule(rule("below", 3.0), [error("refused", AT)]),
     )
     assert decode_results(encode_results(results)) == results
+
+
+def test_compact_json_is_what_json_dumps_writes() -> None:
+    """The store's encoder (built once) writes what ``json.dumps`` without spaces writes."""
+    values: list[object] = [
+        [["err", [["région", 'é\u2028"\\']], 0.1 + 0.2, 1.0, "above", "%", "ok", "r", AT]],
+        [INF, -INF, math.nan, None, True, False, 0, -7, 1e300, 5e-324],
+        {"k": [1, {"n": None}], "é": "\x00"},
+        "plain text",
+        [],
+        (1.5, "tuple"),
+    ]
+    for value in values:
+        assert compact(value) == json.dumps(value, separators=(",", ":"))
+    results = evaluate_rule(rule(), [ok(INF, AT), ok(0.25, AT), error("refused", AT)])
+    rows = [[getattr(r, f) for f in r.__dataclass_fields__] for r in results]
+    assert encode_results(tuple(results)) == json.dumps(rows, separators=(",", ":"))
 
 
 def test_dumps_spells_non_finite_numbers() -> None:
