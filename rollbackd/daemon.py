@@ -240,6 +240,8 @@ class Daemon:
 
     async def _stand_by(self, why: str) -> None:
         """Deposed: stop every plan and timer at once; the new leader resumes them."""
+        for runner in self.monitors.values():
+            runner.standby()
         self.metrics.leader.set(0)
         notify.status(self._watching())
         await self.plans.cancel()

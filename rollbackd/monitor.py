@@ -73,6 +73,8 @@ class MonitorRunner:
     _debug: bool = field(init=False, default=False)
     _lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _store: StateStore = field(init=False)
+    _loaded: bool = field(init=False, default=False)
+    """The state is the committed one, read while leading: only then may a check commit."""
 
     def __post_init__(self) -> None:
         self.policy = Policy.of(self.config)
@@ -92,6 +94,7 @@ class MonitorRunner:
         self._shadow = frozenset(rule.name for rule in rules if shadowed or rule.shadow)
         self.state = MonitorState()
         if isinstance(self.store, Store):  # tests and tools: read it now
+            self._loaded = True
             self.state = self.store.monitor_state(self.name) or MonitorState()
             recent = self.store.recent_checks(self.name, 1)
             self.last_check = recent[-1] if recent else None
@@ -100,9 +103,19 @@ class MonitorRunner:
     async def load(self) -> None:
         """Take the committed state and last check from the store (at start, at a takeover)."""
         async with self._lock:
+            leading = self._store.leading
             self.state = await self._store.monitor_state(self.name) or MonitorState()
             recent = await self._store.recent_checks(self.name, 1)
             self.last_check = recent[-1] if recent else None
+            self._loaded = leading and self._store.leading  # leading throughout the read
+
+    def standby(self) -> None:
+        """Deposed: commit nothing until ``load`` reads the committed state while leading.
+
+        A takeover leads before it reloads; a check in between must not commit this
+        standby's own copy (latched without an incident, it would lose the rollback).
+        """
+        self._loaded = False
 
     async def tick(self) -> Check | None:
         """Run the interval's check; push monitors only look for staleness.
@@ -308,12 +321,13 @@ class MonitorRunner:
         """Advance the state on ``check``, commit both (with any incident), hand it on.
 
         A standby (``store.leading`` false) only advances its own copy: it commits nothing,
-        opens no incident, starts no plan; a takeover reloads the committed state.
+        opens no incident, starts no plan; a takeover reloads the committed state, and until
+        then commits nothing either.
         """
         held = self.held() if self.held is not None else None
         transition = engine.advance(self.state, check, self.policy, held)
         incident = None
-        if self._store.leading:
+        if self._store.leading and self._loaded:
             try:
                 incident = await self._decide(check, transition, now)
             except DeposedError:  # another daemon leads now: this one only watches

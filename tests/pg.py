@@ -186,18 +186,20 @@ def ha_node(
     *,
     takeover_after: str = "1s",
     environment: str = "test",
+    daemon_keys: dict[str, Any] | None = None,
 ) -> Rollbackd:
     """Node ``node`` of an HA group on ``url``: a daemon process in ``home`` (made), not started.
 
     Its config (``home/rollbackd.toml``): armed, listening on a free port, state on ``url``
     (:func:`state_keys`), ``[ha]`` with ``takeover_after``; ``tables`` adds the sources,
-    monitors, actions (and rollouts).
+    monitors, actions (and rollouts); ``daemon_keys`` more ``[daemon]`` keys (``max_rollbacks``).
     """
     home.mkdir()
     port = free_port()
     daemon = {
         **daemon_table(home / "state", environment=environment, listen=f"127.0.0.1:{port}"),
         **state_keys(url),
+        **(daemon_keys or {}),
     }
     ha = {"takeover_after": takeover_after, "node": node}
     return Rollbackd(config_file(home, {"daemon": daemon, "ha": ha, **tables}), port, home)
