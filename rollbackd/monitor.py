@@ -322,16 +322,28 @@ class MonitorRunner:
 
         A standby (``store.leading`` false) only advances its own copy: it commits nothing,
         opens no incident, starts no plan; a takeover reloads the committed state, and until
-        then commits nothing either.
+        then commits nothing either. What its copy would decide is logged as
+        ``decision_left_to_leader`` (info), never as ``rollback_triggered``, and is not counted
+        in its metrics: the leader's log and metrics are the ones that say what happened.
         """
         held = self.held() if self.held is not None else None
         transition = engine.advance(self.state, check, self.policy, held)
         incident = None
+        decided = False
         if self._store.leading and self._loaded:
             try:
                 incident = await self._decide(check, transition, now)
+                decided = True
             except DeposedError:  # another daemon leads now: this one only watches
                 log.warning("check_not_committed", monitor=self.name, reason="deposed")
+        if transition.events and not decided:
+            log.info(
+                "decision_left_to_leader",
+                monitor=self.name,
+                events=[str(e) for e in transition.events],
+                reason=transition.reason,
+            )
+            transition = replace(transition, events=())
         self.state = (
             transition.state
             if incident is None

@@ -8,13 +8,14 @@ leader was gone, with no incident, would latch the monitor for good and lose the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from rollbackd.config import from_dict
-from rollbackd.engine import Event, Phase
+from rollbackd.engine import Check, Event, Phase, Transition
 from rollbackd.monitor import MonitorRunner
 from rollbackd.pgstate import PgState
 from rollbackd.sources.synthetic import SyntheticOptions, SyntheticSource
@@ -39,7 +40,13 @@ def password(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
 
 
-def payments(url: str, tmp_path: Path, opened: list[str], store: PgState) -> MonitorRunner:
+def payments(
+    url: str,
+    tmp_path: Path,
+    opened: list[str],
+    store: PgState,
+    observer: Callable[[Check, Transition, float], None] | None = None,
+) -> MonitorRunner:
     """The payments monitor on a source in an outage from the start, committing to ``store``."""
     monitor = {
         "interval": "1s",
@@ -66,6 +73,7 @@ def payments(url: str, tmp_path: Path, opened: list[str], store: PgState) -> Mon
         history=5,
         mode="armed",
         on_incident=opened.append,
+        observer=observer,
     )
 
 
@@ -99,5 +107,32 @@ async def test_a_check_between_the_takeover_and_the_reload_commits_nothing(
         committed = await store.monitor_state("payments")
         await runner.tick()
         assert await store.monitor_state("payments") == committed
+    finally:
+        await store.close()
+
+
+async def test_a_standby_logs_and_counts_no_rollback_of_its_own(
+    pg: Postgres, tmp_path: Path
+) -> None:
+    """The standby's copy latches, but its log says the decision is the leader's.
+
+    ``rollback_triggered`` is the leader's line (operators grep for it), and the standby's
+    observer (its metrics) is handed no event: a rollback is counted once, by the leader.
+    """
+    url = pg.url(pg.database())
+    store = await PgState.open(daemon_of(url))
+    try:
+        seen: list[tuple[Event, ...]] = []
+        runner = payments(url, tmp_path, [], store, lambda _c, t, _s: seen.append(t.events))
+        await runner.load()
+        with capture_logs() as logs:
+            for _ in range(ROLLBACK_AFTER):
+                await runner.tick()
+        assert runner.state.phase is Phase.ROLLED_BACK
+        assert seen == [(), ()]
+        events = [entry["event"] for entry in logs]
+        assert "rollback_triggered" not in events
+        (left,) = [entry for entry in logs if entry["event"] == "decision_left_to_leader"]
+        assert (left["log_level"], left["events"]) == ("info", ["rollback"])
     finally:
         await store.close()
