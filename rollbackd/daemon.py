@@ -261,11 +261,22 @@ class Daemon:
         return f"{self.role} (generation {self.leadership.generation}), {text}"
 
     def _acting(self) -> None:
-        """Refuse an operator's action on a standby: it must go to the leader."""
+        """Refuse an operator's action on a standby: it must go to the leader, named if seen."""
         if self.leadership is not None and self.role == "standby":
+            generation = self.leadership.generation
+            leader = next(
+                (p for p in self.leadership.peers
+                 if p["role"] == "leader" and p["generation"] == generation),
+                None,
+            )  # fmt: skip
+            to = (
+                "the leader (none seen yet; see /status peers)"
+                if leader is None
+                else f"the leader, {leader['node']} (generation {generation}, seen "
+                f"{leader['seen_seconds_ago']} s ago)"
+            )
             raise RollbackdError(
-                f"this daemon ({self.config.ha.node}) is a standby: send this to the leader "
-                "(see /status peers)"
+                f"this daemon ({self.config.ha.node}) is a standby: send this to {to}"
             )
 
     @property

@@ -298,6 +298,13 @@ def test_lock_connection_terminated_old_leader_stops_and_never_writes_again(
     code, body = post_control(pair.daemons[leader], "/rearm/payments")
     assert code == 503
     assert "is a standby" in body
+
+    def names_the_leader() -> bool:  # once its next beat has read the new leader's row
+        code, body = post_control(pair.daemons[leader], "/rearm/payments")
+        assert code == 503
+        return f"send this to the leader, {follower} (generation" in body
+
+    wait_for(names_the_leader, 5, 0.2, what="the standby's refusal naming the leader")
     wait_for(pair.finished, 40, 0.2, what="the rollback by the new leader")
     ((incident, _),) = pair.rollbacks()
     assert_exactly_once(receiver, incident)
