@@ -20,6 +20,7 @@ from rollbackd import __version__, health, incidents, logs, notify, pageview, pa
 from rollbackd.actions import Action
 from rollbackd.api import ApiServer, ensure_control_token
 from rollbackd.assemble import Assembly, Registries, load
+from rollbackd.clock import steady, watch_steps
 from rollbackd.config import Config, MonitorConfig, exposure_warnings
 from rollbackd.engine import Check, Event, MonitorState, Transition
 from rollbackd.errors import (
@@ -33,7 +34,7 @@ from rollbackd.metrics import Metrics
 from rollbackd.monitor import MonitorRunner
 from rollbackd.parts import Parts
 from rollbackd.plan import SAMPLES, PlanRunner
-from rollbackd.ramp import Ramp, steady
+from rollbackd.ramp import Ramp
 from rollbackd.records import IncidentDraft, IncidentRecord
 from rollbackd.redact import Redactor
 from rollbackd.schedule import Backlog, Schedule
@@ -185,6 +186,7 @@ class Daemon:
                     chores = [
                         group.create_task(health.watchdog(self.health)),
                         group.create_task(self._commits.run(self._anchor)),
+                        group.create_task(watch_steps(self.clock, anchor=self._anchor)),
                         group.create_task(self.ramp.run()),
                     ]
                     electing = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
@@ -20,6 +19,7 @@ import structlog
 
 from rollbackd import rollouts
 from rollbackd.actions import Action, ActionContext
+from rollbackd.clock import steady
 from rollbackd.config import Config, RolloutConfig
 from rollbackd.engine import Event, MonitorState, Phase
 from rollbackd.errors import (
@@ -41,16 +41,6 @@ TICK_SECONDS = 1.0
 """Rollouts are looked at this often, and after every check of a gate monitor."""
 PROMOTING_TICK_SECONDS = 0.1
 OPERATIONS = ("pause", "resume", "promote", "abort", "restart")
-
-
-def steady(wall: Callable[[], float] = time.time) -> Callable[[], float]:
-    """Wall-clock seconds that move with the monotonic clock: a clock step leaves them alone.
-
-    Anchored once to ``wall()``; holds measured with it neither pass early nor stall when
-    the system clock is set forward or back while the daemon runs.
-    """
-    anchor_wall, anchor_mono = wall(), time.monotonic()
-    return lambda: anchor_wall + (time.monotonic() - anchor_mono)
 
 
 class Ramp:
