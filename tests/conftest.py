@@ -6,6 +6,8 @@
   the whole session (starting Prometheus's scrape loop costs ~5 s); use metric names of your own.
   Do not stop this shared Prometheus: for outages use ``start_prometheus()``.
 - ``start_prometheus(targets=())``: a private Prometheus per call, stopped after the test.
+- ``pg``: one PostgreSQL per test module (``tests/pg.py``; ``pg.database()`` gives each test a
+  fresh database); a module may override it (``test_ha`` logs every statement).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pg import Postgres, running
 from tests.servers import Alertmanager, Exporter, Mosquitto, Prometheus
 
 
@@ -63,3 +66,10 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[Postgres]:
+    """One PostgreSQL for the module (a fresh database per test)."""
+    with running() as server:
+        yield server

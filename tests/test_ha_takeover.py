@@ -8,7 +8,7 @@ leader was gone, with no incident, would latch the monitor for good and lose the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,18 +20,11 @@ from rollbackd.monitor import MonitorRunner
 from rollbackd.pgstate import PgState
 from rollbackd.sources.synthetic import SyntheticOptions, SyntheticSource
 from tests.helpers import payment_error_rate
-from tests.pg import PASSWORD, PASSWORD_ENV, Postgres, daemon_of, lead, running, state_keys
+from tests.pg import PASSWORD, PASSWORD_ENV, Postgres, daemon_of, lead, state_keys
 
 pytestmark = pytest.mark.slow
 
 ROLLBACK_AFTER = 2
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Postgres]:
-    """One PostgreSQL for the module (a fresh database per test)."""
-    with running() as server:
-        yield server
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import Receiver, alive, killed_after, payment_error_rate, post_control, role_of
-from tests.pg import PASSWORD, PASSWORD_ENV, Postgres, ha_node, running
+from tests.pg import PASSWORD, PASSWORD_ENV, Postgres, ha_node
 from tests.servers import Rollbackd, wait_for
 
 pytestmark = pytest.mark.slow
@@ -76,13 +76,6 @@ def scenario(start: float, hook: str) -> dict[str, Any]:
             "call-done": {"type": "alert.webhook", "url": f"{hook}/done"},
         },
     }
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Postgres]:
-    """One PostgreSQL for the module (a fresh database per test)."""
-    with running() as server:
-        yield server
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from rollbackd.daemon import Daemon
 from rollbackd.engine import Event
 from rollbackd.records import IncidentDraft, IncidentRecord
 from tests.helpers import wait_until
-from tests.pg import PASSWORD, PASSWORD_ENV, Postgres, running, state_keys
+from tests.pg import PASSWORD, PASSWORD_ENV, Postgres, state_keys
 from tests.test_daemon import SCRIPT, from_dict
 from tests.test_daemon import running as serve
 from tests.test_limits import EFFECTS, config
@@ -28,13 +28,6 @@ pytestmark = pytest.mark.slow
 
 MONITORS = 6
 LIMIT = 2
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Postgres]:
-    """One PostgreSQL for the module (a fresh database per test)."""
-    with running() as server:
-        yield server
 
 
 @pytest.fixture(autouse=True)

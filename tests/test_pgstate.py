@@ -10,7 +10,6 @@ import contextlib
 import re
 import socket
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +28,10 @@ from rollbackd.schema import MIGRATIONS, SCHEMA_VERSION
 from rollbackd.status import table as status_table
 from tests import helpers
 from tests.helpers import config_file
-from tests.pg import PASSWORD, ROLE, Postgres, daemon_of, lead, running
+from tests.pg import PASSWORD, ROLE, Postgres, daemon_of, lead
 from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Postgres]:
-    """One PostgreSQL for the module."""
-    with running() as server:
-        yield server
 
 
 @pytest.fixture(autouse=True)

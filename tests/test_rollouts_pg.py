@@ -21,17 +21,10 @@ from rollbackd.records import IncidentDraft
 from rollbackd.rollouts import Phase, RolloutState
 from rollbackd.stores import SqliteState, StateStore
 from tests.helpers import Receiver, killed_after, post_control, role_of, rollout_tables, status_of
-from tests.pg import PASSWORD, PASSWORD_ENV, Postgres, daemon_of, ha_node, lead, running
+from tests.pg import PASSWORD, PASSWORD_ENV, Postgres, daemon_of, ha_node, lead
 from tests.servers import Rollbackd, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Postgres]:
-    """One PostgreSQL for the module (a fresh database per test)."""
-    with running() as server:
-        yield server
 
 
 @pytest.fixture
