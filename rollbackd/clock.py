@@ -8,13 +8,12 @@ step until it restarts. ``watch_steps`` says so in the log when it happens.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 
 import structlog
 
-from rollbackd.schedule import next_beat, sleep_until
+from rollbackd.schedule import beats
 
 log = structlog.get_logger()
 
@@ -49,11 +48,8 @@ async def watch_steps(
     is from the daemon's dates, which stay as they were: decisions are unaffected, shown dates
     are off by ``offset`` until a restart. Beats on the loop clock from ``anchor``.
     """
-    loop = asyncio.get_running_loop()
-    anchor = loop.time() if anchor is None else anchor
     start = last = wall() - dates()
-    while True:
-        await sleep_until(next_beat(anchor, every, loop.time(), after=True))
+    async for _ in beats(every, anchor):
         offset = wall() - dates()
         if abs(offset - last) >= STEP_SECONDS:
             log.warning(

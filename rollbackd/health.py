@@ -14,7 +14,7 @@ import structlog
 from rollbackd import notify
 from rollbackd.errors import StateError
 from rollbackd.monitor import MonitorRunner
-from rollbackd.schedule import next_beat, sleep_until
+from rollbackd.schedule import beats
 from rollbackd.state import GROUP_COMMIT_SECONDS
 from rollbackd.stores import StateStore
 
@@ -55,10 +55,7 @@ class GroupCommit:
         On the beats of the checks' schedule from ``anchor`` (loop clock): monitors checked
         every second wake the process once a second for their checks and this flush together.
         """
-        loop = asyncio.get_running_loop()
-        anchor = loop.time() if anchor is None else anchor
-        while True:
-            await sleep_until(next_beat(anchor, GROUP_COMMIT_SECONDS, loop.time(), after=True))
+        async for _ in beats(GROUP_COMMIT_SECONDS, anchor):
             try:
                 await self._store().flush()
             except StateError as exc:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import structlog
 
@@ -55,6 +55,19 @@ async def sleep_until(when: float) -> None:
         await woken
     finally:
         handle.cancel()
+
+
+async def beats(period: float, anchor: float | None = None) -> AsyncIterator[None]:
+    """Yield at every beat ``anchor + k * period`` after now, forever (the loop's clock).
+
+    A chore on the checks' grid (``anchor``: theirs; by default now) wakes with them. A late
+    wakeup goes on at the next beat still ahead: missed beats are skipped, not bunched.
+    """
+    loop = asyncio.get_running_loop()
+    anchor = loop.time() if anchor is None else anchor
+    while True:
+        await sleep_until(next_beat(anchor, period, loop.time(), after=True))
+        yield
 
 
 def _wake(future: asyncio.Future[None]) -> None:
