@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -373,3 +375,14 @@ class Receiver:
         trace: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def loaded_by_import(module: str, candidates: Sequence[str]) -> list[str]:
+    """Which of ``candidates`` a fresh interpreter holds in ``sys.modules`` after ``module``."""
+    code = (
+        f"import sys, {module}; "
+        f"print(' '.join(m for m in {tuple(candidates)!r} if m in sys.modules))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()

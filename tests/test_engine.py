@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from dataclasses import FrozenInstanceError, dataclass, field
 from typing import Literal
 
@@ -27,6 +25,7 @@ from rollbackd.engine import (
 )
 from rollbackd.readings import Reading, ReadingStatus, error, labels_of, no_data, ok
 from rollbackd.verdicts import RuleResult, Verdict, evaluate_rule
+from tests.helpers import loaded_by_import
 
 INF = math.inf
 AT = 1_000.0
@@ -385,15 +384,8 @@ def test_policy_of_a_monitor_config() -> None:
 
 def test_engine_imports_no_io() -> None:
     """Importing the engine in a fresh interpreter loads no database, network or async module."""
-    code = (
-        "import sys, rollbackd.engine; "
-        "print(' '.join(m for m in ('sqlite3', 'socket', 'ssl', 'asyncio', 'subprocess', "
-        "'pydantic', 'pydantic_settings') if m in sys.modules))"
-    )
-    loaded = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    ).stdout.split()
-    assert loaded == []
+    io = ("sqlite3", "socket", "ssl", "asyncio", "subprocess", "pydantic", "pydantic_settings")
+    assert loaded_by_import("rollbackd.engine", io) == []
 
 
 def _fields(state: MonitorState) -> dict[str, object]:

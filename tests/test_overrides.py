@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ from rollbackd.config import DaemonConfig, RateLimit, from_dict
 from rollbackd.errors import ConfigError
 from rollbackd.options import SecretRef
 from rollbackd.overrides import overridden
+from tests.helpers import loaded_by_import
 
 WHERE = Path("/etc/rollbackd/rollbackd.toml")
 POSTGRES = {"state": "postgresql://db.example:5432/rollbackd", "state_user": "rollbackd"}
@@ -145,11 +144,4 @@ def test_overridden_reads_the_given_environment() -> None:
 
 def test_the_config_imports_no_pydantic_settings() -> None:
     """Loading the config model leaves pydantic-settings (and dotenv) out of the process."""
-    code = (
-        "import sys, rollbackd.config; "
-        "print(' '.join(m for m in ('pydantic_settings', 'dotenv') if m in sys.modules))"
-    )
-    loaded = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    ).stdout.split()
-    assert loaded == []
+    assert loaded_by_import("rollbackd.config", ("pydantic_settings", "dotenv")) == []
